@@ -1,0 +1,92 @@
+"""GET / HEAD / DELETE /v2/<name>/blobs/<digest>."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from aiohttp import web
+
+from mirror.api.common import target_for
+from mirror.api.dispatch import Params
+from mirror.errors import RegistryError
+from mirror.oci.digest import Digest
+from mirror.storage.interface import BlobFile, BlobStream
+
+log = logging.getLogger(__name__)
+
+BLOB_CONTENT_TYPE = "application/octet-stream"
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def blob_headers(digest: Digest) -> dict[str, str]:
+    return {
+        "Docker-Content-Digest": str(digest),
+        "Content-Type": BLOB_CONTENT_TYPE,
+        "Accept-Ranges": "bytes",
+        "Cache-Control": "max-age=31536000",
+    }
+
+
+async def get_blob(request: web.Request, params: Params) -> web.StreamResponse:
+    target = target_for(request, params["name"])
+    digest = Digest.parse(params["digest"])
+    body = await target.registry.open_blob(target.repo, digest)
+    if isinstance(body, BlobFile):
+        # sendfile, Range and HEAD for free.
+        return web.FileResponse(body.path, headers=blob_headers(digest))
+    return await stream_blob(request, body)
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single `bytes=a-b` range as [start, end); None for no Range. Raises ValueError if unsatisfiable."""
+    if not header:
+        return None
+    match = _RANGE.fullmatch(header.strip())
+    if not match or (not match.group(1) and not match.group(2)):
+        raise ValueError("malformed range")
+    first, last = match.group(1), match.group(2)
+    if not first:  # suffix: the last N bytes
+        length = int(last)
+        if length == 0:
+            raise ValueError("empty suffix range")
+        return max(size - length, 0), size
+    start = int(first)
+    end = min(int(last) + 1, size) if last else size
+    if start >= size or end <= start:
+        raise ValueError("range outside the blob")
+    return start, end
+
+
+async def stream_blob(request: web.Request, body: BlobStream) -> web.StreamResponse:
+    """Serve a blob whose bytes are still arriving: headers now, bytes as they land on disk."""
+    headers = blob_headers(body.digest)
+    try:
+        byte_range = parse_range(request.headers.get("Range"), body.size)
+    except ValueError:
+        return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{body.size}"})
+    start, end = byte_range or (0, body.size)
+    response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
+    if byte_range:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
+    response.content_length = end - start
+    await response.prepare(request)
+    if request.method == "HEAD":
+        return response
+    try:
+        async for chunk in body.iter_range(start, end):
+            await response.write(chunk)
+    except RegistryError as error:
+        # Headers are gone already; the only honest signal left is a cut connection. Clients retry with Range.
+        log.warning("aborting %s after a failed fill: %s", body.digest, error.message)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+async def delete_blob(request: web.Request, params: Params) -> web.StreamResponse:
+    target = target_for(request, params["name"])
+    await target.registry.delete_blob(target.repo, Digest.parse(params["digest"]))
+    return web.Response(status=202, headers={"Content-Length": "0"})

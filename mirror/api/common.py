@@ -1,0 +1,61 @@
+"""Helpers the handlers share: routing a request, reading bodies, headers, pagination."""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import AsyncIterator
+from urllib.parse import quote
+
+from aiohttp import web
+
+from mirror.errors import ManifestTooLarge, PaginationNumberInvalid
+from mirror.oci.digest import Digest
+from mirror.routing import Target
+from mirror.state import CONFIG, ROUTER
+
+READ_CHUNK_BYTES = 1 << 20
+
+
+def target_for(request: web.Request, name: str) -> Target:
+    return request.app[ROUTER].route(name, request.query.get("ns"))
+
+
+async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The request body as it arrives, never held whole in memory."""
+    async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+        yield chunk
+
+
+async def read_limited(request: web.Request, limit: int) -> bytes:
+    """Read a small body (a manifest), refusing with 413 as soon as it passes `limit`."""
+    if request.content_length is not None and request.content_length > limit:
+        raise ManifestTooLarge(f"manifest is larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        body += chunk
+        if len(body) > limit:
+            raise ManifestTooLarge(f"manifest is larger than {limit} bytes")
+    return bytes(body)
+
+
+def content_headers(digest: Digest, media_type: str) -> dict[str, str]:
+    return {"Docker-Content-Digest": str(digest), "Content-Type": media_type, "ETag": f'"{digest}"'}
+
+
+def page(request: web.Request, items: list[str]) -> tuple[list[str], str | None]:
+    """Apply `n` and `last` to a sorted list; return the page and the `Link` header for the next one."""
+    cap = request.app[CONFIG].limits.page_size_max
+    raw_n = request.query.get("n")
+    if raw_n is None or raw_n == "":
+        n = cap
+    elif raw_n.isdigit():
+        n = min(int(raw_n), cap)
+    else:
+        raise PaginationNumberInvalid(f"n must be a non-negative integer, got {raw_n[:50]!r}")
+    last = request.query.get("last")
+    start = bisect.bisect_right(items, last) if last else 0
+    selected = items[start : start + n]
+    if selected and start + n < len(items):
+        link = f'<{request.path}?n={n}&last={quote(selected[-1], safe="")}>; rel="next"'
+        return selected, link
+    return selected, None

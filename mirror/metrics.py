@@ -1,0 +1,58 @@
+"""Prometheus collectors, registered on a registry the application owns (never at import time)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.http_requests = Counter(
+            "mirror_http_requests", "Requests served, by endpoint, method and status.",
+            ["endpoint", "method", "status"], registry=r,
+        )
+        self.http_seconds = Histogram(
+            "mirror_http_request_duration_seconds", "Time to the end of the handler (streamed bodies excluded).",
+            ["endpoint", "method"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.cache_lookups = Counter(
+            "mirror_cache_lookups", "Pull-through lookups by upstream, kind (blob/manifest/tag) and result "
+            "(hit, miss, stale, revalidated).",
+            ["upstream", "kind", "result"], registry=r,
+        )
+        self.upstream_requests = Counter(
+            "mirror_upstream_requests", "Requests sent to upstream registries, by method and status.",
+            ["upstream", "method", "status"], registry=r,
+        )
+        self.upstream_bytes = Counter(
+            "mirror_upstream_bytes", "Blob bytes downloaded from upstreams.", ["upstream"], registry=r,
+        )
+        self.upstream_errors = Counter(
+            "mirror_upstream_errors", "Upstream failures (connection, timeout, 5xx, 429, verification).",
+            ["upstream", "reason"], registry=r,
+        )
+        self.ratelimit_remaining = Gauge(
+            "mirror_upstream_ratelimit_remaining", "Last ratelimit-remaining an upstream reported.",
+            ["upstream"], registry=r,
+        )
+        self.ratelimit_limit = Gauge(
+            "mirror_upstream_ratelimit_limit", "Last ratelimit-limit an upstream reported.", ["upstream"], registry=r,
+        )
+        self.fills_in_progress = Gauge(
+            "mirror_fills_in_progress", "Upstream blob downloads running now.", registry=r,
+        )
+        self.fill_waiters = Counter(
+            "mirror_fill_joins", "Requests that joined a download already running instead of starting one.",
+            registry=r,
+        )
+        self.fills = Counter(
+            "mirror_fills", "Finished upstream blob downloads by result (ok, failed, invalid).",
+            ["upstream", "result"], registry=r,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

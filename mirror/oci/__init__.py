@@ -1,0 +1,1 @@
+"""Pure OCI/Docker knowledge: names, references, digests, media types, manifests. No I/O here."""

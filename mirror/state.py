@@ -1,0 +1,16 @@
+"""Typed keys for what the application owns; handlers reach shared resources only through these."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from mirror.config import Config
+    from mirror.metrics import Metrics
+    from mirror.routing import Router
+
+CONFIG: web.AppKey["Config"] = web.AppKey("config")
+ROUTER: web.AppKey["Router"] = web.AppKey("router")
+METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")

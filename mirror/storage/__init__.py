@@ -1,0 +1,1 @@
+"""On-disk storage: content-addressed blobs, repository links and upload sessions."""

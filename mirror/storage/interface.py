@@ -1,0 +1,147 @@
+"""The one interface every content source answers: local repositories, upstream caches, and later
+OCI layouts and remote registries for the copier. HTTP handlers see only this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from mirror.errors import Unsupported
+from mirror.oci.digest import Digest
+from mirror.oci.manifest import Descriptor
+
+if TYPE_CHECKING:
+    from mirror.storage.uploads import Upload
+
+
+@dataclass(frozen=True, slots=True)
+class BlobFile:
+    """A whole, verified blob on disk: served with sendfile."""
+
+    digest: Digest
+    size: int
+    path: Path
+
+
+class BlobStream(Protocol):
+    """A blob whose bytes are still arriving (an upstream fill): served by streaming as they land."""
+
+    digest: Digest
+    size: int
+
+    def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """Bytes [start, end) as they become available; raises if the fill fails."""
+        ...
+
+
+BlobBody = BlobFile | BlobStream
+
+
+@dataclass(frozen=True, slots=True)
+class BlobInfo:
+    digest: Digest
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestInfo:
+    digest: Digest
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    digest: Digest
+    media_type: str
+    body: bytes
+
+    @property
+    def info(self) -> ManifestInfo:
+        return ManifestInfo(self.digest, self.media_type, len(self.body))
+
+
+@dataclass(frozen=True, slots=True)
+class PutManifestResult:
+    digest: Digest
+    subject: Digest | None
+
+
+class Registry:
+    """Base for content sources. Reads must be implemented; writes default to 405 UNSUPPORTED so a
+    read-only source (an upstream cache) needs no write code at all."""
+
+    read_only_message = "this repository is read-only"
+
+    async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
+        raise NotImplementedError
+
+    async def open_blob(self, repo: str, digest: Digest) -> BlobBody:
+        raise NotImplementedError
+
+    async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
+        raise NotImplementedError
+
+    async def get_manifest(self, repo: str, reference: str) -> Manifest:
+        raise NotImplementedError
+
+    async def list_tags(self, repo: str) -> list[str]:
+        raise NotImplementedError
+
+    async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
+        raise NotImplementedError
+
+    async def list_repositories(self) -> list[str]:
+        raise NotImplementedError
+
+    # -- writes ------------------------------------------------------------------------------------
+    def _unsupported(self) -> Unsupported:
+        return Unsupported(self.read_only_message)
+
+    async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterable[bytes]) -> BlobInfo:
+        raise self._unsupported()
+
+    async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
+        raise self._unsupported()
+
+    async def put_manifest(
+        self, repo: str, reference: str, body: bytes, content_type: str | None
+    ) -> PutManifestResult:
+        raise self._unsupported()
+
+    async def delete_manifest(self, repo: str, reference: str) -> None:
+        raise self._unsupported()
+
+    async def delete_blob(self, repo: str, digest: Digest) -> None:
+        raise self._unsupported()
+
+
+    # -- upload sessions (only writable sources have them) ------------------------------------------
+    async def start_upload(self, repo: str) -> "Upload":
+        raise self._unsupported()
+
+    async def upload_status(self, repo: str, upload_id: str) -> "Upload":
+        raise self._unsupported()
+
+    async def append_upload(
+        self, repo: str, upload_id: str, chunks: AsyncIterable[bytes], *, start: int | None, length: int | None
+    ) -> "Upload":
+        raise self._unsupported()
+
+    async def finish_upload(
+        self,
+        repo: str,
+        upload_id: str,
+        digest: Digest,
+        chunks: AsyncIterable[bytes] | None,
+        *,
+        start: int | None,
+        length: int | None,
+    ) -> BlobInfo:
+        raise self._unsupported()
+
+    async def cancel_upload(self, repo: str, upload_id: str) -> None:
+        raise self._unsupported()

@@ -1,0 +1,245 @@
+"""Local repositories: what teams push, stored on disk and served back byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable
+
+from mirror.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestTooLarge,
+    ManifestUnknown,
+    NameUnknown,
+    Unsupported,
+)
+from mirror.oci.digest import Digest, looks_like_digest
+from mirror.oci.manifest import Descriptor, parse_manifest
+from mirror.oci.names import validate_tag
+from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.interface import (
+    BlobFile,
+    BlobInfo,
+    Manifest,
+    ManifestInfo,
+    PutManifestResult,
+    Registry,
+)
+from mirror.storage.repos import ManifestLink, RepoStore
+from mirror.storage.uploads import Upload, UploadStore
+
+
+class LocalRegistry(Registry):
+    def __init__(
+        self,
+        blobs: BlobStore,
+        repos: RepoStore,
+        uploads: UploadStore,
+        *,
+        manifest_limit: int,
+        allow_delete: bool,
+    ) -> None:
+        self.blobs = blobs
+        self.repos = repos
+        self.uploads = uploads
+        self.manifest_limit = manifest_limit
+        self.allow_delete = allow_delete
+
+    # -- blobs -------------------------------------------------------------------------------------
+    async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
+        blob = await self.open_blob(repo, digest)
+        return BlobInfo(blob.digest, blob.size)
+
+    async def open_blob(self, repo: str, digest: Digest) -> BlobFile:
+        # Content is shared between repositories, but only readable through one that links it.
+        if not await asyncio.to_thread(self.repos.has_blob, repo, digest):
+            raise BlobUnknown(detail={"digest": str(digest)})
+        stored = await self.blobs.stat(digest)
+        if stored is None:
+            raise BlobUnknown(detail={"digest": str(digest)})
+        return BlobFile(stored.digest, stored.size, stored.path)
+
+    async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterable[bytes]) -> BlobInfo:
+        """Store a streamed blob (the copier's write path) without an upload session."""
+        stored = await self.blobs.stat(digest)
+        if stored is None:
+            temp = self.blobs.new_temp_path()
+            writer = await BlobWriter.open(temp, digest.algorithm)
+            try:
+                async for chunk in chunks:
+                    await writer.write(chunk)
+                await writer.close()
+                stored = await asyncio.to_thread(
+                    self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
+                )
+            except BaseException:
+                await writer.close()
+                await asyncio.to_thread(temp.unlink, True)
+                raise
+        await asyncio.to_thread(self.repos.link_blob, repo, digest)
+        return BlobInfo(digest, stored.size)
+
+    async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
+        def mount() -> bool:
+            if not self.repos.has_blob(source_repo, digest) or self.blobs.stat_sync(digest) is None:
+                return False
+            self.repos.link_blob(repo, digest)
+            return True
+
+        return await asyncio.to_thread(mount)
+
+    async def delete_blob(self, repo: str, digest: Digest) -> None:
+        self._check_delete()
+        # Only the link goes; the bytes stay for other repositories until `mirror gc` finds them unused.
+        if not await asyncio.to_thread(self.repos.unlink_blob, repo, digest):
+            raise BlobUnknown(detail={"digest": str(digest)})
+
+    # -- uploads -----------------------------------------------------------------------------------
+    async def start_upload(self, repo: str) -> Upload:
+        return await self.uploads.create(repo)
+
+    async def upload_status(self, repo: str, upload_id: str) -> Upload:
+        return await self.uploads.get(repo, upload_id)
+
+    async def append_upload(
+        self, repo: str, upload_id: str, chunks: AsyncIterable[bytes], *, start: int | None, length: int | None
+    ) -> Upload:
+        return await self.uploads.append(repo, upload_id, chunks, start=start, length=length)
+
+    async def finish_upload(
+        self,
+        repo: str,
+        upload_id: str,
+        digest: Digest,
+        chunks: AsyncIterable[bytes] | None,
+        *,
+        start: int | None,
+        length: int | None,
+    ) -> BlobInfo:
+        stored = await self.uploads.finish(repo, upload_id, digest, chunks, start=start, length=length)
+        await asyncio.to_thread(self.repos.link_blob, repo, digest)
+        return BlobInfo(digest, stored.size)
+
+    async def cancel_upload(self, repo: str, upload_id: str) -> None:
+        await self.uploads.cancel(repo, upload_id)
+
+    # -- manifests ---------------------------------------------------------------------------------
+    async def _resolve(self, repo: str, reference: str) -> ManifestLink:
+        def resolve() -> ManifestLink | None:
+            if looks_like_digest(reference):
+                return self.repos.manifest_link(repo, Digest.parse(reference))
+            tag = self.repos.tag(repo, validate_tag(reference))
+            return self.repos.manifest_link(repo, tag.digest) if tag else None
+
+        link = await asyncio.to_thread(resolve)
+        if link is None:
+            raise ManifestUnknown(detail={"reference": reference})
+        return link
+
+    async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
+        link = await self._resolve(repo, reference)
+        return ManifestInfo(link.digest, link.media_type, link.size)
+
+    async def get_manifest(self, repo: str, reference: str) -> Manifest:
+        link = await self._resolve(repo, reference)
+        body = await self.blobs.read_bytes(link.digest)
+        if body is None:
+            raise ManifestUnknown(detail={"reference": reference})
+        return Manifest(link.digest, link.media_type, body)
+
+    async def put_manifest(
+        self, repo: str, reference: str, body: bytes, content_type: str | None
+    ) -> PutManifestResult:
+        if len(body) > self.manifest_limit:
+            raise ManifestTooLarge(f"manifest is larger than {self.manifest_limit} bytes")
+        parsed = parse_manifest(body, content_type)
+        if looks_like_digest(reference):
+            expected = Digest.parse(reference)
+            digest = Digest.of(body, expected.algorithm)
+            if digest != expected:
+                raise DigestInvalid(
+                    f"manifest digest {digest} does not match {expected}",
+                    detail={"expected": str(expected), "actual": str(digest)},
+                )
+            tag = None
+        else:
+            tag = validate_tag(reference)
+            digest = Digest.of(body)
+
+        def missing_references() -> list[str]:
+            missing = [str(d.digest) for d in parsed.blobs if not self.repos.has_blob(repo, d.digest)]
+            missing += [str(d.digest) for d in parsed.manifests if self.repos.manifest_link(repo, d.digest) is None]
+            return missing
+
+        missing = await asyncio.to_thread(missing_references)
+        if missing:
+            raise ManifestBlobUnknown(
+                f"manifest references {len(missing)} blob(s) not in {repo}", detail={"digests": missing[:20]}
+            )
+        await self.blobs.put_bytes(body, digest)
+
+        def link() -> None:
+            self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body)))
+            if parsed.subject is not None:
+                self.repos.add_referrer(
+                    repo,
+                    parsed.subject.digest,
+                    Descriptor(
+                        parsed.media_type,
+                        digest,
+                        len(body),
+                        artifact_type=parsed.artifact_type,
+                        annotations=parsed.annotations or None,
+                    ),
+                )
+            if tag is not None:
+                self.repos.set_tag(repo, tag, digest)
+
+        await asyncio.to_thread(link)
+        return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
+
+    async def delete_manifest(self, repo: str, reference: str) -> None:
+        self._check_delete()
+        if not looks_like_digest(reference):
+            if not await asyncio.to_thread(self.repos.delete_tag, repo, validate_tag(reference)):
+                raise ManifestUnknown(detail={"reference": reference})
+            return
+        digest = Digest.parse(reference)
+        link = await self._resolve(repo, reference)
+        body = await self.blobs.read_bytes(digest)
+        subject = None
+        if body is not None:
+            try:
+                subject = parse_manifest(body, link.media_type).subject
+            except Exception:  # noqa: BLE001 - a stored manifest that no longer parses still gets deleted
+                subject = None
+
+        def unlink() -> None:
+            for tag in self.repos.tags_pointing_to(repo, digest):
+                self.repos.delete_tag(repo, tag)
+            if subject is not None:
+                self.repos.remove_referrer(repo, subject.digest, digest)
+            self.repos.unlink_manifest(repo, digest)
+
+        await asyncio.to_thread(unlink)
+
+    def _check_delete(self) -> None:
+        if not self.allow_delete:
+            raise Unsupported("deletes are disabled on this registry (storage.delete: false)")
+
+    # -- discovery ---------------------------------------------------------------------------------
+    async def list_tags(self, repo: str) -> list[str]:
+        def tags() -> list[str] | None:
+            return self.repos.tags(repo) if self.repos.exists(repo) else None
+
+        found = await asyncio.to_thread(tags)
+        if found is None:
+            raise NameUnknown(detail={"name": repo})
+        return found
+
+    async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
+        return await asyncio.to_thread(self.repos.referrers, repo, subject)
+
+    async def list_repositories(self) -> list[str]:
+        return await asyncio.to_thread(self.repos.repositories)

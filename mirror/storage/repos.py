@@ -1,0 +1,213 @@
+"""Repository links: which blobs and manifests a repository may serve, its tags and its referrers.
+
+Layout under a root (one root for local repositories, one per upstream for cached ones):
+
+    <name>/_layers/<alg>/<hex>                 empty file: the blob is readable through <name>
+    <name>/_manifests/<alg>/<hex>              JSON {mediaType, size}: the manifest belongs to <name>
+    <name>/_tags/<tag>                         the digest the tag points to (mtime = last validated)
+    <name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   JSON descriptor of a manifest whose subject it is
+
+Name components start with [a-z0-9], so `_layers` & co can never collide with a nested repository.
+Every method blocks; callers on the event loop run them through a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.errors import DigestInvalid
+from mirror.oci.digest import Digest
+from mirror.oci.manifest import Descriptor
+from mirror.oci.names import is_valid_name, is_valid_tag
+from mirror.storage.files import atomic_write, read_text_or_none
+
+_MARKERS = ("_layers", "_manifests", "_tags")
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestLink:
+    digest: Digest
+    media_type: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class TagLink:
+    digest: Digest
+    validated_at: float  # when the tag was written or last confirmed against its upstream
+
+
+class RepoStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _repo(self, name: str) -> Path:
+        # Handlers validate names first; this is the last line of defence before a path is built.
+        if not is_valid_name(name):
+            raise ValueError(f"refusing to build a path from an invalid name {name!r}")
+        return self.root / name
+
+    def exists(self, name: str) -> bool:
+        repo = self._repo(name)
+        return any((repo / marker).is_dir() for marker in _MARKERS)
+
+    # -- blobs -------------------------------------------------------------------------------------
+    def link_blob(self, name: str, digest: Digest) -> None:
+        path = self._repo(name) / "_layers" / digest.algorithm / digest.hex
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+
+    def has_blob(self, name: str, digest: Digest) -> bool:
+        return (self._repo(name) / "_layers" / digest.algorithm / digest.hex).is_file()
+
+    def unlink_blob(self, name: str, digest: Digest) -> bool:
+        try:
+            (self._repo(name) / "_layers" / digest.algorithm / digest.hex).unlink()
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def linked_blobs(self, name: str) -> list[Digest]:
+        return self._digests_under(self._repo(name) / "_layers")
+
+    # -- manifests ---------------------------------------------------------------------------------
+    def link_manifest(self, name: str, link: ManifestLink) -> None:
+        path = self._repo(name) / "_manifests" / link.digest.algorithm / link.digest.hex
+        atomic_write(path, json.dumps({"mediaType": link.media_type, "size": link.size}).encode())
+
+    def manifest_link(self, name: str, digest: Digest) -> ManifestLink | None:
+        text = read_text_or_none(self._repo(name) / "_manifests" / digest.algorithm / digest.hex)
+        if text is None:
+            return None
+        try:
+            data = json.loads(text)
+            return ManifestLink(digest, str(data["mediaType"]), int(data["size"]))
+        except (ValueError, KeyError, TypeError):
+            return None  # a torn or foreign file reads as absent; the writer is atomic, so this is damage
+
+    def unlink_manifest(self, name: str, digest: Digest) -> bool:
+        try:
+            (self._repo(name) / "_manifests" / digest.algorithm / digest.hex).unlink()
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def linked_manifests(self, name: str) -> list[Digest]:
+        return self._digests_under(self._repo(name) / "_manifests")
+
+    # -- tags --------------------------------------------------------------------------------------
+    def set_tag(self, name: str, tag: str, digest: Digest) -> None:
+        atomic_write(self._repo(name) / "_tags" / tag, str(digest).encode())
+
+    def tag(self, name: str, tag: str) -> TagLink | None:
+        path = self._repo(name) / "_tags" / tag
+        try:
+            text = path.read_text()
+            mtime = path.stat().st_mtime
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        try:
+            return TagLink(Digest.parse(text.strip()), mtime)
+        except DigestInvalid:
+            return None
+
+    def touch_tag(self, name: str, tag: str) -> None:
+        """Record that the tag was confirmed against its upstream just now."""
+        try:
+            os.utime(self._repo(name) / "_tags" / tag, (time.time(), time.time()))
+        except FileNotFoundError:
+            pass
+
+    def delete_tag(self, name: str, tag: str) -> bool:
+        try:
+            (self._repo(name) / "_tags" / tag).unlink()
+            return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+
+    def tags(self, name: str) -> list[str]:
+        directory = self._repo(name) / "_tags"
+        try:
+            return sorted(entry for entry in os.listdir(directory) if is_valid_tag(entry))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def tags_pointing_to(self, name: str, digest: Digest) -> list[str]:
+        return [tag for tag in self.tags(name) if (link := self.tag(name, tag)) and link.digest == digest]
+
+    # -- referrers ---------------------------------------------------------------------------------
+    def add_referrer(self, name: str, subject: Digest, referrer: Descriptor) -> None:
+        path = (
+            self._repo(name) / "_referrers" / subject.algorithm / subject.hex
+            / f"{referrer.digest.algorithm}-{referrer.digest.hex}"
+        )
+        atomic_write(path, json.dumps(referrer.to_json()).encode())
+
+    def remove_referrer(self, name: str, subject: Digest, referrer: Digest) -> None:
+        path = self._repo(name) / "_referrers" / subject.algorithm / subject.hex / f"{referrer.algorithm}-{referrer.hex}"
+        path.unlink(missing_ok=True)
+
+    def referrers(self, name: str, subject: Digest) -> list[Descriptor]:
+        directory = self._repo(name) / "_referrers" / subject.algorithm / subject.hex
+        try:
+            entries = sorted(os.listdir(directory))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        found: list[Descriptor] = []
+        for entry in entries:
+            text = read_text_or_none(directory / entry)
+            if text is None:
+                continue
+            try:
+                raw = json.loads(text)
+                found.append(
+                    Descriptor(
+                        media_type=raw["mediaType"],
+                        digest=Digest.parse(raw["digest"]),
+                        size=int(raw["size"]),
+                        artifact_type=raw.get("artifactType"),
+                        annotations=raw.get("annotations"),
+                    )
+                )
+            except (ValueError, KeyError, TypeError, DigestInvalid):
+                continue
+        return found
+
+    # -- repositories ------------------------------------------------------------------------------
+    def repositories(self) -> list[str]:
+        """Every repository name under the root, sorted."""
+        names: list[str] = []
+        for directory, subdirs, _files in os.walk(self.root):
+            if any(marker in subdirs for marker in _MARKERS):
+                relative = os.path.relpath(directory, self.root)
+                if relative != "." and is_valid_name(relative):
+                    names.append(relative)
+            # Never descend into link folders: they hold digests, not repositories.
+            subdirs[:] = [d for d in subdirs if not d.startswith("_")]
+        return sorted(names)
+
+    def delete_repository(self, name: str) -> None:
+        repo = self._repo(name)
+        for marker in (*_MARKERS, "_referrers"):
+            shutil.rmtree(repo / marker, ignore_errors=True)
+
+    @staticmethod
+    def _digests_under(directory: Path) -> list[Digest]:
+        found: list[Digest] = []
+        try:
+            algorithms = os.listdir(directory)
+        except (FileNotFoundError, NotADirectoryError):
+            return found
+        for algorithm in algorithms:
+            for entry in os.listdir(directory / algorithm):
+                try:
+                    found.append(Digest.parse(f"{algorithm}:{entry}"))
+                except DigestInvalid:
+                    continue
+        return found

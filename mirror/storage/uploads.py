@@ -1,0 +1,205 @@
+"""Blob upload sessions, persisted on disk so an interrupted push resumes after a restart.
+
+`uploads/<id>/data` holds the bytes received so far, `uploads/<id>/info.json` the repository it belongs to.
+The id is 32 lowercase hex characters and is checked before it is used in a path. A running sha256 of
+each session is kept in memory so finishing a 1 GiB upload does not read it again; after a restart the
+state is rebuilt from the file once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror.errors import BlobUploadUnknown, RangeNotSatisfiable, SizeInvalid
+from mirror.oci.digest import Digest
+from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob, hash_file
+from mirror.storage.files import atomic_write
+
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    id: str
+    repository: str
+    size: int  # bytes received so far
+
+
+@dataclass(slots=True)
+class _HashState:
+    size: int
+    hasher: "hashlib._Hash"
+
+
+class UploadStore:
+    def __init__(self, root: Path, blobs: BlobStore) -> None:
+        self.root = root / "uploads"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.blobs = blobs
+        self._hash_states: dict[str, _HashState] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _dir(self, upload_id: str) -> Path:
+        if not _UPLOAD_ID.fullmatch(upload_id):
+            raise BlobUploadUnknown("unknown upload id", detail={"id": upload_id[:100]})
+        return self.root / upload_id
+
+    def _lock(self, upload_id: str) -> asyncio.Lock:
+        """Serialise requests on one session (two PATCHes at once must not interleave bytes).
+
+        Only ids that exist get a lock (callers `get` first), so garbage ids cannot grow this dict."""
+        return self._locks.setdefault(upload_id, asyncio.Lock())
+
+    async def create(self, repository: str) -> Upload:
+        upload_id = uuid.uuid4().hex
+        directory = self.root / upload_id
+
+        def create_sync() -> None:
+            directory.mkdir(parents=True)
+            (directory / "data").touch()
+            atomic_write(directory / "info.json", json.dumps({"repository": repository, "started": time.time()}).encode())
+
+        await asyncio.to_thread(create_sync)
+        self._hash_states[upload_id] = _HashState(0, hashlib.sha256())
+        return Upload(upload_id, repository, 0)
+
+    async def get(self, repository: str, upload_id: str) -> Upload:
+        directory = self._dir(upload_id)
+
+        def stat_sync() -> Upload:
+            try:
+                info = json.loads((directory / "info.json").read_text())
+                size = (directory / "data").stat().st_size
+            except (FileNotFoundError, NotADirectoryError, ValueError) as exc:
+                raise BlobUploadUnknown("unknown upload id", detail={"id": upload_id}) from exc
+            if info.get("repository") != repository:
+                raise BlobUploadUnknown("upload belongs to another repository", detail={"id": upload_id})
+            return Upload(upload_id, repository, size)
+
+        return await asyncio.to_thread(stat_sync)
+
+    async def _hash_state(self, upload: Upload) -> _HashState:
+        state = self._hash_states.get(upload.id)
+        if state is None or state.size != upload.size:
+            # After a restart (or a write that failed halfway) the running hash is rebuilt from the file.
+            def rebuild() -> _HashState:
+                hasher = hashlib.sha256()
+                with open(self.root / upload.id / "data", "rb") as handle:
+                    remaining = upload.size
+                    while remaining and (chunk := handle.read(min(remaining, 4 << 20))):
+                        hasher.update(chunk)
+                        remaining -= len(chunk)
+                return _HashState(upload.size, hasher)
+
+            state = await asyncio.to_thread(rebuild)
+            self._hash_states[upload.id] = state
+        return state
+
+    async def append(
+        self,
+        repository: str,
+        upload_id: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> Upload:
+        """Append a request body. `start` (from Content-Range) must equal the bytes received so far."""
+        upload = await self.get(repository, upload_id)
+        async with self._lock(upload_id):
+            upload = await self.get(repository, upload_id)  # the size may have moved while we waited
+            return await self._append_locked(upload, chunks, start=start, length=length)
+
+    async def _append_locked(
+        self, upload: Upload, chunks: AsyncIterable[bytes], *, start: int | None, length: int | None
+    ) -> Upload:
+        if start is not None and start != upload.size:
+            raise RangeNotSatisfiable(
+                f"upload has {upload.size} bytes; a chunk must start there, not at {start}",
+                headers=range_header(upload.size),
+            )
+        state = await self._hash_state(upload)
+        writer = await BlobWriter.open(
+            self.root / upload.id / "data", "sha256", append_to=upload.size, hasher=state.hasher
+        )
+        try:
+            async for chunk in chunks:
+                await writer.write(chunk)
+        finally:
+            await writer.close()
+            state.size = writer.size
+        received = writer.size - upload.size
+        if length is not None and received != length:
+            raise SizeInvalid(f"chunk declared {length} bytes but {received} arrived")
+        return Upload(upload.id, upload.repository, writer.size)
+
+    async def finish(
+        self,
+        repository: str,
+        upload_id: str,
+        digest: Digest,
+        chunks: AsyncIterable[bytes] | None = None,
+        *,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> StoredBlob:
+        """Append the final body (if any), verify everything against `digest`, move it into the blob store."""
+        upload = await self.get(repository, upload_id)
+        async with self._lock(upload_id):
+            upload = await self.get(repository, upload_id)
+            if chunks is not None:
+                upload = await self._append_locked(upload, chunks, start=start, length=length)
+            data_path = self.root / upload.id / "data"
+            state = self._hash_states.get(upload.id)
+            if digest.algorithm == "sha256" and state is not None and state.size == upload.size:
+                actual_hex = state.hasher.copy().hexdigest()
+            else:
+                actual_hex, _ = await asyncio.to_thread(hash_file, data_path, digest.algorithm)
+            try:
+                existing = await self.blobs.stat(digest)
+                if existing is not None and actual_hex == digest.hex:
+                    return existing
+                return await asyncio.to_thread(self.blobs.commit_sync, data_path, digest, actual_hex, upload.size)
+            finally:
+                # Committed or refused, the session is over: a refused upload must not linger half-verified.
+                await self._remove(upload.id)
+
+    async def cancel(self, repository: str, upload_id: str) -> None:
+        upload = await self.get(repository, upload_id)
+        async with self._lock(upload_id):
+            await self._remove(upload.id)
+
+    async def _remove(self, upload_id: str) -> None:
+        self._hash_states.pop(upload_id, None)
+        self._locks.pop(upload_id, None)
+        await asyncio.to_thread(shutil.rmtree, self.root / upload_id, True)
+
+    def remove_stale_sync(self, grace_seconds: float) -> int:
+        """Blocking: delete sessions untouched for longer than the grace period (start-up recovery)."""
+        removed = 0
+        cutoff = time.time() - grace_seconds
+        for entry in self.root.iterdir():
+            data = entry / "data"
+            try:
+                mtime = data.stat().st_mtime if data.exists() else entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if mtime < cutoff:
+                shutil.rmtree(entry, ignore_errors=True)
+                removed += 1
+        return removed
+
+
+
+def range_header(size: int) -> dict[str, str]:
+    """The `Range` of bytes received, as the distribution API reports it (`0-0` when empty)."""
+    return {"Range": f"0-{max(size - 1, 0)}"}
