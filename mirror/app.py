@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 
+import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -14,16 +16,17 @@ from mirror.api.errors import add_api_version, registry_errors
 from mirror.api.routes import api_dispatcher
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.routing import Router
-from mirror.state import CONFIG, METRICS, ROUTER
+from mirror.proxy.fills import FillManager
+from mirror.proxy.registry import ProxyRegistry
+from mirror.routing import Router, Upstream
+from mirror.state import BLOBS, CONFIG, FILLS, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
 from mirror.storage.uploads import UploadStore
+from mirror.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
-
-STORES: web.AppKey[BlobStore] = web.AppKey("blob_store")
 
 
 @web.middleware
@@ -64,9 +67,9 @@ def create_app(config: Config) -> web.Application:
 
 
 async def _storage(app: web.Application) -> AsyncIterator[None]:
-    """Open the stores, recover from an interrupted previous run, and build the router."""
+    """Open the stores, recover from an interrupted previous run, connect upstreams, build the router."""
     config = app[CONFIG]
-    root = config.storage.path
+    metrics = app[METRICS]
     blobs, local_repos, uploads = await asyncio.to_thread(_open_stores, config)
     removed_temps = await asyncio.to_thread(blobs.remove_stale_temps_sync, config.storage.temp_grace)
     removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.storage.temp_grace)
@@ -79,10 +82,46 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         manifest_limit=config.limits.manifest_bytes,
         allow_delete=config.storage.delete,
     )
-    app[STORES] = blobs
-    app[ROUTER] = Router(local, {}, None, config.local.repositories)
-    log.info("storage at %s", root.resolve())
-    yield
+    fills = FillManager(metrics)
+    app[BLOBS] = blobs
+    app[FILLS] = fills
+    local_hint = ", ".join(config.local.repositories) or "none configured"
+    async with contextlib.AsyncExitStack() as stack:
+        upstreams: dict[str, Upstream] = {}
+        for upstream_config in config.upstreams:
+            # One session per upstream: its own connection pool and limits. Bytes are passed through
+            # exactly as sent (no transparent decompression), or digests would not match.
+            session = await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    auto_decompress=False,
+                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+                    headers={"User-Agent": "mirror/0.1"},
+                )
+            )
+            client = UpstreamClient(upstream_config, session, metrics)
+            cache_repos = await asyncio.to_thread(RepoStore, config.storage.path / "cache" / upstream_config.name)
+            proxy = ProxyRegistry(
+                client,
+                blobs,
+                cache_repos,
+                fills,
+                metrics,
+                tag_ttl=upstream_config.tag_ttl,
+                manifest_limit=config.limits.manifest_bytes,
+                read_only_message=(
+                    f"repositories routed to {upstream_config.name} are mirrored read-only; "
+                    f"push to a local namespace ({local_hint})"
+                ),
+            )
+            stack.push_async_callback(proxy.close)
+            upstreams[upstream_config.name] = Upstream(upstream_config.name, proxy, upstream_config.library_prefix)
+        default = config.default_upstream
+        app[ROUTER] = Router(local, upstreams, default.name if default else None, config.local.repositories)
+        log.info("storage at %s; upstreams: %s", config.storage.path.resolve(), ", ".join(upstreams) or "none")
+        try:
+            yield
+        finally:
+            await fills.close()
 
 
 def _open_stores(config: Config) -> tuple[BlobStore, RepoStore, UploadStore]:

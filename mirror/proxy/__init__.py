@@ -1,0 +1,1 @@
+"""Pull-through logic: single-flight fills streamed while they download, tag TTLs, stale-if-error."""

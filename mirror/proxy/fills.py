@@ -1,0 +1,171 @@
+"""Fills: one upstream download per blob digest, streamed to every client while it runs.
+
+A fill writes a temp file while hashing, publishes how many bytes are on disk, verifies size and digest,
+then renames the file into the blob store. Readers share one read-only descriptor of the temp file and
+`pread` from it, so they never need the file's name (which changes at commit) and never hold more than
+one chunk in memory. The last byte is released only after the digest is verified: a client can never
+receive a complete body of wrong bytes, it sees a cut connection and retries with Range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from mirror.errors import RegistryError, UpstreamUnavailable
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK_BYTES = 1 << 20
+
+
+class Fill:
+    """One blob download in progress, as readers see it (a BlobStream)."""
+
+    def __init__(self, digest: Digest, repo: str) -> None:
+        self.digest = digest
+        self.repo = repo  # the repository the download was authorised for
+        self.size = 0
+        self.written = 0
+        self.committed = False
+        self.error: RegistryError | None = None
+        self._fd: int | None = None
+        self._readers = 0
+        self._detached = False  # no longer joinable: the descriptor may close once readers are done
+        self._ready = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    # -- the downloader's side ---------------------------------------------------------------------
+    def begin(self, size: int, read_fd: int) -> None:
+        """Headers are in: the size is known and bytes will land in the file behind `read_fd`."""
+        self.size = size
+        self._fd = read_fd
+        self._ready.set()
+
+    async def progress(self, written: int) -> None:
+        self.written = written
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def commit(self) -> None:
+        self.committed = True
+        await self._finish()
+
+    async def fail(self, error: RegistryError) -> None:
+        self.error = error
+        self._ready.set()
+        await self._finish()
+
+    async def _finish(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def detach(self) -> None:
+        """Called by the manager once new clients can no longer join (they find the committed blob)."""
+        self._detached = True
+        self._close_if_unused()
+
+    @property
+    def finished(self) -> bool:
+        return self.committed or self.error is not None
+
+    def _close_if_unused(self) -> None:
+        if self._detached and self._readers == 0 and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    # -- the readers' side -------------------------------------------------------------------------
+    async def wait_ready(self) -> None:
+        """Wait for the upstream's headers; raise the fill's error if it failed before them."""
+        await self._ready.wait()
+        if self.error is not None:
+            raise self.error
+
+    def _readable_until(self) -> int:
+        # Hold the last byte back until the digest is verified (see the module docstring).
+        return self.size if self.committed else min(self.written, max(self.size - 1, 0))
+
+    async def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        await self.wait_ready()
+        self._readers += 1
+        try:
+            offset = start
+            while offset < end:
+                if self.error is not None:
+                    raise self.error
+                available = min(self._readable_until(), end)
+                if available <= offset:
+                    async with self._changed:
+                        await self._changed.wait_for(
+                            lambda: self.finished or min(self._readable_until(), end) > offset
+                        )
+                    continue
+                fd = self._fd
+                if fd is None:  # closed under us: only possible after a failure
+                    raise self.error or UpstreamUnavailable("download ended unexpectedly")
+                data = await asyncio.to_thread(os.pread, fd, min(available - offset, READ_CHUNK_BYTES), offset)
+                if not data:
+                    raise UpstreamUnavailable("download file shorter than reported")
+                offset += len(data)
+                yield data
+        finally:
+            self._readers -= 1
+            self._close_if_unused()
+
+
+Download = Callable[[Fill], Awaitable[None]]
+
+
+class FillManager:
+    """Owns every running fill (the application owns this): at most one per digest."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._fills: dict[Digest, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def running(self, digest: Digest) -> Fill | None:
+        return self._fills.get(digest)
+
+    def join(self, digest: Digest, repo: str, download: Download) -> Fill:
+        """The running fill for `digest`, or a new one that `download` performs."""
+        fill = self._fills.get(digest)
+        if fill is not None:
+            self.metrics.fill_waiters.inc()
+            return fill
+        fill = Fill(digest, repo)
+        self._fills[digest] = fill
+        task = asyncio.create_task(self._run(fill, download), name=f"fill {digest}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fill
+
+    async def _run(self, fill: Fill, download: Download) -> None:
+        self.metrics.fills_in_progress.inc()
+        try:
+            await download(fill)
+            if not fill.committed:
+                await fill.fail(UpstreamUnavailable("download ended without a result"))
+        except RegistryError as error:
+            await fill.fail(error)
+        except asyncio.CancelledError:
+            await fill.fail(UpstreamUnavailable("download cancelled (server shutting down)"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure must reach every reader as a registry error
+            log.exception("fill of %s failed", fill.digest)
+            await fill.fail(UpstreamUnavailable(f"download failed: {type(exc).__name__}"))
+        finally:
+            self.metrics.fills_in_progress.dec()
+            if self._fills.get(fill.digest) is fill:
+                del self._fills[fill.digest]
+            fill.detach()
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

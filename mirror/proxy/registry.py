@@ -1,0 +1,341 @@
+"""An upstream registry seen through the local cache: the read side of the Registry interface.
+
+Blobs: a hit is a file; a miss joins (or starts) the one fill for that digest. Manifests by digest are
+immutable and verified before they are stored; by tag they are trusted for `tag_ttl`, then revalidated
+with a HEAD (free under Docker Hub's limits) and fetched again only when the digest moved. When the
+upstream fails, whatever is cached is served (stale-if-error) and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import aiohttp
+
+from mirror.errors import (
+    BlobUnknown,
+    ManifestUnknown,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    UpstreamInvalid,
+    UpstreamUnavailable,
+)
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest, looks_like_digest
+from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, parse_manifest
+from mirror.oci.names import validate_tag
+from mirror.proxy.fills import Fill, FillManager
+from mirror.proxy.singleflight import SingleFlight
+from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.interface import BlobBody, BlobFile, BlobInfo, Manifest, ManifestInfo, Registry
+from mirror.storage.repos import ManifestLink, RepoStore
+from mirror.upstream.client import UpstreamClient
+
+log = logging.getLogger(__name__)
+
+STREAM_CHUNK_BYTES = 1 << 20
+# Errors after which cached content is better than no content.
+_UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests)
+
+
+class ProxyRegistry(Registry):
+    def __init__(
+        self,
+        client: UpstreamClient,
+        blobs: BlobStore,
+        repos: RepoStore,
+        fills: FillManager,
+        metrics: Metrics,
+        *,
+        tag_ttl: float,
+        manifest_limit: int,
+        read_only_message: str,
+    ) -> None:
+        self.client = client
+        self.name = client.name
+        self.blobs = blobs
+        self.repos = repos
+        self.fills = fills
+        self.metrics = metrics
+        self.tag_ttl = tag_ttl
+        self.manifest_limit = manifest_limit
+        self.read_only_message = read_only_message
+        self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
+
+    def _count(self, kind: str, result: str) -> None:
+        self.metrics.cache_lookups.labels(self.name, kind, result).inc()
+
+    # -- blobs -------------------------------------------------------------------------------------
+    async def _cached_blob(self, repo: str, digest: Digest) -> BlobFile | None:
+        def lookup() -> BlobFile | None:
+            if not self.repos.has_blob(repo, digest):
+                return None
+            stored = self.blobs.stat_sync(digest)
+            return BlobFile(digest, stored.size, stored.path) if stored else None
+
+        return await asyncio.to_thread(lookup)
+
+    async def _upstream_has_blob(self, repo: str, digest: Digest) -> int | None:
+        """HEAD the blob upstream: its size when `repo` may read it there, else None."""
+        response = await self.client.open("HEAD", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo))
+        response.release()
+        if response.status == 200:
+            return response.content_length if response.content_length is not None else -1
+        if response.status in (401, 403, 404):
+            return None
+        raise UpstreamUnavailable(f"upstream {self.name} answered HEAD blob with {response.status}")
+
+    async def open_blob(self, repo: str, digest: Digest) -> BlobBody:
+        cached = await self._cached_blob(repo, digest)
+        if cached is not None:
+            self._count("blob", "hit")
+            return cached
+        running = self.fills.running(digest)
+        stored = await self.blobs.stat(digest)
+        if (running is not None and running.repo != repo) or (running is None and stored is not None):
+            # The bytes are here (or arriving) for another repository. Serve them through this one only if
+            # the upstream says this repository may read them (a blob is not readable by knowing its digest).
+            if await self._upstream_has_blob(repo, digest) is None:
+                raise BlobUnknown(detail={"digest": str(digest)})
+            if stored is not None:
+                await asyncio.to_thread(self.repos.link_blob, repo, digest)
+                self._count("blob", "hit")
+                return BlobFile(digest, stored.size, stored.path)
+        self._count("blob", "miss" if running is None else "joined")
+        fill = self.fills.join(digest, repo, lambda f: self._download(f, repo, digest))
+        await fill.wait_ready()
+        return fill
+
+    async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
+        cached = await self._cached_blob(repo, digest)
+        if cached is not None:
+            return BlobInfo(digest, cached.size)
+        running = self.fills.running(digest)
+        if running is not None and running.repo == repo:
+            await running.wait_ready()
+            return BlobInfo(digest, running.size)
+        size = await self._upstream_has_blob(repo, digest)
+        if size is None or size < 0:
+            raise BlobUnknown(detail={"digest": str(digest)})
+        return BlobInfo(digest, size)
+
+    async def _download(self, fill: Fill, repo: str, digest: Digest) -> None:
+        response = await self.client.open("GET", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo))
+        try:
+            if response.status in (401, 403, 404):
+                raise BlobUnknown(f"upstream {self.name} has no blob {digest} in {repo}")
+            if response.status != 200:
+                raise UpstreamUnavailable(f"upstream {self.name} answered blob GET with {response.status}")
+            await self._stream_to_store(fill, response, repo, digest)
+        finally:
+            response.release()
+
+    async def _stream_to_store(
+        self, fill: Fill, response: aiohttp.ClientResponse, repo: str, digest: Digest
+    ) -> None:
+        size = response.content_length
+        temp = self.blobs.new_temp_path()
+        writer = await BlobWriter.open(temp, digest.algorithm)
+        read_fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
+        if size is not None:
+            fill.begin(size, read_fd)
+        try:
+            try:
+                async for chunk in response.content.iter_chunked(STREAM_CHUNK_BYTES):
+                    before = writer.size
+                    await writer.write(chunk)
+                    if writer.size != before:  # a buffer went to disk: readers may move on
+                        await fill.progress(writer.size)
+                        self.metrics.upstream_bytes.labels(self.name).inc(writer.size - before)
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise UpstreamUnavailable(f"upstream {self.name} stream broke: {exc}") from exc
+            before = writer.size
+            await writer.close()
+            self.metrics.upstream_bytes.labels(self.name).inc(writer.size - before)
+            await fill.progress(writer.size)
+            if size is not None and writer.size != size:
+                raise UpstreamInvalid(f"upstream {self.name} sent {writer.size} of {size} bytes for {digest}")
+            actual = writer.hasher.hexdigest()
+            if actual != digest.hex:
+                self.metrics.upstream_errors.labels(self.name, "digest_mismatch").inc()
+                raise UpstreamInvalid(f"upstream {self.name} sent bytes that do not match {digest}")
+            if size is None:
+                fill.begin(writer.size, read_fd)
+            await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, writer.size)
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await fill.commit()
+            self.metrics.fills.labels(self.name, "ok").inc()
+        except BaseException as exc:
+            await writer.close()
+            await asyncio.to_thread(temp.unlink, True)
+            if size is None:
+                await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
+            result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
+            self.metrics.fills.labels(self.name, result).inc()
+            raise
+
+    # -- manifests ---------------------------------------------------------------------------------
+    async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
+        return (await self.get_manifest(repo, reference)).info
+
+    async def get_manifest(self, repo: str, reference: str) -> Manifest:
+        if looks_like_digest(reference):
+            return await self._manifest_by_digest(repo, Digest.parse(reference))
+        return await self._manifest_by_tag(repo, validate_tag(reference))
+
+    async def _cached_manifest(self, repo: str, digest: Digest) -> Manifest | None:
+        link = await asyncio.to_thread(self.repos.manifest_link, repo, digest)
+        if link is None:
+            return None
+        body = await self.blobs.read_bytes(digest)
+        return Manifest(digest, link.media_type, body) if body is not None else None
+
+    async def _manifest_by_digest(self, repo: str, digest: Digest) -> Manifest:
+        cached = await self._cached_manifest(repo, digest)
+        if cached is not None:
+            self._count("manifest", "hit")
+            return cached
+        self._count("manifest", "miss")
+        return await self._manifest_flights.run(
+            ("digest", repo, digest), lambda: self._fetch_manifest(repo, str(digest), expected=digest)
+        )
+
+    async def _manifest_by_tag(self, repo: str, tag: str) -> Manifest:
+        link = await asyncio.to_thread(self.repos.tag, repo, tag)
+        cached = await self._cached_manifest(repo, link.digest) if link else None
+        if cached is not None and link is not None:
+            fresh = time.time() - link.validated_at < self.tag_ttl
+            if fresh or self.client.config.offline:
+                self._count("tag", "hit")
+                return cached
+        try:
+            return await self._manifest_flights.run(("tag", repo, tag), lambda: self._refresh_tag(repo, tag, cached))
+        except _UPSTREAM_DOWN:
+            if cached is None:
+                raise
+            log.info("serving stale %s/%s:%s (upstream unavailable)", self.name, repo, tag)
+            self._count("tag", "stale")
+            return cached
+
+    async def _refresh_tag(self, repo: str, tag: str, cached: Manifest | None) -> Manifest:
+        if cached is not None:
+            response = await self.client.open(
+                "HEAD", f"/v2/{repo}/manifests/{tag}", scope=self.client.scope_for(repo),
+                headers={"Accept": ACCEPT_ALL_MANIFESTS},
+            )
+            response.release()
+            if response.status in (404,):
+                raise ManifestUnknown(detail={"reference": tag})
+            upstream_digest = response.headers.get("Docker-Content-Digest")
+            if response.status == 200 and upstream_digest == str(cached.digest):
+                await asyncio.to_thread(self.repos.touch_tag, repo, tag)
+                self._count("tag", "revalidated")
+                return cached
+        self._count("tag", "miss")
+        manifest = await self._fetch_manifest(repo, tag, expected=None)
+        await asyncio.to_thread(self.repos.set_tag, repo, tag, manifest.digest)
+        return manifest
+
+    async def _fetch_manifest(self, repo: str, reference: str, *, expected: Digest | None) -> Manifest:
+        response = await self.client.open(
+            "GET", f"/v2/{repo}/manifests/{reference}", scope=self.client.scope_for(repo),
+            headers={"Accept": ACCEPT_ALL_MANIFESTS},
+        )
+        try:
+            if response.status in (401, 403, 404):
+                raise ManifestUnknown(f"upstream {self.name} has no manifest {repo}:{reference}")
+            if response.status != 200:
+                raise UpstreamUnavailable(f"upstream {self.name} answered manifest GET with {response.status}")
+            if response.content_length is not None and response.content_length > self.manifest_limit:
+                raise UpstreamInvalid(f"upstream manifest is larger than {self.manifest_limit} bytes")
+            try:
+                body = await response.content.read(self.manifest_limit + 1)
+                while len(body) <= self.manifest_limit and not response.content.at_eof():
+                    more = await response.content.read(self.manifest_limit + 1 - len(body))
+                    if not more:
+                        break
+                    body += more
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                raise UpstreamUnavailable(f"upstream {self.name} manifest body broke: {exc}") from exc
+            if len(body) > self.manifest_limit:
+                raise UpstreamInvalid(f"upstream manifest is larger than {self.manifest_limit} bytes")
+            content_type = response.headers.get("Content-Type")
+        finally:
+            response.release()
+        digest = Digest.of(body, expected.algorithm if expected else "sha256")
+        if expected is not None and digest != expected:
+            self.metrics.upstream_errors.labels(self.name, "digest_mismatch").inc()
+            raise UpstreamInvalid(f"upstream {self.name} returned a manifest that does not match {expected}")
+        header_digest = response.headers.get("Docker-Content-Digest")
+        if expected is None and header_digest and header_digest.startswith("sha256:") and header_digest != str(digest):
+            self.metrics.upstream_errors.labels(self.name, "digest_mismatch").inc()
+            raise UpstreamInvalid(f"upstream {self.name} manifest does not match its Docker-Content-Digest")
+        try:
+            parsed = parse_manifest(body, content_type)
+        except RegistryError as exc:
+            raise UpstreamInvalid(f"upstream {self.name} returned an invalid manifest: {exc.message}") from exc
+        await self.blobs.put_bytes(body, digest)
+        await asyncio.to_thread(self.repos.link_manifest, repo, ManifestLink(digest, parsed.media_type, len(body)))
+        return Manifest(digest, parsed.media_type, body)
+
+    # -- discovery ---------------------------------------------------------------------------------
+    async def list_tags(self, repo: str) -> list[str]:
+        try:
+            data = await self._get_json(repo, f"/v2/{repo}/tags/list?n=10000")
+            tags = data.get("tags") if isinstance(data, dict) else None
+            if isinstance(tags, list):
+                return sorted(t for t in tags if isinstance(t, str))
+        except _UPSTREAM_DOWN:
+            pass
+        except NameUnknown:
+            raise
+        cached = await asyncio.to_thread(self.repos.tags, repo)
+        if not cached:
+            raise NameUnknown(detail={"name": repo})
+        self._count("tags", "stale")
+        return cached
+
+    async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
+        try:
+            data = await self._get_json(repo, f"/v2/{repo}/referrers/{subject}")
+        except (NameUnknown, *_UPSTREAM_DOWN):
+            return await asyncio.to_thread(self.repos.referrers, repo, subject)
+        found: list[Descriptor] = []
+        for raw in data.get("manifests", []) if isinstance(data, dict) else []:
+            try:
+                found.append(
+                    Descriptor(raw["mediaType"], Digest.parse(raw["digest"]), int(raw["size"]),
+                               raw.get("artifactType"), raw.get("annotations"))
+                )
+            except (KeyError, TypeError, ValueError, RegistryError):
+                continue
+        return found
+
+    async def _get_json(self, repo: str, path: str) -> Any:
+        response = await self.client.open("GET", path, scope=self.client.scope_for(repo))
+        try:
+            if response.status in (401, 403, 404):
+                raise NameUnknown(detail={"name": repo})
+            if response.status != 200:
+                raise UpstreamUnavailable(f"upstream {self.name} answered {response.status}")
+            body = await response.content.read(8 << 20)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise UpstreamUnavailable(str(exc)) from exc
+        finally:
+            response.release()
+        try:
+            return json.loads(body)
+        except ValueError as exc:
+            raise UpstreamUnavailable(f"upstream {self.name} returned invalid JSON") from exc
+
+    async def list_repositories(self) -> list[str]:
+        return await asyncio.to_thread(self.repos.repositories)
+
+    async def close(self) -> None:
+        await self._manifest_flights.close()

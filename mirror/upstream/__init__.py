@@ -1,0 +1,1 @@
+"""Talking to upstream registries: sessions, token auth, redirects, retries."""

@@ -1,0 +1,189 @@
+"""One upstream registry: its HTTP session, tokens, redirects, retries and rate-limit bookkeeping.
+
+`open()` returns a response whose body the caller streams; retries happen only while opening (before a
+single byte could have reached a client). 5xx, timeouts and refused connections become
+UpstreamUnavailable, 429 becomes TooManyRequests with the upstream's Retry-After, so the proxy can decide
+between stale content and an error that makes Docker and containerd move on quickly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+from collections.abc import Mapping
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import aiohttp
+from aiocache import SimpleMemoryCache
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from mirror.config import UpstreamConfig
+from mirror.errors import TooManyRequests, UpstreamUnavailable
+from mirror.metrics import Metrics
+from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, parse_challenge
+
+log = logging.getLogger(__name__)
+
+MAX_REDIRECTS = 5
+RETRY_ATTEMPTS = 3
+TOKEN_DEFAULT_SECONDS = 60
+_RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+
+
+class _Retryable(Exception):
+    """A failure worth another attempt (connection refused, timeout, 5xx)."""
+
+
+class UpstreamClient:
+    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+        self.config = config
+        self.name = config.name
+        self.session = session
+        self.metrics = metrics
+        self.policy = RealmPolicy(config.url, config.auth_hosts)
+        # Tokens live for their `expires_in`; nothing about them needs to survive a restart.
+        self.tokens = SimpleMemoryCache()
+        self._base = urlsplit(config.url)
+
+    # -- public ------------------------------------------------------------------------------------
+    async def open(
+        self, method: str, path: str, *, scope: str, headers: Mapping[str, str] | None = None
+    ) -> aiohttp.ClientResponse:
+        """Send a request (auth, redirects and retries handled); the caller releases the response."""
+        if self.config.offline:
+            raise UpstreamUnavailable(f"upstream {self.name} is configured offline")
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(RETRY_ATTEMPTS),
+            wait=wait_exponential(multiplier=0.1, max=1.0),
+            retry=retry_if_exception_type(_Retryable),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    return await self._open_once(method, path, scope, dict(headers or {}))
+        except _Retryable as exc:
+            self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
+            raise UpstreamUnavailable(f"upstream {self.name} unavailable: {exc}") from exc
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    # -- one attempt -------------------------------------------------------------------------------
+    async def _open_once(self, method: str, path: str, scope: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        url = f"{self.config.url}{path}"
+        token = await self.tokens.get(scope)
+        if token:
+            headers["Authorization"] = token
+        response = await self._send(method, url, headers)
+        if response.status == 401:
+            challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
+            response.release()
+            if challenge is None:
+                return await self._send(method, url, headers)
+            authorization = await self._authorize(challenge, scope)
+            if authorization is None:
+                return await self._send(method, url, headers)  # nothing better to offer: let the 401 through
+            headers["Authorization"] = authorization
+            response = await self._send(method, url, headers)
+        self._record(method, response)
+        if response.status == 429:
+            retry_after = response.headers.get("Retry-After", "60")
+            response.release()
+            self.metrics.upstream_errors.labels(self.name, "rate_limited").inc()
+            raise TooManyRequests(
+                f"upstream {self.name} rate limit reached", headers={"Retry-After": retry_after}
+            )
+        if response.status in _RETRYABLE_STATUS:
+            response.release()
+            raise _Retryable(f"HTTP {response.status}")
+        return response
+
+    async def _send(self, method: str, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """Send, following redirects ourselves: Authorization never travels to another host."""
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.timeout, sock_connect=self.config.timeout, sock_read=self.config.timeout
+        )
+        for _ in range(MAX_REDIRECTS + 1):
+            try:
+                response = await self.session.request(
+                    method, url, headers=headers, allow_redirects=False, timeout=timeout
+                )
+            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
+                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            if response.status not in (301, 302, 303, 307, 308) or "Location" not in response.headers:
+                return response
+            target = urljoin(url, response.headers["Location"])
+            response.release()
+            if urlsplit(target).netloc != urlsplit(url).netloc:
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            url = target
+        raise UpstreamUnavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
+
+    async def _authorize(self, challenge: Challenge, scope: str) -> str | None:
+        """Turn a 401 challenge into an Authorization header value, caching Bearer tokens per scope."""
+        credentials = self._basic_credentials()
+        if challenge.scheme == "basic":
+            return f"Basic {credentials}" if credentials else None
+        if challenge.scheme != "bearer" or not challenge.realm:
+            return None
+        try:
+            send_credentials = self.policy.check(challenge.realm)
+        except RealmRefused as exc:
+            log.warning("upstream %s: %s", self.name, exc)
+            self.metrics.upstream_errors.labels(self.name, "realm_refused").inc()
+            return None
+        query = {"scope": challenge.params.get("scope") or scope}
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
+        token_headers = {}
+        if credentials and send_credentials:
+            token_headers["Authorization"] = f"Basic {credentials}"
+        separator = "&" if "?" in challenge.realm else "?"
+        token_url = f"{challenge.realm}{separator}{urlencode(query)}"
+        try:
+            async with self.session.get(
+                token_url,
+                headers=token_headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self.config.timeout),
+            ) as token_response:
+                self.metrics.upstream_requests.labels(self.name, "TOKEN", str(token_response.status)).inc()
+                if token_response.status != 200:
+                    log.warning("upstream %s: token endpoint answered %d", self.name, token_response.status)
+                    return None
+                data = json.loads(await token_response.read())
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+            raise _Retryable(f"token endpoint: {exc}") from exc
+        token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
+        if not isinstance(token, str) or not token:
+            return None
+        expires_in = data.get("expires_in")
+        lifetime = expires_in if isinstance(expires_in, int) and expires_in > 0 else TOKEN_DEFAULT_SECONDS
+        authorization = f"Bearer {token}"
+        # Renew a little early so a token never expires between our check and the upstream's.
+        await self.tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
+        return authorization
+
+    def _basic_credentials(self) -> str | None:
+        if not self.config.username:
+            return None
+        raw = f"{self.config.username}:{self.config.password or ''}".encode()
+        return base64.b64encode(raw).decode()
+
+    def _record(self, method: str, response: aiohttp.ClientResponse) -> None:
+        self.metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
+        for header, gauge in (
+            ("ratelimit-remaining", self.metrics.ratelimit_remaining),
+            ("ratelimit-limit", self.metrics.ratelimit_limit),
+        ):
+            value = response.headers.get(header)
+            if value:
+                try:
+                    gauge.labels(self.name).set(int(value.split(";", 1)[0].strip()))
+                except ValueError:
+                    pass
+
+    def scope_for(self, repo: str) -> str:
+        return f"repository:{repo}:pull"
+

@@ -1,0 +1,182 @@
+"""An in-process upstream registry for injecting faults the real one cannot produce on demand.
+
+It serves blobs and manifests from dicts, counts every request, can demand Bearer tokens from its own
+token endpoint, and misbehaves per request path when told to (503, 429, truncated or wrong bytes, slow
+streams, token expiry). The real distribution registry covers normal behaviour in tests/test_real_*.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import secrets
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Fault:
+    """What to do to matching requests: `kind` in 503, 429, truncate, wrong, slow, refuse-token; `times` left."""
+
+    kind: str
+    times: int = 1_000_000
+    retry_after: str = "1"
+    delay: float = 0.05
+
+
+@dataclass
+class FakeUpstream:
+    blobs: dict[str, bytes] = field(default_factory=dict)
+    manifests: dict[tuple[str, str], tuple[bytes, str]] = field(default_factory=dict)  # (repo, ref) -> body, type
+    tags: dict[str, list[str]] = field(default_factory=dict)
+    requests: Counter[tuple[str, str]] = field(default_factory=Counter)
+    faults: dict[str, Fault] = field(default_factory=dict)  # substring of path -> fault
+    require_token: bool = False
+    realm: str | None = None  # defaults to our own /token endpoint
+    username: str | None = None
+    password: str | None = None
+    tokens: set[str] = field(default_factory=set)
+    token_requests: list[dict[str, str]] = field(default_factory=list)
+    ratelimit_remaining: int | None = None
+    blob_delay: float = 0.0
+
+    # -- content -----------------------------------------------------------------------------------
+    def add_blob(self, data: bytes) -> str:
+        digest = digest_of(data)
+        self.blobs[digest] = data
+        return digest
+
+    def add_image(self, repo: str, tag: str, layers: list[bytes]) -> tuple[str, bytes]:
+        config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode()
+        config_digest = self.add_blob(config)
+        manifest = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+                "layers": [
+                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": self.add_blob(layer), "size": len(layer)}
+                    for layer in layers
+                ],
+            }
+        ).encode()
+        digest = digest_of(manifest)
+        self.manifests[(repo, tag)] = (manifest, OCI_MANIFEST)
+        self.manifests[(repo, digest)] = (manifest, OCI_MANIFEST)
+        self.tags.setdefault(repo, []).append(tag)
+        return digest, manifest
+
+    def count(self, method: str, fragment: str) -> int:
+        return sum(n for (m, path), n in self.requests.items() if m == method and fragment in path)
+
+    # -- the app -----------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/token", self._token)
+        app.router.add_route("*", "/v2{tail:.*}", self._v2)
+        return app
+
+    async def _token(self, request: web.Request) -> web.Response:
+        self.token_requests.append(dict(request.headers))
+        fault = self._fault("/token")
+        if fault and fault.kind == "refuse-token":
+            return web.Response(status=401)
+        if self.username:
+            import base64
+
+            expected = "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+            if "private" in request.query.get("scope", "") and request.headers.get("Authorization") != expected:
+                return web.json_response({"errors": [{"code": "DENIED"}]}, status=401)
+        token = secrets.token_hex(8)
+        self.tokens.add(token)
+        return web.json_response({"token": token, "expires_in": 300})
+
+    def _fault(self, path: str) -> Fault | None:
+        for fragment, fault in self.faults.items():
+            if fragment in path and fault.times > 0:
+                fault.times -= 1
+                return fault
+        return None
+
+    async def _v2(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        self.requests[(request.method, path)] += 1
+        headers: dict[str, str] = {}
+        if self.ratelimit_remaining is not None:
+            headers["ratelimit-limit"] = "100;w=21600"
+            headers["ratelimit-remaining"] = f"{self.ratelimit_remaining};w=21600"
+        if self.require_token:
+            auth = request.headers.get("Authorization", "")
+            if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
+                realm = self.realm or f"http://{request.host}/token"
+                scope = f"repository:{path.split('/v2/')[1].rsplit('/', 2)[0]}:pull" if path != "/v2/" else ""
+                challenge = f'Bearer realm="{realm}",service="fake",scope="{scope}"'
+                return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
+                                         headers={"WWW-Authenticate": challenge})
+        fault = self._fault(path)
+        if fault and fault.kind == "503":
+            return web.Response(status=503)
+        if fault and fault.kind == "429":
+            return web.json_response({"errors": [{"code": "TOOMANYREQUESTS"}]}, status=429,
+                                     headers={"Retry-After": fault.retry_after, **headers})
+        if fault and fault.kind == "expire-tokens":
+            self.tokens.clear()
+            return await self._v2(request)
+        if path in ("/v2/", "/v2"):
+            return web.json_response({})
+        name, _, kind_ref = path[len("/v2/"):].rpartition("/")
+        repo, _, kind = name.rpartition("/")
+        if kind == "blobs":
+            return await self._blob(request, kind_ref, fault, headers)
+        if kind == "manifests":
+            found = self.manifests.get((repo, kind_ref))
+            if not found:
+                return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+            body, media_type = found
+            headers.update({"Docker-Content-Digest": digest_of(body), "Content-Type": media_type})
+            if fault and fault.kind == "wrong":
+                body = body.replace(b"amd64", b"arm64") if b"amd64" in body else body + b" "
+            return web.Response(body=body, headers=headers)
+        if path.endswith("/tags/list"):
+            repo = path[len("/v2/"):-len("/tags/list")]
+            if repo not in self.tags:
+                return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
+            return web.json_response({"name": repo, "tags": sorted(self.tags[repo])})
+        return web.json_response({"errors": [{"code": "NOT_FOUND"}]}, status=404)
+
+    async def _blob(self, request: web.Request, digest: str, fault: Fault | None, headers: dict[str, str]) -> web.StreamResponse:
+        data = self.blobs.get(digest)
+        if data is None:
+            return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+        if fault and fault.kind == "wrong":
+            data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **headers})
+        response.content_length = len(data)
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        step = 64 * 1024
+        for offset in range(0, len(data), step):
+            if fault and fault.kind == "truncate" and offset >= len(data) // 2:
+                assert request.transport is not None
+                request.transport.close()
+                return response
+            await response.write(data[offset : offset + step])
+            if (fault and fault.kind == "slow") or self.blob_delay:
+                await asyncio.sleep(fault.delay if fault and fault.kind == "slow" else self.blob_delay)
+        await response.write_eof()
+        return response
+
+
+def upstream_config(url: str, **extra: Any) -> dict[str, Any]:
+    return {"name": "fake.io", "url": url, "default": True, **extra}
