@@ -112,6 +112,8 @@ def default_config() -> Config:
                     "default": True,
                     "username": "${DOCKERHUB_USER}",
                     "password": "${DOCKERHUB_TOKEN}",
+                    # Docker Hub hands out tokens from another host than the registry's.
+                    "auth_hosts": ["auth.docker.io"],
                 },
                 {"name": "ghcr.io", "url": "https://ghcr.io"},
                 {"name": "quay.io", "url": "https://quay.io"},
