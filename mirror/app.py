@@ -19,7 +19,9 @@ from mirror.metrics import Metrics
 from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
 from mirror.routing import Router, Upstream
-from mirror.state import BLOBS, CONFIG, FILLS, METRICS, ROUTER
+from mirror.cache.index import BlobIndex
+from mirror.cache.manager import CacheManager, reconcile_sync
+from mirror.state import BLOBS, CACHE, CONFIG, FILLS, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
@@ -73,14 +75,24 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     blobs, local_repos, uploads = await asyncio.to_thread(_open_stores, config)
     removed_temps = await asyncio.to_thread(blobs.remove_stale_temps_sync, config.storage.temp_grace)
     removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.storage.temp_grace)
-    if removed_temps or removed_uploads:
-        log.info("start-up recovery: removed %d stale temp files and %d stale uploads", removed_temps, removed_uploads)
+    index = await asyncio.to_thread(BlobIndex, config.storage.path / "index")
+    dropped, indexed = await asyncio.to_thread(reconcile_sync, index, blobs, local_repos)
+    if removed_temps or removed_uploads or dropped or indexed:
+        log.info(
+            "start-up recovery: removed %d stale temp files and %d stale uploads; index: dropped %d rows "
+            "without files, indexed %d files without rows",
+            removed_temps, removed_uploads, dropped, indexed,
+        )
+    cache = CacheManager(index, blobs, config.storage, metrics)
+    await cache.refresh_totals()
+    app[CACHE] = cache
     local = LocalRegistry(
         blobs,
         local_repos,
         uploads,
         manifest_limit=config.limits.manifest_bytes,
         allow_delete=config.storage.delete,
+        cache=cache,
     )
     fills = FillManager(metrics)
     app[BLOBS] = blobs
@@ -106,6 +118,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                 cache_repos,
                 fills,
                 metrics,
+                cache,
                 tag_ttl=upstream_config.tag_ttl,
                 manifest_limit=config.limits.manifest_bytes,
                 read_only_message=(
@@ -118,10 +131,19 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         default = config.default_upstream
         app[ROUTER] = Router(local, upstreams, default.name if default else None, config.local.repositories)
         log.info("storage at %s; upstreams: %s", config.storage.path.resolve(), ", ".join(upstreams) or "none")
+        stack.callback(index.close)
+        maintenance = cache.run()
+        await maintenance.__anext__()
         try:
             yield
         finally:
             await fills.close()
+            await _finish(maintenance)
+
+
+async def _finish(generator: AsyncIterator[None]) -> None:
+    with contextlib.suppress(StopAsyncIteration):
+        await generator.__anext__()
 
 
 def _open_stores(config: Config) -> tuple[BlobStore, RepoStore, UploadStore]:

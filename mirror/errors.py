@@ -123,3 +123,9 @@ class UpstreamInvalid(RegistryError):
     """The upstream answered with content that fails verification (wrong digest, bad manifest)."""
 
     code, status, default_message = "UPSTREAM_INVALID", 502, "upstream returned invalid content"
+
+
+class StorageFull(RegistryError):
+    """The disk cannot hold a blob even after eviction. 503 sends Docker and containerd to their next endpoint."""
+
+    code, status, default_message = "UNAVAILABLE", 503, "mirror storage is full"

@@ -54,5 +54,17 @@ class Metrics:
             ["upstream", "result"], registry=r,
         )
 
+        self.stored_bytes = Gauge(
+            "mirror_stored_bytes", "Bytes on disk by holder (cached: evictable upstream content; local: pushed; "
+            "pinned: kept by replication).",
+            ["holder"], registry=r,
+        )
+        self.evictions = Counter("mirror_evictions", "Blobs evicted from the cache.", registry=r)
+        self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the cache.", registry=r)
+        self.quarantined = Counter(
+            "mirror_quarantined_blobs", "Blobs whose bytes no longer matched their digest.", registry=r
+        )
+        self.gc_runs = Counter("mirror_gc_runs", "Garbage collection runs by result.", ["result"], registry=r)
+
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 if TYPE_CHECKING:
+    from mirror.cache.manager import CacheManager
     from mirror.config import Config
     from mirror.metrics import Metrics
     from mirror.proxy.fills import FillManager
@@ -18,3 +19,4 @@ ROUTER: web.AppKey["Router"] = web.AppKey("router")
 METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
 BLOBS: web.AppKey["BlobStore"] = web.AppKey("blobs")
 FILLS: web.AppKey["FillManager"] = web.AppKey("fills")
+CACHE: web.AppKey["CacheManager"] = web.AppKey("cache")

@@ -11,6 +11,7 @@ from mirror.api.common import target_for
 from mirror.api.dispatch import Params
 from mirror.errors import RegistryError
 from mirror.oci.digest import Digest
+from mirror.state import CACHE
 from mirror.storage.interface import BlobFile, BlobStream
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,12 @@ async def get_blob(request: web.Request, params: Params) -> web.StreamResponse:
     digest = Digest.parse(params["digest"])
     body = await target.registry.open_blob(target.repo, digest)
     if isinstance(body, BlobFile):
+        # Judge the Range ourselves first: aiohttp serves `bytes=-0` as the whole blob, where RFC 9110 (and
+        # our streamed path) answer 416. A satisfiable range is left to FileResponse.
+        try:
+            parse_range(request.headers.get("Range"), body.size)
+        except ValueError:
+            return _unsatisfiable(digest, body.size)
         # sendfile, Range and HEAD for free.
         return web.FileResponse(body.path, headers=blob_headers(digest))
     return await stream_blob(request, body)
@@ -58,13 +65,17 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
+def _unsatisfiable(digest: Digest, size: int) -> web.Response:
+    return web.Response(status=416, headers={**blob_headers(digest), "Content-Range": f"bytes */{size}"})
+
+
 async def stream_blob(request: web.Request, body: BlobStream) -> web.StreamResponse:
     """Serve a blob whose bytes are still arriving: headers now, bytes as they land on disk."""
     headers = blob_headers(body.digest)
     try:
         byte_range = parse_range(request.headers.get("Range"), body.size)
     except ValueError:
-        return web.Response(status=416, headers={**headers, "Content-Range": f"bytes */{body.size}"})
+        return _unsatisfiable(body.digest, body.size)
     start, end = byte_range or (0, body.size)
     response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
     if byte_range:

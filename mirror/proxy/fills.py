@@ -70,6 +70,10 @@ class Fill:
         self._close_if_unused()
 
     @property
+    def has_descriptor(self) -> bool:
+        return self._fd is not None
+
+    @property
     def finished(self) -> bool:
         return self.committed or self.error is not None
 

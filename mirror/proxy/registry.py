@@ -9,6 +9,7 @@ upstream fails, whatever is cached is served (stale-if-error) and counted.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
@@ -17,11 +18,14 @@ from typing import Any
 
 import aiohttp
 
+from mirror.cache.index import CACHED
+from mirror.cache.manager import CacheManager
 from mirror.errors import (
     BlobUnknown,
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    StorageFull,
     TooManyRequests,
     UpstreamInvalid,
     UpstreamUnavailable,
@@ -52,6 +56,7 @@ class ProxyRegistry(Registry):
         repos: RepoStore,
         fills: FillManager,
         metrics: Metrics,
+        cache: CacheManager,
         *,
         tag_ttl: float,
         manifest_limit: int,
@@ -63,6 +68,7 @@ class ProxyRegistry(Registry):
         self.repos = repos
         self.fills = fills
         self.metrics = metrics
+        self.cache = cache
         self.tag_ttl = tag_ttl
         self.manifest_limit = manifest_limit
         self.read_only_message = read_only_message
@@ -95,6 +101,7 @@ class ProxyRegistry(Registry):
         cached = await self._cached_blob(repo, digest)
         if cached is not None:
             self._count("blob", "hit")
+            self.cache.note_access(digest)
             return cached
         running = self.fills.running(digest)
         stored = await self.blobs.stat(digest)
@@ -140,12 +147,15 @@ class ProxyRegistry(Registry):
         self, fill: Fill, response: aiohttp.ClientResponse, repo: str, digest: Digest
     ) -> None:
         size = response.content_length
+        if size is not None:
+            await self.cache.make_room(size)
         temp = self.blobs.new_temp_path()
         writer = await BlobWriter.open(temp, digest.algorithm)
         read_fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
-        if size is not None:
-            fill.begin(size, read_fd)
         try:
+            if size is not None:
+                await self._reserve(writer, size)
+                fill.begin(size, read_fd)
             try:
                 async for chunk in response.content.iter_chunked(STREAM_CHUNK_BYTES):
                     before = writer.size
@@ -169,16 +179,34 @@ class ProxyRegistry(Registry):
                 fill.begin(writer.size, read_fd)
             await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, writer.size)
             await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.cache.hold(digest, writer.size, CACHED)
             await fill.commit()
             self.metrics.fills.labels(self.name, "ok").inc()
         except BaseException as exc:
             await writer.close()
             await asyncio.to_thread(temp.unlink, True)
-            if size is None:
+            if not fill.has_descriptor:
                 await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
             result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
             self.metrics.fills.labels(self.name, result).inc()
             raise
+
+    async def _reserve(self, writer: BlobWriter, size: int) -> None:
+        """Reserve the blob's space before any client is answered, so a full disk is a clean 503 up front
+        rather than a connection cut halfway. On ENOSPC, evict enough cached content and try once more."""
+        try:
+            await writer.reserve(size)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            await self.cache.evict_to(max(self.cache.cached_bytes - size, 0), force_bytes=size)
+            try:
+                await writer.reserve(size)
+            except OSError as again:
+                if again.errno != errno.ENOSPC:
+                    raise
+                self.metrics.upstream_errors.labels(self.name, "disk_full").inc()
+                raise StorageFull(f"no space left to cache {size} bytes") from again
 
     # -- manifests ---------------------------------------------------------------------------------
     async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
@@ -200,6 +228,7 @@ class ProxyRegistry(Registry):
         cached = await self._cached_manifest(repo, digest)
         if cached is not None:
             self._count("manifest", "hit")
+            self.cache.note_access(digest)
             return cached
         self._count("manifest", "miss")
         return await self._manifest_flights.run(
@@ -213,6 +242,7 @@ class ProxyRegistry(Registry):
             fresh = time.time() - link.validated_at < self.tag_ttl
             if fresh or self.client.config.offline:
                 self._count("tag", "hit")
+                self.cache.note_access(cached.digest)
                 return cached
         try:
             return await self._manifest_flights.run(("tag", repo, tag), lambda: self._refresh_tag(repo, tag, cached))
@@ -282,6 +312,7 @@ class ProxyRegistry(Registry):
             raise UpstreamInvalid(f"upstream {self.name} returned an invalid manifest: {exc.message}") from exc
         await self.blobs.put_bytes(body, digest)
         await asyncio.to_thread(self.repos.link_manifest, repo, ManifestLink(digest, parsed.media_type, len(body)))
+        await self.cache.hold(digest, len(body), CACHED)
         return Manifest(digest, parsed.media_type, body)
 
     # -- discovery ---------------------------------------------------------------------------------

@@ -189,6 +189,11 @@ class BlobWriter:
         self._buffer.clear()
         await asyncio.to_thread(self._write_sync, data)
 
+    async def reserve(self, size: int) -> None:
+        """Allocate `size` bytes for the file now, so running out of disk shows up before any data moves."""
+        if size > 0:
+            await asyncio.to_thread(os.posix_fallocate, self._handle.fileno(), 0, size)
+
     def _write_sync(self, data: bytes) -> None:
         self._handle.write(data)
         self._handle.flush()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterable
 
+from mirror.cache.index import LOCAL
+from mirror.cache.manager import CacheManager
 from mirror.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -39,7 +41,9 @@ class LocalRegistry(Registry):
         *,
         manifest_limit: int,
         allow_delete: bool,
+        cache: CacheManager,
     ) -> None:
+        self.cache = cache
         self.blobs = blobs
         self.repos = repos
         self.uploads = uploads
@@ -78,16 +82,22 @@ class LocalRegistry(Registry):
                 await asyncio.to_thread(temp.unlink, True)
                 raise
         await asyncio.to_thread(self.repos.link_blob, repo, digest)
+        await self.cache.hold(digest, stored.size, LOCAL)
         return BlobInfo(digest, stored.size)
 
     async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
-        def mount() -> bool:
-            if not self.repos.has_blob(source_repo, digest) or self.blobs.stat_sync(digest) is None:
-                return False
+        def mount() -> int | None:
+            stored = self.blobs.stat_sync(digest)
+            if not self.repos.has_blob(source_repo, digest) or stored is None:
+                return None
             self.repos.link_blob(repo, digest)
-            return True
+            return stored.size
 
-        return await asyncio.to_thread(mount)
+        size = await asyncio.to_thread(mount)
+        if size is None:
+            return False
+        await self.cache.hold(digest, size, LOCAL)
+        return True
 
     async def delete_blob(self, repo: str, digest: Digest) -> None:
         self._check_delete()
@@ -119,6 +129,7 @@ class LocalRegistry(Registry):
     ) -> BlobInfo:
         stored = await self.uploads.finish(repo, upload_id, digest, chunks, start=start, length=length)
         await asyncio.to_thread(self.repos.link_blob, repo, digest)
+        await self.cache.hold(digest, stored.size, LOCAL)
         return BlobInfo(digest, stored.size)
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
@@ -197,6 +208,7 @@ class LocalRegistry(Registry):
                 self.repos.set_tag(repo, tag, digest)
 
         await asyncio.to_thread(link)
+        await self.cache.hold(digest, len(body), LOCAL)
         return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
 
     async def delete_manifest(self, repo: str, reference: str) -> None:
