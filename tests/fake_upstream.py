@@ -1,13 +1,15 @@
 """An in-process upstream registry for injecting faults the real one cannot produce on demand.
 
 It serves blobs and manifests from dicts, counts every request, can demand Bearer tokens from its own
-token endpoint, and misbehaves per request path when told to (503, 429, truncated or wrong bytes, slow
+token endpoint (or HTTP Basic credentials), answers blob GETs with a 307 to a second "CDN" app when told
+to, and misbehaves per request path when told to (503, 429, truncated or wrong bytes, slow or stalled
 streams, token expiry). The real distribution registry covers normal behaviour in tests/test_real_*.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import json
 import secrets
@@ -18,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 
 
 def digest_of(data: bytes) -> str:
@@ -26,7 +29,12 @@ def digest_of(data: bytes) -> str:
 
 @dataclass
 class Fault:
-    """What to do to matching requests: `kind` in 503, 429, truncate, wrong, slow, refuse-token; `times` left."""
+    """What to do to matching requests; `times` left.
+
+    `kind`: 503, 429 (with `retry_after`), truncate (cut the body halfway), wrong (other bytes, same length),
+    slow (`delay` between 64 KiB pieces), stall (send half the body, then nothing until the client leaves),
+    stall-headers (answer nothing until the client leaves), expire-tokens, refuse-token.
+    """
 
     kind: str
     times: int = 1_000_000
@@ -49,6 +57,12 @@ class FakeUpstream:
     token_requests: list[dict[str, str]] = field(default_factory=list)
     ratelimit_remaining: int | None = None
     blob_delay: float = 0.0
+    require_basic: bool = False  # answer `401 WWW-Authenticate: Basic` unless username:password is sent
+    redirect_blobs_to: str | None = None  # base URL of cdn_app(): blob GETs get a 307 there
+    blob_repos: dict[str, set[str]] = field(default_factory=dict)  # digest -> the only repos that have it
+    authorizations: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, header
+    cdn_requests: list[dict[str, str]] = field(default_factory=list)  # headers of every CDN request
+    bytes_sent: Counter[str] = field(default_factory=Counter)  # digest -> blob bytes written so far
 
     # -- content -----------------------------------------------------------------------------------
     def add_blob(self, data: bytes) -> str:
@@ -76,6 +90,25 @@ class FakeUpstream:
         self.tags.setdefault(repo, []).append(tag)
         return digest, manifest
 
+    def add_index(self, repo: str, tag: str, children: list[tuple[str, bytes]]) -> tuple[str, bytes]:
+        """Tag an image index over child manifests (digest, body) already added with add_image."""
+        index = json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": OCI_INDEX,
+                "manifests": [
+                    {"mediaType": OCI_MANIFEST, "digest": child_digest, "size": len(body),
+                     "platform": {"architecture": arch, "os": "linux"}}
+                    for (child_digest, body), arch in zip(children, ("amd64", "arm64", "s390x", "ppc64le"))
+                ],
+            }
+        ).encode()
+        digest = digest_of(index)
+        self.manifests[(repo, tag)] = (index, OCI_INDEX)
+        self.manifests[(repo, digest)] = (index, OCI_INDEX)
+        self.tags.setdefault(repo, []).append(tag)
+        return digest, index
+
     def count(self, method: str, fragment: str) -> int:
         return sum(n for (m, path), n in self.requests.items() if m == method and fragment in path)
 
@@ -86,15 +119,27 @@ class FakeUpstream:
         app.router.add_route("*", "/v2{tail:.*}", self._v2)
         return app
 
+    def cdn_app(self) -> web.Application:
+        """A second server standing in for a blob CDN: serves `/cdn/<digest>` with no auth at all."""
+        app = web.Application()
+        app.router.add_get("/cdn/{digest}", self._cdn)
+        return app
+
+    async def _cdn(self, request: web.Request) -> web.StreamResponse:
+        self.cdn_requests.append(dict(request.headers))
+        digest = request.match_info["digest"]
+        return await self._blob(request, digest, self._fault(request.path), {})
+
+    def _basic_expected(self) -> str:
+        return "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+
     async def _token(self, request: web.Request) -> web.Response:
         self.token_requests.append(dict(request.headers))
         fault = self._fault("/token")
         if fault and fault.kind == "refuse-token":
             return web.Response(status=401)
         if self.username:
-            import base64
-
-            expected = "Basic " + base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
+            expected = self._basic_expected()
             if "private" in request.query.get("scope", "") and request.headers.get("Authorization") != expected:
                 return web.json_response({"errors": [{"code": "DENIED"}]}, status=401)
         token = secrets.token_hex(8)
@@ -111,6 +156,7 @@ class FakeUpstream:
     async def _v2(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         self.requests[(request.method, path)] += 1
+        self.authorizations.append((request.method, path, request.headers.get("Authorization")))
         headers: dict[str, str] = {}
         if self.ratelimit_remaining is not None:
             headers["ratelimit-limit"] = "100;w=21600"
@@ -123,6 +169,9 @@ class FakeUpstream:
                 challenge = f'Bearer realm="{realm}",service="fake",scope="{scope}"'
                 return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
                                          headers={"WWW-Authenticate": challenge})
+        if self.require_basic and request.headers.get("Authorization") != self._basic_expected():
+            return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
+                                     headers={"WWW-Authenticate": 'Basic realm="fake"'})
         fault = self._fault(path)
         if fault and fault.kind == "503":
             return web.Response(status=503)
@@ -132,11 +181,19 @@ class FakeUpstream:
         if fault and fault.kind == "expire-tokens":
             self.tokens.clear()
             return await self._v2(request)
+        if fault and fault.kind == "stall-headers":
+            await self._until_client_leaves(request, fault.delay)
+            return web.Response(status=503)
         if path in ("/v2/", "/v2"):
             return web.json_response({})
         name, _, kind_ref = path[len("/v2/"):].rpartition("/")
         repo, _, kind = name.rpartition("/")
         if kind == "blobs":
+            allowed = self.blob_repos.get(kind_ref)
+            if allowed is not None and repo not in allowed:
+                return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
+            if self.redirect_blobs_to and request.method == "GET" and kind_ref in self.blobs:
+                raise web.HTTPTemporaryRedirect(f"{self.redirect_blobs_to}/cdn/{kind_ref}", headers=headers)
             return await self._blob(request, kind_ref, fault, headers)
         if kind == "manifests":
             found = self.manifests.get((repo, kind_ref))
@@ -171,11 +228,30 @@ class FakeUpstream:
                 assert request.transport is not None
                 request.transport.close()
                 return response
-            await response.write(data[offset : offset + step])
+            if fault and fault.kind == "stall" and offset >= len(data) // 2:
+                await self._until_client_leaves(request, fault.delay)
+                return response
+            piece = data[offset : offset + step]
+            await response.write(piece)
+            self.bytes_sent[digest] += len(piece)
             if (fault and fault.kind == "slow") or self.blob_delay:
                 await asyncio.sleep(fault.delay if fault and fault.kind == "slow" else self.blob_delay)
         await response.write_eof()
         return response
+
+    @staticmethod
+    async def _until_client_leaves(request: web.Request, limit: float) -> None:
+        """Say nothing until the client gives up (or `limit` seconds pass), then let the handler end.
+
+        Polling the transport keeps test teardown fast: a plain long sleep would outlive the client.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while loop.time() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return
+            await asyncio.sleep(0.02)
 
 
 def upstream_config(url: str, **extra: Any) -> dict[str, Any]:

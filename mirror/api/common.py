@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
@@ -14,6 +15,10 @@ from mirror.routing import Target
 from mirror.state import CONFIG, ROUTER
 
 READ_CHUNK_BYTES = 1 << 20
+# ASCII digits only: str.isdigit() also accepts '²' and '١', which int() then rejects or misreads.
+_PAGE_NUMBER = re.compile(r"[0-9]+")
+# More digits than this is "as many as you allow" anyway; int() refuses > 4300 digits with a ValueError.
+_PAGE_NUMBER_MAX_DIGITS = 18
 
 
 def target_for(request: web.Request, name: str) -> Target:
@@ -48,8 +53,9 @@ def page(request: web.Request, items: list[str]) -> tuple[list[str], str | None]
     raw_n = request.query.get("n")
     if raw_n is None or raw_n == "":
         n = cap
-    elif raw_n.isdigit():
-        n = min(int(raw_n), cap)
+    elif _PAGE_NUMBER.fullmatch(raw_n):
+        digits = raw_n.lstrip("0") or "0"
+        n = cap if len(digits) > _PAGE_NUMBER_MAX_DIGITS else min(int(digits), cap)
     else:
         raise PaginationNumberInvalid(f"n must be a non-negative integer, got {raw_n[:50]!r}")
     last = request.query.get("last")

@@ -102,6 +102,10 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
         doc = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        # `[[[[...` a few thousand deep fits in any size limit and exhausts the recursive decoder;
+        # uncaught it would be a 500 instead of the client's error.
+        raise ManifestInvalid("manifest JSON is nested too deeply") from exc
     if not isinstance(doc, dict):
         raise ManifestInvalid("manifest is not a JSON object")
     if doc.get("schemaVersion") == 1:
