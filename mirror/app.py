@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
 from mirror.routing import Router, Upstream
 from mirror.cache.index import BlobIndex
+from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager, reconcile_sync
 from mirror.state import BLOBS, CACHE, CONFIG, FILLS, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
@@ -50,7 +52,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def serve_metrics(request: web.Request) -> web.Response:
-    body, content_type = request.app[METRICS].render()
+    body, content_type = await asyncio.to_thread(request.app[METRICS].render)
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
     return response
@@ -83,6 +85,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             "without files, indexed %d files without rows",
             removed_temps, removed_uploads, dropped, indexed,
         )
+    metrics.add_maintenance_stats(functools.partial(read_stats, config.storage.path))
     cache = CacheManager(index, blobs, config.storage, metrics)
     await cache.refresh_totals()
     app[CACHE] = cache

@@ -11,7 +11,8 @@ import yaml
 from aiohttp import web
 
 from mirror import __version__
-from mirror.config import Config, ConfigError, load_config
+from mirror.cache.maintenance import gc, report_json, verify
+from mirror.config import Config, ConfigError, load_config, parse_duration
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,6 +26,20 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+
+    verify = commands.add_parser(
+        "verify", help="re-hash stored blobs; quarantine any whose bytes no longer match (exit 1 if any)"
+    )
+    verify.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+    verify.add_argument("--sample", type=int, help="check this many randomly chosen blobs instead of all")
+
+    gc = commands.add_parser("gc", help="remove local manifests and blobs nothing references (safe while serving)")
+    gc.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+    gc.add_argument("--dry-run", action="store_true", help="report what would be removed, remove nothing")
+    gc.add_argument(
+        "--grace", default=None,
+        help="leave anything younger than this alone (a push may be in flight); default storage.temp_grace",
+    )
     return parser
 
 
@@ -54,5 +69,21 @@ def main(argv: list[str] | None = None) -> int:
             access_log=None,
             print=lambda text: print(text, flush=True),
         )
+        return 0
+    if args.command == "verify":
+        config = _load(args.config)
+        logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
+        report = verify(config.storage.path, sample=args.sample)
+        print(report_json(report))
+        return 1 if report.quarantined else 0
+    if args.command == "gc":
+        config = _load(args.config)
+        logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
+        try:
+            grace = config.storage.temp_grace if args.grace is None else parse_duration(args.grace, "--grace")
+        except ConfigError as exc:
+            print(f"mirror: {exc}", file=sys.stderr)
+            return 2
+        print(report_json(gc(config.storage.path, dry_run=args.dry_run, grace_seconds=grace)))
         return 0
     return 2

@@ -2,8 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+
+class MaintenanceCollector(Collector):
+    """`mirror verify` and `mirror gc` run as other processes; they leave cumulative counts in the data
+    directory, and every scrape reads them from there."""
+
+    _FAMILIES = {
+        "verify_runs": ("mirror_verify_runs", "Completed `mirror verify` runs."),
+        "quarantined": ("mirror_quarantined_blobs", "Blobs quarantined because their bytes no longer matched."),
+        "gc_runs": ("mirror_gc_runs", "Completed `mirror gc` runs (not dry runs)."),
+        "gc_bytes_freed": ("mirror_gc_freed_bytes", "Bytes removed by `mirror gc`."),
+    }
+
+    def __init__(self, read_stats: Callable[[], dict[str, int]]) -> None:
+        self.read_stats = read_stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.read_stats()
+        for key, (name, documentation) in self._FAMILIES.items():
+            family = CounterMetricFamily(name, documentation)
+            family.add_metric([], stats.get(key, 0))
+            yield family
 
 
 class Metrics:
@@ -61,10 +87,10 @@ class Metrics:
         )
         self.evictions = Counter("mirror_evictions", "Blobs evicted from the cache.", registry=r)
         self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the cache.", registry=r)
-        self.quarantined = Counter(
-            "mirror_quarantined_blobs", "Blobs whose bytes no longer matched their digest.", registry=r
-        )
-        self.gc_runs = Counter("mirror_gc_runs", "Garbage collection runs by result.", ["result"], registry=r)
+
+    def add_maintenance_stats(self, read_stats: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(MaintenanceCollector(read_stats))
 
     def render(self) -> tuple[bytes, str]:
+        """Blocking (collectors may read files): call it from a thread."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
