@@ -10,6 +10,9 @@ from aiohttp.test_utils import TestClient
 from mirror.app import create_app
 from mirror.config import load_config_data
 
+# Real-client fixtures (distribution registry with token auth, dockerd, skopeo, a mirror process).
+pytest_plugins = ["tests.support.fixtures"]
+
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
 
