@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from aiohttp import ClientResponse, ClientSession
 from aiohttp.test_utils import TestClient
 
 HttpClient = TestClient | ClientSession
+# The `make_registry` fixture of conftest.py: keyword arguments are config keys.
+ClientFactory = Callable[..., Awaitable[TestClient]]
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"

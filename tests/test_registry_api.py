@@ -10,8 +10,8 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
-from tests.conftest import ClientFactory
 from tests.registry_helpers import (
+    ClientFactory,
     API_VERSION,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 from aiohttp import web
 
 from mirror.api.common import body_chunks, target_for
 from mirror.api.dispatch import Params
-from mirror.errors import BlobUploadInvalid, DigestInvalid
+from mirror.errors import BlobUploadInvalid, DigestInvalid, RegistryError, SizeInvalid
 from mirror.oci.digest import Digest
 from mirror.oci.names import validate_name
 from mirror.state import ROUTER
 from mirror.storage.uploads import Upload, range_header
 
-_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)(?:/(?:\d+|\*))?")
+# Offsets are bounded in length: int() raises ValueError (a 500) on > 4300 digits, and no upload is 10^19 bytes.
+_CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?")
 
 
 def _upload_headers(name: str, upload: Upload) -> dict[str, str]:
@@ -41,7 +43,8 @@ def _chunk_range(request: web.Request) -> tuple[int | None, int | None]:
     start, end = int(match.group(1)), int(match.group(2))
     length = end - start + 1
     if request.content_length is not None and request.content_length != length:
-        raise BlobUploadInvalid(f"Content-Range covers {length} bytes but Content-Length is {request.content_length}")
+        # The declared length disagrees with the data sent: the spec's SIZE_INVALID, not a malformed request.
+        raise SizeInvalid(f"Content-Range covers {length} bytes but Content-Length is {request.content_length}")
     return start, length
 
 
@@ -61,22 +64,29 @@ async def start_upload(request: web.Request, params: Params) -> web.StreamRespon
     target = target_for(request, name)
     mount, source = request.query.get("mount"), request.query.get("from")
     if mount is not None:
-        digest = Digest.parse(mount)
+        mount_digest = Digest.parse(mount)
         if source:
             source_target = request.app[ROUTER].route(validate_name(source))
             if source_target.registry is target.registry and await target.registry.mount_blob(
-                target.repo, source_target.repo, digest
+                target.repo, source_target.repo, mount_digest
             ):
-                return web.Response(status=201, headers=_created_headers(name, digest))
+                return web.Response(status=201, headers=_created_headers(name, mount_digest))
         # Not mountable: the spec says answer with a fresh upload session instead.
     monolithic = request.query.get("digest")
     digest = Digest.parse(monolithic) if monolithic is not None else None
     upload = await target.registry.start_upload(target.repo)
     if digest is None:
         return web.Response(status=202, headers=_upload_headers(name, upload))
-    await target.registry.finish_upload(
-        target.repo, upload.id, digest, body_chunks(request), start=None, length=request.content_length
-    )
+    try:
+        await target.registry.finish_upload(
+            target.repo, upload.id, digest, body_chunks(request), start=None, length=request.content_length
+        )
+    except BaseException:
+        # The client never learnt this session's id, so nobody can resume it: drop it now (a client that
+        # hung up mid-body) rather than leave its bytes on disk until the next start-up's cleanup.
+        with contextlib.suppress(RegistryError):  # finish() already removed it after a digest mismatch
+            await target.registry.cancel_upload(target.repo, upload.id)
+        raise
     return web.Response(status=201, headers=_created_headers(name, digest))
 
 

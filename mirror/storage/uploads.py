@@ -139,6 +139,10 @@ class UploadStore:
             state.size = writer.size
         received = writer.size - upload.size
         if length is not None and received != length:
+            # Refuse the whole chunk, not just the request: cut the file back so the session is exactly
+            # what it was and the client can resend (the running hash is rebuilt from the file next time).
+            await asyncio.to_thread(_truncate, self.root / upload.id / "data", upload.size)
+            self._hash_states.pop(upload.id, None)
             raise SizeInvalid(f"chunk declared {length} bytes but {received} arrived")
         return Upload(upload.id, upload.repository, writer.size)
 
@@ -165,7 +169,8 @@ class UploadStore:
             else:
                 actual_hex, _ = await asyncio.to_thread(hash_file, data_path, digest.algorithm)
             try:
-                existing = await self.blobs.stat(digest)
+                # reuse, not stat: refreshes the blob's age so a concurrent `mirror gc` spares it
+                existing = await self.blobs.reuse(digest)
                 if existing is not None and actual_hex == digest.hex:
                     return existing
                 return await asyncio.to_thread(self.blobs.commit_sync, data_path, digest, actual_hex, upload.size)
@@ -198,6 +203,12 @@ class UploadStore:
                 removed += 1
         return removed
 
+
+
+def _truncate(path: Path, size: int) -> None:
+    """Blocking: cut a session's data file back to `size` bytes."""
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
 
 
 def range_header(size: int) -> dict[str, str]:
