@@ -33,7 +33,8 @@ class Fault:
 
     `kind`: 503, 429 (with `retry_after`), truncate (cut the body halfway), wrong (other bytes, same length),
     slow (`delay` between 64 KiB pieces), stall (send half the body, then nothing until the client leaves),
-    stall-headers (answer nothing until the client leaves), expire-tokens, refuse-token.
+    stall-headers (answer nothing until the client leaves), slow-headers (wait `delay`, then answer),
+    expire-tokens, refuse-token; on /token also 503 and 429.
     """
 
     kind: str
@@ -138,6 +139,10 @@ class FakeUpstream:
         fault = self._fault("/token")
         if fault and fault.kind == "refuse-token":
             return web.Response(status=401)
+        if fault and fault.kind == "503":
+            return web.Response(status=503)
+        if fault and fault.kind == "429":
+            return web.Response(status=429, headers={"Retry-After": fault.retry_after})
         if self.username:
             expected = self._basic_expected()
             if "private" in request.query.get("scope", "") and request.headers.get("Authorization") != expected:
@@ -145,6 +150,14 @@ class FakeUpstream:
         token = secrets.token_hex(8)
         self.tokens.add(token)
         return web.json_response({"token": token, "expires_in": 300})
+
+    def _bearer_challenge(self, request: web.Request) -> web.Response:
+        path = request.path
+        realm = self.realm or f"http://{request.host}/token"
+        scope = f"repository:{path.split('/v2/')[1].rsplit('/', 2)[0]}:pull" if path != "/v2/" else ""
+        challenge = f'Bearer realm="{realm}",service="fake",scope="{scope}"'
+        return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
+                                 headers={"WWW-Authenticate": challenge})
 
     def _fault(self, path: str) -> Fault | None:
         for fragment, fault in self.faults.items():
@@ -164,11 +177,7 @@ class FakeUpstream:
         if self.require_token:
             auth = request.headers.get("Authorization", "")
             if not auth.startswith("Bearer ") or auth[7:] not in self.tokens:
-                realm = self.realm or f"http://{request.host}/token"
-                scope = f"repository:{path.split('/v2/')[1].rsplit('/', 2)[0]}:pull" if path != "/v2/" else ""
-                challenge = f'Bearer realm="{realm}",service="fake",scope="{scope}"'
-                return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
-                                         headers={"WWW-Authenticate": challenge})
+                return self._bearer_challenge(request)
         if self.require_basic and request.headers.get("Authorization") != self._basic_expected():
             return web.json_response({"errors": [{"code": "UNAUTHORIZED"}]}, status=401,
                                      headers={"WWW-Authenticate": 'Basic realm="fake"'})
@@ -179,11 +188,13 @@ class FakeUpstream:
             return web.json_response({"errors": [{"code": "TOOMANYREQUESTS"}]}, status=429,
                                      headers={"Retry-After": fault.retry_after, **headers})
         if fault and fault.kind == "expire-tokens":
-            self.tokens.clear()
-            return await self._v2(request)
+            self.tokens.clear()  # the token this request carries has just expired
+            return self._bearer_challenge(request)
         if fault and fault.kind == "stall-headers":
             await self._until_client_leaves(request, fault.delay)
             return web.Response(status=503)
+        if fault and fault.kind == "slow-headers":
+            await asyncio.sleep(fault.delay)
         if path in ("/v2/", "/v2"):
             return web.json_response({})
         name, _, kind_ref = path[len("/v2/"):].rpartition("/")
@@ -198,7 +209,7 @@ class FakeUpstream:
         if kind == "manifests":
             found = self.manifests.get((repo, kind_ref))
             if not found:
-                return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+                return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404, headers=headers)
             body, media_type = found
             headers.update({"Docker-Content-Digest": digest_of(body), "Content-Type": media_type})
             if fault and fault.kind == "wrong":

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from mirror.errors import RegistryError, UpstreamUnavailable
 from mirror.metrics import Metrics
@@ -29,9 +30,13 @@ class Fill:
     def __init__(self, digest: Digest, repo: str) -> None:
         self.digest = digest
         self.repo = repo  # the repository the download was authorised for
+        # Repositories allowed to read these bytes: the downloader's, plus any the upstream confirmed for
+        # a client that joined. All of them are linked when the blob is committed.
+        self.repos: set[str] = {repo}
         self.size = 0
         self.written = 0
         self.committed = False
+        self.path: Path | None = None  # the committed blob file
         self.error: RegistryError | None = None
         self._fd: int | None = None
         self._readers = 0
@@ -51,7 +56,8 @@ class Fill:
         async with self._changed:
             self._changed.notify_all()
 
-    async def commit(self) -> None:
+    async def commit(self, path: Path) -> None:
+        self.path = path
         self.committed = True
         await self._finish()
 
@@ -77,6 +83,13 @@ class Fill:
     def finished(self) -> bool:
         return self.committed or self.error is not None
 
+    def readable_by(self, repo: str) -> bool:
+        return repo in self.repos
+
+    def allow(self, repo: str) -> None:
+        """Let `repo` read the bytes too (the upstream confirmed it has the blob); linked at commit."""
+        self.repos.add(repo)
+
     def _close_if_unused(self) -> None:
         if self._detached and self._readers == 0 and self._fd is not None:
             os.close(self._fd)
@@ -96,7 +109,13 @@ class Fill:
     async def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
         await self.wait_ready()
         self._readers += 1
+        own_fd: int | None = None
         try:
+            if self._fd is None and self.committed and self.path is not None:
+                # The fill finished and closed the shared descriptor between the client joining it and
+                # its first read (a small blob can do that while response headers are sent): read the
+                # committed file instead of failing a download that succeeded.
+                own_fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY)
             offset = start
             while offset < end:
                 if self.error is not None:
@@ -108,7 +127,7 @@ class Fill:
                             lambda: self.finished or min(self._readable_until(), end) > offset
                         )
                     continue
-                fd = self._fd
+                fd = own_fd if own_fd is not None else self._fd
                 if fd is None:  # closed under us: only possible after a failure
                     raise self.error or UpstreamUnavailable("download ended unexpectedly")
                 data = await asyncio.to_thread(os.pread, fd, min(available - offset, READ_CHUNK_BYTES), offset)
@@ -117,6 +136,8 @@ class Fill:
                 offset += len(data)
                 yield data
         finally:
+            if own_fd is not None:
+                os.close(own_fd)
             self._readers -= 1
             self._close_if_unused()
 

@@ -7,6 +7,7 @@ disconnects) stops waiting, and the run carries on for the others.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
@@ -22,7 +23,7 @@ class SingleFlight(Generic[T]):
         if task is None:
             task = asyncio.ensure_future(work())
             self._runs[key] = task
-            task.add_done_callback(lambda _t, k=key: self._forget(k, _t))
+            task.add_done_callback(functools.partial(self._forget, key))
         # asyncio.wait never cancels what it waits for: a cancelled caller leaves the run alone.
         await asyncio.wait({task})
         return task.result()

@@ -17,7 +17,13 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
 from aiocache import SimpleMemoryCache
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential,
+)
 
 from mirror.config import UpstreamConfig
 from mirror.errors import TooManyRequests, UpstreamUnavailable
@@ -46,6 +52,13 @@ class UpstreamClient:
         # Tokens live for their `expires_in`; nothing about them needs to survive a restart.
         self.tokens = SimpleMemoryCache()
         self._base = urlsplit(config.url)
+        # One token request per scope at a time: concurrent requests that hit the same 401 (parallel layer
+        # pulls, a token expiring under many clients) wait for the first one's token. One lock per scope
+        # ever used: bounded by the repositories pulled, a few hundred bytes each.
+        self._token_locks: dict[str, asyncio.Lock] = {}
+        # The upstream answered a Basic challenge: send the credentials up front from then on, instead of
+        # paying a 401 round trip on every request.
+        self._basic_challenged = False
 
     # -- public ------------------------------------------------------------------------------------
     async def open(
@@ -55,7 +68,10 @@ class UpstreamClient:
         if self.config.offline:
             raise UpstreamUnavailable(f"upstream {self.name} is configured offline")
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(RETRY_ATTEMPTS),
+            # Retries are for failures that come quickly (refused, reset, 5xx). Once `timeout` has been
+            # spent, a client waiting for us is better served by an error now (it moves on to its next
+            # endpoint) than by up to RETRY_ATTEMPTS times the timeout.
+            stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(self.config.timeout),
             wait=wait_exponential(multiplier=0.1, max=1.0),
             retry=retry_if_exception_type(_Retryable),
             reraise=True,
@@ -72,20 +88,23 @@ class UpstreamClient:
     # -- one attempt -------------------------------------------------------------------------------
     async def _open_once(self, method: str, path: str, scope: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
         url = f"{self.config.url}{path}"
-        token = await self.tokens.get(scope)
-        if token:
-            headers["Authorization"] = token
+        sent = await self._known_authorization(scope)
+        if sent:
+            headers["Authorization"] = sent
         response = await self._send(method, url, headers)
         if response.status == 401:
             challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
-            response.release()
-            if challenge is None:
-                return await self._send(method, url, headers)
-            authorization = await self._authorize(challenge, scope)
-            if authorization is None:
-                return await self._send(method, url, headers)  # nothing better to offer: let the 401 through
-            headers["Authorization"] = authorization
-            response = await self._send(method, url, headers)
+            try:
+                authorization = await self._authorize(challenge, scope, rejected=sent) if challenge else None
+            except BaseException:
+                response.release()
+                raise
+            # With nothing new to offer, this 401 is the answer: sending the same request again would only
+            # cost another upstream request (and, on Docker Hub, maybe a pull from the rate limit).
+            if authorization is not None and authorization != sent:
+                response.release()
+                headers["Authorization"] = authorization
+                response = await self._send(method, url, headers)
         self._record(method, response)
         if response.status == 429:
             retry_after = response.headers.get("Retry-After", "60")
@@ -120,13 +139,38 @@ class UpstreamClient:
             url = target
         raise UpstreamUnavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
 
-    async def _authorize(self, challenge: Challenge, scope: str) -> str | None:
-        """Turn a 401 challenge into an Authorization header value, caching Bearer tokens per scope."""
+    async def _known_authorization(self, scope: str) -> str | None:
+        """What to send before any challenge: a cached token for the scope, or Basic once it was asked for."""
+        token = await self.tokens.get(scope)
+        if token:
+            return str(token)
+        credentials = self._basic_credentials()
+        return f"Basic {credentials}" if credentials and self._basic_challenged else None
+
+    async def _authorize(self, challenge: Challenge, scope: str, *, rejected: str | None) -> str | None:
+        """Turn a 401 challenge into an Authorization header value, caching Bearer tokens per scope.
+
+        `rejected` is what the refused request carried: a cached token that differs from it was fetched
+        by another request meanwhile and is used as is, so an expired token is refreshed once.
+        """
         credentials = self._basic_credentials()
         if challenge.scheme == "basic":
-            return f"Basic {credentials}" if credentials else None
+            if not credentials:
+                return None
+            self._basic_challenged = True
+            return f"Basic {credentials}"
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
+        lock = self._token_locks.setdefault(scope, asyncio.Lock())
+        async with lock:
+            current = await self.tokens.get(scope)
+            if current and current != rejected:
+                return str(current)
+            return await self._fetch_token(challenge, scope)
+
+    async def _fetch_token(self, challenge: Challenge, scope: str) -> str | None:
+        """Ask the challenge's realm for a token, if the realm policy lets us go there at all."""
+        credentials = self._basic_credentials()
         try:
             send_credentials = self.policy.check(challenge.realm)
         except RealmRefused as exc:
@@ -149,6 +193,17 @@ class UpstreamClient:
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             ) as token_response:
                 self.metrics.upstream_requests.labels(self.name, "TOKEN", str(token_response.status)).inc()
+                # A token service that is down or rate limiting is the upstream being down: the proxy must
+                # see UpstreamUnavailable / TooManyRequests (stale cache, 503, 429), not an unanswered 401
+                # that reads as "no such manifest" and turns cached tags into 404s.
+                if token_response.status == 429:
+                    self.metrics.upstream_errors.labels(self.name, "rate_limited").inc()
+                    raise TooManyRequests(
+                        f"upstream {self.name} token service rate limit reached",
+                        headers={"Retry-After": token_response.headers.get("Retry-After", "60")},
+                    )
+                if token_response.status in _RETRYABLE_STATUS:
+                    raise _Retryable(f"token endpoint: HTTP {token_response.status}")
                 if token_response.status != 200:
                     log.warning("upstream %s: token endpoint answered %d", self.name, token_response.status)
                     return None
