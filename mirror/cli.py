@@ -14,6 +14,9 @@ from mirror import __version__
 from mirror.cache.maintenance import gc, report_json, verify
 from mirror.config import Config, ConfigError, load_config, parse_duration
 
+# How long `mirror serve` lets in-flight requests finish after SIGTERM/SIGINT before cancelling them.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mirror", description="Container registry mirror")
@@ -67,11 +70,20 @@ def main(argv: list[str] | None = None) -> int:
             host=config.listen.host,
             port=config.listen.port,
             access_log=None,
+            # aiohttp waits 60 s by default for in-flight handlers after SIGTERM: one client stalled in the
+            # middle of a PATCH (or slowly pulling a big blob) then holds shutdown past `docker stop`'s 10 s
+            # and Kubernetes' 30 s, so the process always ended SIGKILLed and the cleanup context (index
+            # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
+            # the bytes it received and the client resumes it (tests/test_real_registry.py).
+            shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
             print=lambda text: print(text, flush=True),
         )
         return 0
     if args.command == "verify":
         config = _load(args.config)
+        if args.sample is not None and args.sample < 0:
+            print("mirror: --sample must be 0 or more", file=sys.stderr)
+            return 2
         logging.basicConfig(level="INFO", format="%(levelname)s %(message)s")
         report = verify(config.storage.path, sample=args.sample)
         print(report_json(report))
