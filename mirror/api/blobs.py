@@ -32,17 +32,33 @@ def blob_headers(digest: Digest) -> dict[str, str]:
 async def get_blob(request: web.Request, params: Params) -> web.StreamResponse:
     target = target_for(request, params["name"])
     digest = Digest.parse(params["digest"])
-    body = await target.registry.open_blob(target.repo, digest)
-    if isinstance(body, BlobFile):
-        # Judge the Range ourselves first: aiohttp serves `bytes=-0` as the whole blob, where RFC 9110 (and
-        # our streamed path) answer 416. A satisfiable range is left to FileResponse.
-        try:
-            parse_range(request.headers.get("Range"), body.size)
-        except ValueError:
-            return _unsatisfiable(digest, body.size)
-        # sendfile, Range and HEAD for free.
-        return web.FileResponse(body.path, headers=blob_headers(digest))
-    return await stream_blob(request, body)
+    # The blob is marked in use from before the lookup until the last byte went out, so the cache's
+    # eviction cannot remove the file between finding it and sending it (FileResponse opens it by path,
+    # during prepare): hence the response is prepared here, inside the mark.
+    with request.app[CACHE].serving(digest):
+        body = await target.registry.open_blob(target.repo, digest)
+        if isinstance(body, BlobFile):
+            # Judge the Range ourselves first: aiohttp serves `bytes=-0` as the whole blob, where RFC 9110 (and
+            # our streamed path) answer 416. A satisfiable range is left to FileResponse.
+            try:
+                parse_range(request.headers.get("Range"), body.size)
+            except ValueError:
+                return _unsatisfiable(digest, body.size)
+            # sendfile, Range and HEAD for free.
+            response = _PreparedFileResponse(body.path, headers=blob_headers(digest))
+            await response.prepare(request)
+            return response
+        return await stream_blob(request, body)
+
+
+class _PreparedFileResponse(web.FileResponse):
+    """A FileResponse the handler sends itself (inside the in-use mark); aiohttp prepares every returned
+    response again, which FileResponse does not expect, so a second prepare is a no-op here."""
+
+    async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+        if self.prepared:
+            return self._payload_writer
+        return await super().prepare(request)
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:

@@ -73,6 +73,12 @@ class BlobIndex:
             self._cache.set(digest, _encode(record))
         return current, record
 
+    def set_size(self, digest: str, size: int) -> None:
+        with self._cache.transact():
+            current = self.get(digest)
+            if current is not None:
+                self._cache.set(digest, _encode(replace(current, size=size)))
+
     def touch_many(self, accesses: dict[str, float]) -> None:
         with self._cache.transact():
             for digest, when in accesses.items():
@@ -82,6 +88,9 @@ class BlobIndex:
 
     def remove(self, digest: str) -> None:
         self._cache.delete(digest)
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def items(self) -> Iterator[tuple[str, BlobRecord]]:
         for key in list(self._cache.iterkeys()):

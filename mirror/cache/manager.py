@@ -11,13 +11,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from mirror.cache.index import CACHED, HOLDERS, LOCAL, BlobIndex, BlobRecord
+from mirror.cache.maintenance import STATS_FILE
 from mirror.config import StorageConfig
+from mirror.errors import RegistryError
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.storage.blobs import BlobStore
@@ -44,9 +50,18 @@ class CacheManager:
         self.low_bytes = int(config.max_size * config.low_watermark) if config.max_size else None
         self.metrics = metrics
         self._accesses: dict[str, float] = {}
-        self._serving: Counter[str] = Counter()
+        # Digests in use right now (a response sending the file, a push reusing it): never evicted.
+        # `_busy_lock` makes "is it in use? then rename it away" atomic against marking it in use, so a
+        # reader that marked a blob and then found its file keeps it until it is done.
+        self._busy: Counter[str] = Counter()
+        self._busy_lock = threading.Lock()
+        # The byte totals change together with the index rows they summarise (both under this lock, in
+        # threads), so a full recount and a concurrent hold cannot count a blob twice or not at all.
+        self._totals_lock = threading.Lock()
         self._eviction_lock = asyncio.Lock()
         self._totals: dict[str, int] = dict.fromkeys(HOLDERS, 0)
+        self._incoming = 0  # bytes of fills that asked for room and are not in the index yet
+        self._stats_mtime: float | None = None
 
     # -- bookkeeping on the hot path (no I/O) --------------------------------------------------------
     def note_access(self, digest: Digest) -> None:
@@ -54,28 +69,45 @@ class CacheManager:
 
     @contextlib.contextmanager
     def serving(self, digest: Digest) -> Iterator[None]:
-        """Mark a blob as being sent: eviction passes it by until the response is done."""
+        """Mark a blob as in use (being sent, or being reused by a push): eviction passes it by until the
+        block ends. Enter it *before* looking for the file."""
         key = str(digest)
-        self._serving[key] += 1
+        with self._busy_lock:
+            self._busy[key] += 1
         try:
             yield
         finally:
-            self._serving[key] -= 1
-            if self._serving[key] <= 0:
-                del self._serving[key]
+            with self._busy_lock:
+                self._busy[key] -= 1
+                if self._busy[key] <= 0:
+                    del self._busy[key]
+
+    in_use = serving
+
+    def is_busy(self, digest: Digest | str) -> bool:
+        return str(digest) in self._busy
 
     # -- holders -----------------------------------------------------------------------------------
     async def hold(self, digest: Digest, size: int, holder: str) -> None:
-        before, after = await asyncio.to_thread(self.index.add_holder, str(digest), size, holder, time.time())
-        self._account(before, after)
+        await asyncio.to_thread(self._hold_sync, str(digest), size, holder)
 
     async def release(self, digest: Digest, holder: str) -> None:
-        before, after = await asyncio.to_thread(self.index.remove_holder, str(digest), holder)
-        self._account(before, after)
+        await asyncio.to_thread(self._release_sync, str(digest), holder)
+
+    def _hold_sync(self, key: str, size: int, holder: str) -> None:
+        with self._totals_lock:
+            before, after = self.index.add_holder(key, size, holder, time.time())
+            self._account(before, after)
+
+    def _release_sync(self, key: str, holder: str) -> None:
+        with self._totals_lock:
+            before, after = self.index.remove_holder(key, holder)
+            self._account(before, after)
 
     def _account(self, before: BlobRecord | None, after: BlobRecord | None) -> None:
-        """Move a blob's bytes between holder totals, so the bound is known without scanning the index."""
-        if before is not None:
+        """Move a blob's bytes between holder totals, so the bound is known without scanning the index.
+        Called with `_totals_lock` held."""
+        if before is not None and before.holders:
             self._totals[before.accounted_as] -= before.size
         if after is not None and after.holders:
             self._totals[after.accounted_as] += after.size
@@ -85,60 +117,124 @@ class CacheManager:
         for holder, size in self._totals.items():
             self.metrics.stored_bytes.labels(holder).set(size)
 
+    def _recount_sync(self) -> list[tuple[str, BlobRecord]]:
+        """Blocking: recount the totals from the index (other processes, `mirror gc` and `mirror verify`,
+        change it too); returns the rows read."""
+        with self._totals_lock:
+            rows = list(self.index.items())
+            totals = dict.fromkeys(HOLDERS, 0)
+            for _digest, record in rows:
+                if record.holders:  # an orphan row (every holder released) waits for gc and counts nowhere
+                    totals[record.accounted_as] += record.size
+            self._totals = totals
+            self._publish()
+        return rows
+
     async def refresh_totals(self) -> dict[str, int]:
-        self._totals = await asyncio.to_thread(self.index.totals)
-        self._publish()
+        await asyncio.to_thread(self._recount_sync)
         return dict(self._totals)
 
     @property
     def cached_bytes(self) -> int:
         return self._totals[CACHED]
 
+    @property
+    def totals(self) -> dict[str, int]:
+        return dict(self._totals)
+
     # -- eviction ----------------------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def incoming(self, size: int) -> AsyncIterator[None]:
+        """Around a fill of `size` bytes: make room first, and count the bytes as on their way until the
+        fill is over (committed and held, or failed), so concurrent fills cannot each find the same room."""
+        self._incoming += size
+        try:
+            await self._make_room_for_incoming()
+            yield
+        finally:
+            self._incoming -= size
+
     async def make_room(self, incoming: int) -> None:
         """Before a fill of `incoming` bytes: evict first when it would push the cache over its bound."""
+        async with self.incoming(incoming):
+            pass
+
+    async def _make_room_for_incoming(self) -> None:
         if self.high_bytes is None:
             return
-        if self._totals[CACHED] + incoming > self.high_bytes:
-            await self.evict_to(max((self.low_bytes or 0) - incoming, 0))
+        if self._totals[CACHED] + self._incoming > self.high_bytes:
+            await self.evict_to(max((self.low_bytes or 0) - self._incoming, 0))
 
     async def evict_to(self, target: int, *, force_bytes: int = 0) -> EvictionResult:
         """Evict least recently used `cached` blobs until their total is at most `target`
         (and at least `force_bytes` are freed, for a full disk)."""
         async with self._eviction_lock:
             await self.flush_accesses()
-            serving = set(self._serving)
-            result = await asyncio.to_thread(self._evict_sync, target, force_bytes, serving)
+            result = await asyncio.to_thread(self._evict_sync, target, force_bytes)
             if result.evicted:
                 log.info("evicted %d blobs (%d bytes); cached now %d bytes", result.evicted, result.freed_bytes,
                          result.cached_bytes_after)
                 self.metrics.evictions.inc(result.evicted)
                 self.metrics.evicted_bytes.inc(result.freed_bytes)
-            await self.refresh_totals()
             return result
 
-    def _evict_sync(self, target: int, force_bytes: int, serving: set[str]) -> EvictionResult:
+    def _evict_sync(self, target: int, force_bytes: int) -> EvictionResult:
+        rows = self._recount_sync()
         candidates = sorted(
-            ((digest, record) for digest, record in self.index.items() if record.evictable),
+            ((digest, record) for digest, record in rows if record.evictable),
             key=lambda item: item[1].last_access,
         )
         cached_total = sum(record.size for _, record in candidates)
         evicted = freed = 0
-        for digest, record in candidates:
-            if cached_total <= target and freed >= force_bytes:
-                break
-            if digest in serving:
-                continue
-            current = self.index.get(digest)
-            if current is None or not current.evictable:
-                continue  # a push linked it meanwhile
-            with contextlib.suppress(Exception):
-                self.blobs.delete_sync(Digest.parse(digest))
-            self.index.remove(digest)
-            cached_total -= record.size
-            freed += record.size
-            evicted += 1
+        doomed: list[Path] = []
+        try:
+            for digest, record in candidates:
+                if cached_total <= target and freed >= force_bytes:
+                    break
+                trash = self._evict_one(digest)
+                if trash is None:
+                    continue
+                if trash is not _GONE:
+                    doomed.append(trash)
+                cached_total -= record.size
+                freed += record.size
+                evicted += 1
+        finally:
+            # Unlinking a large file can take a while: done outside the locks, after the renames.
+            for path in doomed:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         return EvictionResult(evicted, freed, cached_total)
+
+    def _evict_one(self, key: str) -> Path | None:
+        """Blocking: take one blob out of the store and the index if it is still evictable and not in use.
+        Returns the path its bytes were moved to (to unlink), _GONE if the file had already gone, or None
+        when it was kept."""
+        with self._busy_lock:
+            if key in self._busy:
+                return None
+            with self._totals_lock:
+                current = self.index.get(key)
+                if current is None or not current.evictable:
+                    return None  # a push or a pin holds it now, or another process removed it
+                try:
+                    digest = Digest.parse(key)
+                except RegistryError:
+                    return None
+                trash: Path = _GONE
+                # A rename is atomic and quick: once it happened, no reader can find the file any more.
+                candidate = self.blobs.temp_root / f"{uuid.uuid4().hex}.evicted"
+                try:
+                    os.replace(self.blobs.path_for(digest), candidate)
+                    trash = candidate
+                except FileNotFoundError:
+                    pass  # verify quarantined it or gc removed it: the row is all that is left
+                except OSError:
+                    log.exception("could not evict %s; keeping it", key)
+                    return None
+                self.index.remove(key)
+                self._account(current, None)
+                return trash
 
     async def flush_accesses(self) -> None:
         if not self._accesses:
@@ -147,7 +243,7 @@ class CacheManager:
         await asyncio.to_thread(self.index.touch_many, pending)
 
     async def run(self) -> AsyncIterator[None]:
-        """cleanup_ctx body: reconcile at start, then flush accesses and enforce the bound periodically."""
+        """cleanup_ctx body: flush accesses and enforce the bound periodically."""
         task = asyncio.create_task(self._background())
         try:
             yield
@@ -157,20 +253,46 @@ class CacheManager:
                 await task
             await self.flush_accesses()
 
+    async def maintain(self) -> None:
+        """One background pass: flush last-access times, recount after `mirror gc`/`mirror verify` changed
+        the index, and evict when cached content is above the high watermark."""
+        await self.flush_accesses()
+        stats_mtime = await asyncio.to_thread(_mtime, self.blobs.root / STATS_FILE)
+        if stats_mtime != self._stats_mtime:
+            self._stats_mtime = stats_mtime
+            await self.refresh_totals()
+        if self.high_bytes is not None and self._totals[CACHED] + self._incoming > self.high_bytes:
+            await self.evict_to(max((self.low_bytes or 0) - self._incoming, 0))
+
     async def _background(self) -> None:
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
             try:
-                await self.flush_accesses()
-                if self.high_bytes is not None and self._totals[CACHED] > self.high_bytes:
-                    await self.evict_to(self.low_bytes or 0)
+                await self.maintain()
             except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
                 log.exception("cache maintenance pass failed")
 
 
+_GONE = Path("/nonexistent/evicted")  # sentinel: the blob file was already gone
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def reconcile_sync(index: BlobIndex, blobs: BlobStore, local_repos: RepoStore) -> tuple[int, int]:
-    """Blocking start-up check: index rows without files are dropped; files without rows are indexed
-    (as `local` when a local repository links them, else `cached`). Returns (dropped, added)."""
+    """Blocking start-up check (nothing else writes yet): make the index agree with the blob files.
+
+    Rows without files are dropped. Files without rows are indexed as `local` when a local repository
+    links them, as `cached` when a cached repository does (their last access is unknown: they count as
+    the oldest, first in line for eviction), and removed when nothing links them: every read goes through
+    a link, so such a file (a fill or push that died between commit and link) can never be served.
+    Rows whose size disagrees with the file are corrected, and rows of locally linked blobs gain `local`.
+    Returns (rows dropped, files indexed or removed).
+    """
     on_disk: dict[str, int] = {}
     for digest in blobs.iter_digests_sync():
         stored = blobs.stat_sync(digest)
@@ -180,6 +302,15 @@ def reconcile_sync(index: BlobIndex, blobs: BlobStore, local_repos: RepoStore) -
     for repo in local_repos.repositories():
         locally_linked.update(str(d) for d in local_repos.linked_blobs(repo))
         locally_linked.update(str(d) for d in local_repos.linked_manifests(repo))
+    cache_linked: set[str] = set()
+    cache_root = blobs.root / "cache"
+    for upstream_dir in sorted(cache_root.iterdir()) if cache_root.is_dir() else []:
+        if not upstream_dir.is_dir():
+            continue
+        cache_repos = RepoStore(upstream_dir)
+        for repo in cache_repos.repositories():
+            cache_linked.update(str(d) for d in cache_repos.linked_blobs(repo))
+            cache_linked.update(str(d) for d in cache_repos.linked_manifests(repo))
     dropped = added = 0
     now = time.time()
     for digest, _record in list(index.items()):
@@ -188,10 +319,20 @@ def reconcile_sync(index: BlobIndex, blobs: BlobStore, local_repos: RepoStore) -
             dropped += 1
     for digest, size in on_disk.items():
         record = index.get(digest)
-        holder = LOCAL if digest in locally_linked else CACHED
         if record is None:
-            index.add_holder(digest, size, holder, now)
+            if digest in locally_linked:
+                index.add_holder(digest, size, LOCAL, now)
+            elif digest in cache_linked:
+                index.add_holder(digest, size, CACHED, 0.0)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    blobs.path_for(Digest.parse(digest)).unlink()
+                log.info("start-up recovery: removed %s (no row, and no repository links it)", digest)
             added += 1
-        elif holder == LOCAL and LOCAL not in record.holders:
+            continue
+        if record.size != size:
+            log.warning("start-up recovery: index said %s is %d bytes, the file has %d", digest, record.size, size)
+            index.set_size(digest, size)
+        if digest in locally_linked and LOCAL not in record.holders:
             index.add_holder(digest, size, LOCAL, now)
     return dropped, added

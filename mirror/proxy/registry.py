@@ -98,24 +98,38 @@ class ProxyRegistry(Registry):
         raise UpstreamUnavailable(f"upstream {self.name} answered HEAD blob with {response.status}")
 
     async def open_blob(self, repo: str, digest: Digest) -> BlobBody:
-        cached = await self._cached_blob(repo, digest)
-        if cached is not None:
-            self._count("blob", "hit")
-            self.cache.note_access(digest)
-            return cached
-        running = self.fills.running(digest)
-        stored = await self.blobs.stat(digest)
-        if (running is not None and running.repo != repo) or (running is None and stored is not None):
+        confirmed = False  # the upstream said `repo` has this blob
+        while True:
+            cached = await self._cached_blob(repo, digest)
+            if cached is not None:
+                self._count("blob", "hit")
+                self.cache.note_access(digest)
+                return cached
+            stored = await self.blobs.stat(digest)
+            # No await from here to the join: a fill that finished in between would be started again
+            # (a second upstream GET for bytes we already have).
+            running = self.fills.running(digest)
+            if running is None and stored is None:
+                self._count("blob", "miss")
+                fill = self.fills.join(digest, repo, lambda f: self._download(f, repo, digest))
+                break
+            if running is not None and (confirmed or running.readable_by(repo)):
+                running.allow(repo)  # linked to `repo` too when it commits: later reads are plain hits
+                self._count("blob", "joined")
+                fill = self.fills.join(digest, repo, lambda f: self._download(f, repo, digest))
+                break
+            if confirmed and stored is not None:
+                await asyncio.to_thread(self.repos.link_blob, repo, digest)
+                # Held as cached too: when the local repository that pushed it lets go, it stays bounded.
+                await self.cache.hold(digest, stored.size, CACHED)
+                self._count("blob", "hit")
+                self.cache.note_access(digest)
+                return BlobFile(digest, stored.size, stored.path)
             # The bytes are here (or arriving) for another repository. Serve them through this one only if
             # the upstream says this repository may read them (a blob is not readable by knowing its digest).
             if await self._upstream_has_blob(repo, digest) is None:
                 raise BlobUnknown(detail={"digest": str(digest)})
-            if stored is not None:
-                await asyncio.to_thread(self.repos.link_blob, repo, digest)
-                self._count("blob", "hit")
-                return BlobFile(digest, stored.size, stored.path)
-        self._count("blob", "miss" if running is None else "joined")
-        fill = self.fills.join(digest, repo, lambda f: self._download(f, repo, digest))
+            confirmed = True  # look again: during the HEAD a fill may have finished or committed
         await fill.wait_ready()
         return fill
 
@@ -124,7 +138,7 @@ class ProxyRegistry(Registry):
         if cached is not None:
             return BlobInfo(digest, cached.size)
         running = self.fills.running(digest)
-        if running is not None and running.repo == repo:
+        if running is not None and running.readable_by(repo):
             await running.wait_ready()
             return BlobInfo(digest, running.size)
         size = await self._upstream_has_blob(repo, digest)
@@ -133,13 +147,24 @@ class ProxyRegistry(Registry):
         return BlobInfo(digest, size)
 
     async def _download(self, fill: Fill, repo: str, digest: Digest) -> None:
+        cached = await self._cached_blob(repo, digest)
+        if cached is not None:
+            # A fill for this repository committed while open_blob decided to start this one (it looks for
+            # the file and for running fills at two moments): serve that file instead of downloading again.
+            read_fd = await asyncio.to_thread(os.open, cached.path, os.O_RDONLY)
+            fill.begin(cached.size, read_fd)
+            await fill.commit(cached.path)
+            return
         response = await self.client.open("GET", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo))
         try:
             if response.status in (401, 403, 404):
                 raise BlobUnknown(f"upstream {self.name} has no blob {digest} in {repo}")
             if response.status != 200:
                 raise UpstreamUnavailable(f"upstream {self.name} answered blob GET with {response.status}")
-            await self._stream_to_store(fill, response, repo, digest)
+            # Room is made (and these bytes counted as on their way) before the fill answers; the count
+            # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
+            async with self.cache.incoming(response.content_length or 0):
+                await self._stream_to_store(fill, response, repo, digest)
         finally:
             response.release()
 
@@ -147,8 +172,6 @@ class ProxyRegistry(Registry):
         self, fill: Fill, response: aiohttp.ClientResponse, repo: str, digest: Digest
     ) -> None:
         size = response.content_length
-        if size is not None:
-            await self.cache.make_room(size)
         temp = self.blobs.new_temp_path()
         writer = await BlobWriter.open(temp, digest.algorithm)
         read_fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
@@ -177,10 +200,10 @@ class ProxyRegistry(Registry):
                 raise UpstreamInvalid(f"upstream {self.name} sent bytes that do not match {digest}")
             if size is None:
                 fill.begin(writer.size, read_fd)
-            await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, writer.size)
-            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            stored = await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, writer.size)
+            await asyncio.to_thread(self._link_blob_to_all, fill.repos, digest)
             await self.cache.hold(digest, writer.size, CACHED)
-            await fill.commit()
+            await fill.commit(stored.path)
             self.metrics.fills.labels(self.name, "ok").inc()
         except BaseException as exc:
             await writer.close()
@@ -207,6 +230,11 @@ class ProxyRegistry(Registry):
                     raise
                 self.metrics.upstream_errors.labels(self.name, "disk_full").inc()
                 raise StorageFull(f"no space left to cache {size} bytes") from again
+
+    def _link_blob_to_all(self, repos: set[str], digest: Digest) -> None:
+        """Blocking: link a committed blob to every repository its fill was confirmed for."""
+        for name in sorted(repos):
+            self.repos.link_blob(name, digest)
 
     # -- manifests ---------------------------------------------------------------------------------
     async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
@@ -278,7 +306,14 @@ class ProxyRegistry(Registry):
             headers={"Accept": ACCEPT_ALL_MANIFESTS},
         )
         try:
-            if response.status in (401, 403, 404):
+            if response.status in (401, 403):
+                # Still 404 (clients move on to their next endpoint), but say why: "has no manifest" for a
+                # private image pulled without (or with wrong) credentials sends people looking for a typo.
+                raise ManifestUnknown(
+                    f"upstream {self.name} denied access to {repo}:{reference} (HTTP {response.status}); "
+                    f"the mirror's credentials for {self.name} are missing or may not pull it"
+                )
+            if response.status == 404:
                 raise ManifestUnknown(f"upstream {self.name} has no manifest {repo}:{reference}")
             if response.status != 200:
                 raise UpstreamUnavailable(f"upstream {self.name} answered manifest GET with {response.status}")
@@ -310,24 +345,29 @@ class ProxyRegistry(Registry):
             parsed = parse_manifest(body, content_type)
         except RegistryError as exc:
             raise UpstreamInvalid(f"upstream {self.name} returned an invalid manifest: {exc.message}") from exc
-        await self.blobs.put_bytes(body, digest)
-        await asyncio.to_thread(self.repos.link_manifest, repo, ManifestLink(digest, parsed.media_type, len(body)))
-        await self.cache.hold(digest, len(body), CACHED)
+        # In use while stored: eviction must not remove an identical body put_bytes found, before it is held.
+        with self.cache.in_use(digest):
+            await self.blobs.put_bytes(body, digest)
+            await asyncio.to_thread(self.repos.link_manifest, repo, ManifestLink(digest, parsed.media_type, len(body)))
+            await self.cache.hold(digest, len(body), CACHED)
         return Manifest(digest, parsed.media_type, body)
 
     # -- discovery ---------------------------------------------------------------------------------
     async def list_tags(self, repo: str) -> list[str]:
+        failure: RegistryError | None = None
         try:
             data = await self._get_json(repo, f"/v2/{repo}/tags/list?n=10000")
             tags = data.get("tags") if isinstance(data, dict) else None
             if isinstance(tags, list):
                 return sorted(t for t in tags if isinstance(t, str))
-        except _UPSTREAM_DOWN:
-            pass
-        except NameUnknown:
-            raise
+        except _UPSTREAM_DOWN as exc:
+            failure = exc
         cached = await asyncio.to_thread(self.repos.tags, repo)
         if not cached:
+            # With the upstream down, "no such repository" would be a lie a client acts on; the upstream's
+            # own error (503, or 429 with Retry-After) tells it to come back later.
+            if failure is not None:
+                raise failure
             raise NameUnknown(detail={"name": repo})
         self._count("tags", "stale")
         return cached

@@ -68,6 +68,21 @@ class BlobStore:
     async def stat(self, digest: Digest) -> StoredBlob | None:
         return await asyncio.to_thread(self.stat_sync, digest)
 
+    def reuse_sync(self, digest: Digest) -> StoredBlob | None:
+        """Blocking: stat_sync for a writer about to link an existing blob instead of storing it again.
+        The file's mtime is refreshed, so a concurrent `mirror gc` (which spares anything younger than its
+        grace period, and checks the age right before removing) leaves the blob alone."""
+        path = self.path_for(digest)
+        try:
+            os.utime(path)
+            size = path.stat().st_size
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return StoredBlob(digest, size, path)
+
+    async def reuse(self, digest: Digest) -> StoredBlob | None:
+        return await asyncio.to_thread(self.reuse_sync, digest)
+
     def commit_sync(self, temp: Path, digest: Digest, actual_hex: str, size: int) -> StoredBlob:
         """Blocking: rename a verified temp file into place (its bytes hash to `actual_hex`)."""
         if actual_hex != digest.hex:
@@ -97,7 +112,7 @@ class BlobStore:
         """Store a small, already-in-memory body (manifests) after checking its digest."""
 
         def write() -> StoredBlob:
-            existing = self.stat_sync(digest)
+            existing = self.reuse_sync(digest)
             if existing is not None:
                 return existing
             temp = self.new_temp_path()

@@ -66,37 +66,43 @@ class LocalRegistry(Registry):
 
     async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterable[bytes]) -> BlobInfo:
         """Store a streamed blob (the copier's write path) without an upload session."""
-        stored = await self.blobs.stat(digest)
-        if stored is None:
-            temp = self.blobs.new_temp_path()
-            writer = await BlobWriter.open(temp, digest.algorithm)
-            try:
-                async for chunk in chunks:
-                    await writer.write(chunk)
-                await writer.close()
-                stored = await asyncio.to_thread(
-                    self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
-                )
-            except BaseException:
-                await writer.close()
-                await asyncio.to_thread(temp.unlink, True)
-                raise
-        await asyncio.to_thread(self.repos.link_blob, repo, digest)
-        await self.cache.hold(digest, stored.size, LOCAL)
+        # In use from the existence check until held as local: a cached copy found here must not be
+        # evicted before it is held (the cache manager skips digests in use).
+        with self.cache.in_use(digest):
+            stored = await self.blobs.reuse(digest)
+            if stored is None:
+                temp = self.blobs.new_temp_path()
+                writer = await BlobWriter.open(temp, digest.algorithm)
+                try:
+                    async for chunk in chunks:
+                        await writer.write(chunk)
+                    await writer.close()
+                    stored = await asyncio.to_thread(
+                        self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
+                    )
+                except BaseException:
+                    await writer.close()
+                    await asyncio.to_thread(temp.unlink, True)
+                    raise
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.cache.hold(digest, stored.size, LOCAL)
         return BlobInfo(digest, stored.size)
 
     async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
         def mount() -> int | None:
-            stored = self.blobs.stat_sync(digest)
-            if not self.repos.has_blob(source_repo, digest) or stored is None:
+            if not self.repos.has_blob(source_repo, digest):
+                return None
+            stored = self.blobs.reuse_sync(digest)  # refreshes its age for a concurrent `mirror gc`
+            if stored is None:
                 return None
             self.repos.link_blob(repo, digest)
             return stored.size
 
-        size = await asyncio.to_thread(mount)
-        if size is None:
-            return False
-        await self.cache.hold(digest, size, LOCAL)
+        with self.cache.in_use(digest):  # not evicted between the check and the hold
+            size = await asyncio.to_thread(mount)
+            if size is None:
+                return False
+            await self.cache.hold(digest, size, LOCAL)
         return True
 
     async def delete_blob(self, repo: str, digest: Digest) -> None:
@@ -127,9 +133,12 @@ class LocalRegistry(Registry):
         start: int | None,
         length: int | None,
     ) -> BlobInfo:
-        stored = await self.uploads.finish(repo, upload_id, digest, chunks, start=start, length=length)
-        await asyncio.to_thread(self.repos.link_blob, repo, digest)
-        await self.cache.hold(digest, stored.size, LOCAL)
+        # In use from the existence check in finish() until held as local: a cached copy of the same bytes
+        # that finish() reuses must not be evicted in between (the client would get 201 for a lost blob).
+        with self.cache.in_use(digest):
+            stored = await self.uploads.finish(repo, upload_id, digest, chunks, start=start, length=length)
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.cache.hold(digest, stored.size, LOCAL)
         return BlobInfo(digest, stored.size)
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
