@@ -137,11 +137,6 @@ async def test_head_on_cached_blob_answers_headers(aiohttp_server, make_registry
     assert fake.count("GET", digest) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mirror/api/blobs.py answers HEAD through open_blob, which starts a full download; "
-    "it should call Registry.stat_blob for HEAD (owned by the API engineer)",
-)
 async def test_head_on_uncached_blob_does_not_download_it(aiohttp_server, make_registry):
     fake = FakeUpstream()
     layer = os.urandom(300_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 
@@ -97,18 +98,39 @@ async def stream_blob(request: web.Request, body: BlobStream) -> web.StreamRespo
     if byte_range:
         response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
     response.content_length = end - start
-    await response.prepare(request)
-    if request.method == "HEAD":
-        return response
+    reader = await body.open_reader()
     try:
-        async for chunk in body.iter_range(start, end):
-            await response.write(chunk)
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        offset = start
+        while offset < end:
+            available = await body.readable(offset, end)
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return response  # the client left; the fill goes on without it
+            # sendfile from our own descriptor: the kernel moves the bytes, the event loop only waits.
+            await loop.sendfile(transport, reader, offset, available - offset)
+            offset = available
     except RegistryError as error:
         # Headers are gone already; the only honest signal left is a cut connection. Clients retry with Range.
         log.warning("aborting %s after a failed fill: %s", body.digest, error.message)
         if request.transport is not None:
             request.transport.abort()
         return response
+    finally:
+        reader.close()
+    await response.write_eof()
+    return response
+
+
+async def head_blob(request: web.Request, params: Params) -> web.StreamResponse:
+    """HEAD answers from what is known (a file, a running fill, an upstream HEAD): it never starts a download."""
+    digest = Digest.parse(params["digest"])
+    target = target_for(request, params["name"])
+    info = await target.registry.stat_blob(target.repo, digest)
+    response = web.StreamResponse(headers=blob_headers(digest))
+    response.content_length = info.size
+    await response.prepare(request)
     await response.write_eof()
     return response
 

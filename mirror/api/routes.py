@@ -37,7 +37,7 @@ def api_dispatcher() -> Dispatcher:
             Endpoint(
                 "blob",
                 route("/v2/{name}/blobs/{digest}"),
-                {"GET": blobs.get_blob, "HEAD": blobs.get_blob, "DELETE": blobs.delete_blob},
+                {"GET": blobs.get_blob, "HEAD": blobs.head_blob, "DELETE": blobs.delete_blob},
             ),
             Endpoint("referrers", route("/v2/{name}/referrers/{digest}"), {"GET": listing.referrers}),
         ]

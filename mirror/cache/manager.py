@@ -154,6 +154,11 @@ class CacheManager:
         finally:
             self._incoming -= size
 
+    @property
+    def incoming_bytes(self) -> int:
+        """Bytes of fills under way (announced through `incoming`), not yet on disk in full."""
+        return self._incoming
+
     async def make_room(self, incoming: int) -> None:
         """Before a fill of `incoming` bytes: evict first when it would push the cache over its bound."""
         async with self.incoming(incoming):

@@ -1,9 +1,9 @@
 """Fills: one upstream download per blob digest, streamed to every client while it runs.
 
 A fill writes a temp file while hashing, publishes how many bytes are on disk, verifies size and digest,
-then renames the file into the blob store. Readers share one read-only descriptor of the temp file and
-`pread` from it, so they never need the file's name (which changes at commit) and never hold more than
-one chunk in memory. The last byte is released only after the digest is verified: a client can never
+then renames the file into the blob store. Each reader gets its own duplicate of one read-only descriptor
+of the temp file and sends from it with sendfile as bytes become readable: no name is needed (it changes
+at commit), no byte passes through Python, and the download never waits for its readers. The last byte is released only after the digest is verified: a client can never
 receive a complete body of wrong bytes, it sees a cut connection and retries with Range.
 """
 
@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import BinaryIO
 from pathlib import Path
 
 from mirror.errors import RegistryError, UpstreamUnavailable
@@ -39,10 +40,10 @@ class Fill:
         self.path: Path | None = None  # the committed blob file
         self.error: RegistryError | None = None
         self._fd: int | None = None
-        self._readers = 0
-        self._detached = False  # no longer joinable: the descriptor may close once readers are done
+        self._detached = False  # no longer joinable: the descriptor may close
         self._ready = asyncio.Event()
-        self._changed = asyncio.Condition()
+        # Replaced on every change: waiters hold the one that was current when they looked.
+        self._changed = asyncio.Event()
 
     # -- the downloader's side ---------------------------------------------------------------------
     def begin(self, size: int, read_fd: int) -> None:
@@ -51,10 +52,14 @@ class Fill:
         self._fd = read_fd
         self._ready.set()
 
-    async def progress(self, written: int) -> None:
+    def advance(self, written: int) -> None:
+        """`written` bytes are on disk now: wake the readers."""
         self.written = written
-        async with self._changed:
-            self._changed.notify_all()
+        self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def commit(self, path: Path) -> None:
         self.path = path
@@ -67,13 +72,12 @@ class Fill:
         await self._finish()
 
     async def _finish(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self._notify()
 
     def detach(self) -> None:
         """Called by the manager once new clients can no longer join (they find the committed blob)."""
         self._detached = True
-        self._close_if_unused()
+        self._close_if_detached()
 
     @property
     def has_descriptor(self) -> bool:
@@ -90,8 +94,8 @@ class Fill:
         """Let `repo` read the bytes too (the upstream confirmed it has the blob); linked at commit."""
         self.repos.add(repo)
 
-    def _close_if_unused(self) -> None:
-        if self._detached and self._readers == 0 and self._fd is not None:
+    def _close_if_detached(self) -> None:
+        if self._detached and self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
@@ -106,40 +110,44 @@ class Fill:
         # Hold the last byte back until the digest is verified (see the module docstring).
         return self.size if self.committed else min(self.written, max(self.size - 1, 0))
 
-    async def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+    async def readable(self, offset: int, end: int) -> int:
+        """Wait until bytes past `offset` may be sent; return how far they go (at most `end`).
+        Raises the fill's error when it fails, so a reader never sends bytes of a failed download."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            available = min(self._readable_until(), end)
+            if available > offset:
+                return available
+            await self._changed.wait()
+
+    async def open_reader(self) -> BinaryIO:
+        """A file object of the reader's own over the bytes (for sendfile), valid after the fill ends."""
         await self.wait_ready()
-        self._readers += 1
-        own_fd: int | None = None
+        if self._fd is not None:
+            # A duplicate shares the inode, not a name: it stays valid across the rename at commit.
+            return os.fdopen(os.dup(self._fd), "rb", buffering=0)
+        if self.committed and self.path is not None:
+            # The fill finished and closed its descriptor between the client joining and this call.
+            return await asyncio.to_thread(open, self.path, "rb", buffering=0)
+        raise self.error or UpstreamUnavailable("download ended unexpectedly")
+
+    async def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        """The bytes as they become readable, for consumers that cannot use sendfile."""
+        reader = await self.open_reader()
         try:
-            if self._fd is None and self.committed and self.path is not None:
-                # The fill finished and closed the shared descriptor between the client joining it and
-                # its first read (a small blob can do that while response headers are sent): read the
-                # committed file instead of failing a download that succeeded.
-                own_fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY)
             offset = start
             while offset < end:
-                if self.error is not None:
-                    raise self.error
-                available = min(self._readable_until(), end)
-                if available <= offset:
-                    async with self._changed:
-                        await self._changed.wait_for(
-                            lambda: self.finished or min(self._readable_until(), end) > offset
-                        )
-                    continue
-                fd = own_fd if own_fd is not None else self._fd
-                if fd is None:  # closed under us: only possible after a failure
-                    raise self.error or UpstreamUnavailable("download ended unexpectedly")
-                data = await asyncio.to_thread(os.pread, fd, min(available - offset, READ_CHUNK_BYTES), offset)
+                available = await self.readable(offset, end)
+                data = await asyncio.to_thread(
+                    os.pread, reader.fileno(), min(available - offset, READ_CHUNK_BYTES), offset
+                )
                 if not data:
                     raise UpstreamUnavailable("download file shorter than reported")
                 offset += len(data)
                 yield data
         finally:
-            if own_fd is not None:
-                os.close(own_fd)
-            self._readers -= 1
-            self._close_if_unused()
+            reader.close()
 
 
 Download = Callable[[Fill], Awaitable[None]]

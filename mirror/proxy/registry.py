@@ -35,6 +35,7 @@ from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
 from mirror.proxy.fills import Fill, FillManager
+from mirror.proxy.memo import ManifestMemo
 from mirror.proxy.singleflight import SingleFlight
 from mirror.storage.blobs import BlobStore, BlobWriter
 from mirror.storage.interface import BlobBody, BlobFile, BlobInfo, Manifest, ManifestInfo, Registry
@@ -44,6 +45,8 @@ from mirror.upstream.client import UpstreamClient
 log = logging.getLogger(__name__)
 
 STREAM_CHUNK_BYTES = 1 << 20
+# Room kept free beyond the blobs being downloaded (index, manifests, uploads need a little too).
+DISK_MARGIN_BYTES = 16 << 20
 # Errors after which cached content is better than no content.
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests)
 
@@ -73,6 +76,7 @@ class ProxyRegistry(Registry):
         self.manifest_limit = manifest_limit
         self.read_only_message = read_only_message
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
+        self._memo = ManifestMemo()
 
     def _count(self, kind: str, result: str) -> None:
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
@@ -177,21 +181,21 @@ class ProxyRegistry(Registry):
         read_fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
         try:
             if size is not None:
-                await self._reserve(writer, size)
+                await self._reserve(size)
                 fill.begin(size, read_fd)
+            upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
+
+            def on_written(size: int) -> None:  # a piece is on disk: readers may move on
+                upstream_bytes.inc(size - fill.written)
+                fill.advance(size)
+
+            writer.on_written = on_written
             try:
                 async for chunk in response.content.iter_chunked(STREAM_CHUNK_BYTES):
-                    before = writer.size
                     await writer.write(chunk)
-                    if writer.size != before:  # a buffer went to disk: readers may move on
-                        await fill.progress(writer.size)
-                        self.metrics.upstream_bytes.labels(self.name).inc(writer.size - before)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise UpstreamUnavailable(f"upstream {self.name} stream broke: {exc}") from exc
-            before = writer.size
             await writer.close()
-            self.metrics.upstream_bytes.labels(self.name).inc(writer.size - before)
-            await fill.progress(writer.size)
             if size is not None and writer.size != size:
                 raise UpstreamInvalid(f"upstream {self.name} sent {writer.size} of {size} bytes for {digest}")
             actual = writer.hasher.hexdigest()
@@ -214,22 +218,22 @@ class ProxyRegistry(Registry):
             self.metrics.fills.labels(self.name, result).inc()
             raise
 
-    async def _reserve(self, writer: BlobWriter, size: int) -> None:
-        """Reserve the blob's space before any client is answered, so a full disk is a clean 503 up front
-        rather than a connection cut halfway. On ENOSPC, evict enough cached content and try once more."""
-        try:
-            await writer.reserve(size)
-        except OSError as exc:
-            if exc.errno != errno.ENOSPC:
-                raise
-            await self.cache.evict_to(max(self.cache.cached_bytes - size, 0), force_bytes=size)
-            try:
-                await writer.reserve(size)
-            except OSError as again:
-                if again.errno != errno.ENOSPC:
-                    raise
-                self.metrics.upstream_errors.labels(self.name, "disk_full").inc()
-                raise StorageFull(f"no space left to cache {size} bytes") from again
+    async def _reserve(self, size: int) -> None:
+        """Check there is room for the blob before any client is answered, so a full disk is a clean 503 up
+        front rather than a connection cut halfway. Counts the other fills still on their way; evicts
+        cached content once if that makes room.
+
+        Free space is checked, not allocated: preallocating (posix_fallocate) made every later write into
+        the file a third slower here, on the hottest path there is. A disk filled by someone else during
+        the download still fails the fill cleanly (clients are cut and retry; nothing is committed)."""
+        needed = self.cache.incoming_bytes + DISK_MARGIN_BYTES
+        free = await self.blobs.free_bytes()
+        if free >= needed:
+            return
+        await self.cache.evict_to(max(self.cache.cached_bytes - (needed - free), 0), force_bytes=needed - free)
+        if await self.blobs.free_bytes() < needed:
+            self.metrics.upstream_errors.labels(self.name, "disk_full").inc()
+            raise StorageFull(f"no space left to cache {size} bytes")
 
     def _link_blob_to_all(self, repos: set[str], digest: Digest) -> None:
         """Blocking: link a committed blob to every repository its fill was confirmed for."""
@@ -253,17 +257,28 @@ class ProxyRegistry(Registry):
         return Manifest(digest, link.media_type, body) if body is not None else None
 
     async def _manifest_by_digest(self, repo: str, digest: Digest) -> Manifest:
-        cached = await self._cached_manifest(repo, digest)
+        memo = self._memo.get(("digest", repo, digest))
+        cached = memo.manifest if memo is not None else await self._cached_manifest(repo, digest)
         if cached is not None:
             self._count("manifest", "hit")
             self.cache.note_access(digest)
+            self._memo.put(("digest", repo, digest), cached)
             return cached
         self._count("manifest", "miss")
-        return await self._manifest_flights.run(
+        manifest = await self._manifest_flights.run(
             ("digest", repo, digest), lambda: self._fetch_manifest(repo, str(digest), expected=digest)
         )
+        self._memo.put(("digest", repo, digest), manifest)
+        return manifest
 
     async def _manifest_by_tag(self, repo: str, tag: str) -> Manifest:
+        key = ("tag", repo, tag)
+        # A hot tag within its TTL is answered from memory: no thread hop, no file read.
+        memo = self._memo.get(key)
+        if memo is not None and (time.time() - memo.validated_at < self.tag_ttl or self.client.config.offline):
+            self._count("tag", "hit")
+            self.cache.note_access(memo.manifest.digest)
+            return memo.manifest
         link = await asyncio.to_thread(self.repos.tag, repo, tag)
         cached = await self._cached_manifest(repo, link.digest) if link else None
         if cached is not None and link is not None:
@@ -271,15 +286,21 @@ class ProxyRegistry(Registry):
             if fresh or self.client.config.offline:
                 self._count("tag", "hit")
                 self.cache.note_access(cached.digest)
+                self._memo.put(key, cached, link.validated_at)
                 return cached
         try:
-            return await self._manifest_flights.run(("tag", repo, tag), lambda: self._refresh_tag(repo, tag, cached))
+            manifest = await self._manifest_flights.run(key, lambda: self._refresh_tag(repo, tag, cached))
         except _UPSTREAM_DOWN:
             if cached is None:
                 raise
             log.info("serving stale %s/%s:%s (upstream unavailable)", self.name, repo, tag)
             self._count("tag", "stale")
             return cached
+        except ManifestUnknown:
+            self._memo.discard(key)
+            raise
+        self._memo.put(key, manifest, time.time())
+        return manifest
 
     async def _refresh_tag(self, repo: str, tag: str, cached: Manifest | None) -> Manifest:
         if cached is not None:

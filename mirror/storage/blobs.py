@@ -14,6 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import BinaryIO
 
 from mirror.errors import DigestInvalid, SizeInvalid
@@ -21,7 +22,7 @@ from mirror.oci.digest import Digest
 from mirror.storage.files import fsync_dir
 
 # Writes are gathered into buffers of this size before a thread hop: fewer hops, same memory bound.
-WRITE_BUFFER_BYTES = 1 << 20
+WRITE_BUFFER_BYTES = 2 << 20
 HASH_READ_BYTES = 4 << 20
 
 
@@ -137,6 +138,15 @@ class BlobStore:
         except FileNotFoundError:
             return False
 
+    async def free_bytes(self) -> int:
+        """Bytes an unprivileged writer can still put on the filesystem holding the store."""
+
+        def free() -> int:
+            stats = os.statvfs(self.temp_root)
+            return stats.f_bavail * stats.f_frsize
+
+        return await asyncio.to_thread(free)
+
     def iter_digests_sync(self) -> list[Digest]:
         """Blocking: every committed blob's digest (for gc, verify and index reconciliation)."""
         found: list[Digest] = []
@@ -166,14 +176,21 @@ class BlobStore:
 class BlobWriter:
     """Streams bytes to a file while hashing them; every write runs in a thread in large pieces.
 
-    Used for uploads (appending to the session's data file) and for upstream fills.
+    Used for uploads (appending to the session's data file) and for upstream fills. One piece is written
+    and hashed in a thread while the next one is being received: the network and the disk+hash work
+    overlap instead of taking turns. `size` counts bytes that are on disk; `on_written` hears of each
+    step (a fill uses it to let readers move on).
     """
 
     def __init__(self, path: Path, handle: BinaryIO, hasher: "hashlib._Hash", size: int) -> None:
         self.path = path
         self.hasher = hasher
         self.size = size
-        self._buffer = bytearray()
+        self.on_written: Callable[[int], None] | None = None
+        # Pending chunks, written and hashed together in one thread hop (no joining copy).
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._in_flight: asyncio.Future[None] | None = None
         self._handle = handle
 
     @classmethod
@@ -193,27 +210,59 @@ class BlobWriter:
         return cls(path, handle, hasher or hashlib.new(algorithm), append_to)
 
     async def write(self, chunk: bytes) -> None:
-        self._buffer += chunk
-        if len(self._buffer) >= WRITE_BUFFER_BYTES:
-            await self.flush()
+        """Queue `chunk`; it is written as soon as the writing thread is free. While a piece is being
+        written the next one gathers, so pieces grow with the stream's speed: a slow stream is written
+        (and shown to readers) chunk by chunk, a fast one in large pieces with few thread hops."""
+        self._pending.append(chunk)
+        self._pending_bytes += len(chunk)
+        if self._in_flight is None:
+            self._start_piece()
+        elif self._pending_bytes >= WRITE_BUFFER_BYTES:
+            await self._drain()  # at most one piece in the thread and one gathering: memory stays bounded
+            if self._pending:
+                self._start_piece()
+
+    def _start_piece(self) -> None:
+        chunks, self._pending, self._pending_bytes = self._pending, [], 0
+        self._in_flight = asyncio.ensure_future(self._write_and_hash(chunks))
+        self._in_flight.add_done_callback(self._piece_done)
+
+    def _piece_done(self, piece: asyncio.Future[None]) -> None:
+        if piece is not self._in_flight or piece.cancelled() or piece.exception() is not None:
+            return  # a failed piece stays in flight: the next write, flush or close raises its error
+        self._in_flight = None
+        if self.on_written is not None:
+            self.on_written(self.size)
+        if self._pending:
+            self._start_piece()
+
+    async def _drain(self) -> None:
+        while self._in_flight is not None:
+            piece = self._in_flight
+            await piece
+            if self._in_flight is piece:  # its done-callback has not run yet
+                self._piece_done(piece)
 
     async def flush(self) -> None:
-        if not self._buffer:
-            return
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        await asyncio.to_thread(self._write_sync, data)
+        """Wait until every byte given to `write` is on disk and hashed."""
+        await self._drain()
+        if self._pending:
+            self._start_piece()
+            await self._drain()
 
-    async def reserve(self, size: int) -> None:
-        """Allocate `size` bytes for the file now, so running out of disk shows up before any data moves."""
-        if size > 0:
-            await asyncio.to_thread(os.posix_fallocate, self._handle.fileno(), 0, size)
+    async def _write_and_hash(self, chunks: list[bytes]) -> None:
+        # Writing into the page cache and hashing each take about a core at these speeds; both release
+        # the GIL, so they run side by side in two threads.
+        await asyncio.gather(asyncio.to_thread(self._write_sync, chunks), asyncio.to_thread(self._hash_sync, chunks))
+        self.size += sum(len(chunk) for chunk in chunks)
 
-    def _write_sync(self, data: bytes) -> None:
-        self._handle.write(data)
+    def _write_sync(self, chunks: list[bytes]) -> None:
+        self._handle.writelines(chunks)
         self._handle.flush()
-        self.hasher.update(data)
-        self.size += len(data)
+
+    def _hash_sync(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.hasher.update(chunk)
 
     async def close(self) -> None:
         if self._handle.closed:
@@ -221,4 +270,8 @@ class BlobWriter:
         try:
             await self.flush()
         finally:
+            if self._in_flight is not None:  # a failed flush: never close under a running write
+                await asyncio.gather(self._in_flight, return_exceptions=True)
+                self._in_flight = None
+                self._pending, self._pending_bytes = [], 0
             await asyncio.to_thread(self._handle.close)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
 from mirror.errors import Unsupported
 from mirror.oci.digest import Digest
@@ -31,6 +31,14 @@ class BlobStream(Protocol):
 
     digest: Digest
     size: int
+
+    async def open_reader(self) -> BinaryIO:
+        """A file object of the caller's own over the bytes (close it when done)."""
+        ...
+
+    async def readable(self, offset: int, end: int) -> int:
+        """Wait until bytes past `offset` may be sent; return how far (at most `end`); raise if it failed."""
+        ...
 
     def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
         """Bytes [start, end) as they become available; raises if the fill fails."""
