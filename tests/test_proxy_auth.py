@@ -240,3 +240,24 @@ async def test_rate_limited_token_service_is_429(aiohttp_server, make_registry):
     async with client.get("/v2/library/alpine/manifests/3.20") as response:
         assert response.status == 429
         assert response.headers["Retry-After"] == "12"
+
+
+@pytest.mark.parametrize(
+    ("upstream", "auth_hosts", "target", "refused"),
+    [
+        ("https://registry-1.docker.io", (), "https://production.cloudflare.docker.com/blob", False),
+        ("https://registry-1.docker.io", (), "http://169.254.169.254/latest/meta-data", True),
+        ("https://registry-1.docker.io", (), "http://127.0.0.1:5000/v2/", True),
+        ("https://registry-1.docker.io", (), "http://[fe80::1]/x", True),
+        ("https://registry-1.docker.io", ("127.0.0.1:9000",), "http://127.0.0.1:9000/blob", False),
+        ("https://registry-1.docker.io", (), "file:///etc/passwd", True),
+        ("http://127.0.0.1:5000", (), "http://localhost:9000/cdn/x", False),  # an internal upstream may
+    ],
+)
+def test_redirect_policy(upstream: str, auth_hosts: tuple[str, ...], target: str, refused: bool) -> None:
+    policy = RealmPolicy(upstream, auth_hosts)
+    if refused:
+        with pytest.raises(RealmRefused):
+            policy.check_redirect(target)
+    else:
+        policy.check_redirect(target)

@@ -253,3 +253,19 @@ async def test_black_holed_upstream_answers_within_about_one_timeout(aiohttp_ser
         assert response.status == 503
     elapsed = time.monotonic() - started
     assert elapsed < 1.9, f"took {elapsed:.1f}s with timeout: 1s"
+
+
+async def test_garbled_manifest_on_revalidation_serves_the_cached_copy(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    _image(fake)
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake, tag_ttl=0.1)
+    manifest, _layer_digest, _layer = await _populate(client, fake)
+    # The tag moves upstream, but what comes back does not match its own Docker-Content-Digest.
+    fake.add_image("library/alpine", "3.20", [b"layer-" + os.urandom(3000)])
+    fake.faults["/manifests/3.20"] = Fault("wrong")
+    await asyncio.sleep(0.15)
+    async with client.get("/v2/alpine/manifests/3.20") as response:
+        assert response.status == 200
+        assert await response.read() == manifest  # the verified old copy, not the garbage
+    text = await metrics_text(client)
+    assert metric_value(text, "mirror_cache_lookups_total", kind="tag", result="stale") >= 1

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 STREAM_CHUNK_BYTES = 1 << 20
 # Room kept free beyond the blobs being downloaded (index, manifests, uploads need a little too).
 DISK_MARGIN_BYTES = 16 << 20
-# Errors after which cached content is better than no content.
-_UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests)
+# Errors after which cached content is better than no content (a garbled answer included).
+_UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
 
 
 class ProxyRegistry(Registry):

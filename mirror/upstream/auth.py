@@ -57,6 +57,19 @@ class RealmPolicy:
         upstream = urlsplit(self.upstream_url)
         return hostname == upstream.hostname or netloc in self.auth_hosts or hostname in self.auth_hosts
 
+    def check_redirect(self, target: str) -> None:
+        """Raise RealmRefused for a redirect we will not follow: not http(s), or from an upstream on the
+        outside to an internal address (metadata services, the mirror's own host) nobody configured.
+        No credentials travel with it anyway; this keeps a public upstream from aiming our requests
+        inside. An upstream the operator put on an internal address may redirect internally."""
+        parts = urlsplit(target)
+        hostname = parts.hostname or ""
+        if parts.scheme not in ("http", "https") or not hostname:
+            raise RealmRefused(f"redirect to {target[:200]!r} is not an http(s) URL")
+        upstream_internal = _is_internal_host(urlsplit(self.upstream_url).hostname or "")
+        if _is_internal_host(hostname) and not upstream_internal and not self._configured(parts.netloc, hostname):
+            raise RealmRefused(f"redirect to {target[:200]!r} points at an internal address nobody configured")
+
     def check(self, realm: str) -> bool:
         """Return whether credentials may be sent to `realm`; raise RealmRefused if it must not be contacted."""
         parts = urlsplit(realm)

@@ -134,6 +134,11 @@ class UpstreamClient:
                 return response
             target = urljoin(url, response.headers["Location"])
             response.release()
+            try:
+                self.policy.check_redirect(target)
+            except RealmRefused as exc:
+                self.metrics.upstream_errors.labels(self.name, "redirect_refused").inc()
+                raise UpstreamUnavailable(f"upstream {self.name}: {exc}") from exc
             if urlsplit(target).netloc != urlsplit(url).netloc:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
