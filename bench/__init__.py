@@ -1,0 +1,1 @@
+"""Benchmarks: the mirror against the CNCF distribution registry in proxy mode, same machine, same run."""

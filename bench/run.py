@@ -1,0 +1,316 @@
+"""`python -m bench`: the mirror against distribution's proxy mode, scenario by scenario, in alternation.
+
+Prints a table of ratios (mirror relative to the peer measured in the same run), writes the numbers as
+JSON and a plot of the ratios as PNG. These machines are noisy and small: compare ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.seed import BigImage, seed_big_image, seed_runnable_image
+from bench.servers import MirrorServer, PeerServer, Server, peak_rss_bytes
+from tests.support.distribution import DistributionRegistry
+from tests.support.dockerd import DockerDaemon
+
+ACCEPT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+@dataclass
+class Result:
+    scenario: str
+    metric: str
+    unit: str
+    mirror: float
+    peer: float
+    higher_is_better: bool
+    target: float | None = None  # required ratio (mirror/peer when higher is better, else mirror/peer max)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ratio(self) -> float:
+        if self.peer == 0:
+            return float("inf") if self.mirror else 1.0
+        return self.mirror / self.peer
+
+    @property
+    def meets_target(self) -> bool | None:
+        if self.target is None:
+            return None
+        return self.ratio >= self.target if self.higher_is_better else self.ratio <= self.target
+
+
+# -- measuring tools -----------------------------------------------------------------------------
+_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
+
+
+def _wrk(url: str, *, threads: int, connections: int, seconds: float, headers: dict[str, str] | None = None) -> dict[str, float]:
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "30s"]
+    for key, value in (headers or {}).items():
+        argv += ["-H", f"{key}: {value}"]
+    completed = subprocess.run(argv + [url], capture_output=True, text=True, timeout=seconds + 60)
+    if completed.returncode != 0:
+        raise RuntimeError(f"wrk failed on {url}: {completed.stderr or completed.stdout}")
+    output = completed.stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+    transfer = re.search(r"Transfer/sec:\s+([\d.]+)(\w+)", output)
+    bytes_per_second = float(transfer.group(1)) * _UNITS[transfer.group(2)] if transfer else 0.0
+    latency: dict[str, float] = {}
+    for pct, value, unit in re.findall(r"^\s+(50|99)%\s+([\d.]+)(us|ms|s)\s*$", output, re.M):
+        latency[pct] = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+    if errors:
+        raise RuntimeError(f"wrk saw {errors.group(1)} error responses from {url}")
+    return {"rps": rps, "bytes_per_second": bytes_per_second, "p50": latency.get("50", 0.0), "p99": latency.get("99", 0.0)}
+
+
+def _curl(url: str) -> dict[str, float]:
+    fmt = "%{http_code} %{size_download} %{time_starttransfer} %{time_total} %{speed_download}"
+    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", fmt, url], capture_output=True, text=True,
+                         timeout=600, check=True).stdout.split()
+    return {"status": float(out[0]), "size": float(out[1]), "ttfb": float(out[2]), "total": float(out[3]),
+            "speed": float(out[4])}
+
+
+class RssSampler:
+    """Peak RSS of a process while a block runs (VmHWM after, checked against samples)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def peak(self) -> int:
+        return peak_rss_bytes(self.pid)
+
+
+def _upstream_gets(log: str, digest: str) -> tuple[int, int]:
+    """Blob GETs and bytes the upstream served for `digest`, from distribution's access log."""
+    count = total = 0
+    for match in re.finditer(rf'"GET /v2/[^ ]*/blobs/{re.escape(digest)} HTTP/1\.1" (\d+) (\d+)', log):
+        if match.group(1) in ("200", "206"):
+            count += 1
+            total += int(match.group(2))
+    return count, total
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+def warm_blob(servers: list[Server], image: BigImage, seconds: float, rounds: int) -> list[Result]:
+    results = []
+    for connections in (1, 16):
+        samples: dict[str, list[float]] = {s.name: [] for s in servers}
+        for server in servers:
+            _curl(f"{server.url}/v2/{image.repo}/blobs/{image.blob_digest}")  # make it warm
+        for _ in range(rounds):
+            for server in servers:  # alternate, so drift on a noisy machine hits both
+                url = f"{server.url}/v2/{image.repo}/blobs/{image.blob_digest}"
+                samples[server.name].append(
+                    _wrk(url, threads=min(connections, 2), connections=connections, seconds=seconds)["bytes_per_second"]
+                )
+        target = 1.2 if connections == 1 else 1.0
+        results.append(Result("1 warm blob", f"{connections} client(s) throughput", "MB/s",
+                              statistics.median(samples["mirror"]) / 1e6, statistics.median(samples["peer"]) / 1e6,
+                              True, target))
+    return results
+
+
+def cold_many(servers: list[Server], upstream: DistributionRegistry, image: BigImage, clients: int) -> list[Result]:
+    measured: dict[str, dict[str, float]] = {}
+    for server in servers:
+        server.reset()
+        log_before = len(upstream.log_text(tail=None))
+        url = f"{server.url}/v2/{image.repo}/blobs/{image.blob_digest}"
+        outcomes: list[dict[str, float]] = []
+        lock = threading.Lock()
+
+        def one() -> None:
+            outcome = _curl(url)
+            with lock:
+                outcomes.append(outcome)
+
+        started = time.perf_counter()
+        threads = [threading.Thread(target=one) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - started
+        bad = [o for o in outcomes if o["status"] != 200 or o["size"] != image.blob_size]
+        gets, upstream_bytes = _upstream_gets(upstream.log_text(tail=None)[log_before:], image.blob_digest)
+        measured[server.name] = {"wall": wall, "gets": gets, "bytes": upstream_bytes, "bad": len(bad),
+                                 "rss": peak_rss_bytes(server.pid)}
+    m, p = measured["mirror"], measured["peer"]
+    extra = {"mirror_failed_clients": m["bad"], "peer_failed_clients": p["bad"]}
+    return [
+        Result("2 cold blob, 20 clients", "wall time", "s", m["wall"], p["wall"], False, 0.5, extra),
+        Result("2 cold blob, 20 clients", "upstream blob GETs", "count", m["gets"], p["gets"], False, None,
+               {"mirror_target": "exactly 1"}),
+        Result("2 cold blob, 20 clients", "upstream bytes", "MB", m["bytes"] / 1e6, p["bytes"] / 1e6, False),
+        Result("6 peak RSS during scenario 2", "VmHWM", "MB", m["rss"] / 1e6, p["rss"] / 1e6, False, None,
+               {"mirror_target": "< 100 MB"}),
+    ]
+
+
+def cold_single(servers: list[Server], upstream: DistributionRegistry, image: BigImage, rounds: int) -> list[Result]:
+    samples: dict[str, list[dict[str, float]]] = {"mirror": [], "peer": [], "upstream": []}
+    for _ in range(rounds):
+        samples["upstream"].append(_curl(f"{upstream.url}/v2/{image.repo}/blobs/{image.blob_digest}"))
+        for server in servers:
+            server.reset()
+            samples[server.name].append(_curl(f"{server.url}/v2/{image.repo}/blobs/{image.blob_digest}"))
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(s[key] for s in samples[name])
+
+    direct = med("upstream", "speed") / 1e6
+    return [
+        Result("3 cold single client", "throughput", "MB/s", med("mirror", "speed") / 1e6, med("peer", "speed") / 1e6,
+               True, None, {"direct_from_upstream_MBps": direct,
+                            "mirror_vs_direct": med("mirror", "speed") / 1e6 / direct if direct else 0.0,
+                            "mirror_vs_direct_target": 0.8}),
+        Result("3 cold single client", "time to first byte", "ms", med("mirror", "ttfb") * 1e3,
+               med("peer", "ttfb") * 1e3, False, None, {"direct_from_upstream_ms": med("upstream", "ttfb") * 1e3}),
+    ]
+
+
+def manifests(servers: list[Server], image: BigImage, seconds: float, rounds: int) -> list[Result]:
+    results = []
+    for label, reference, target in (("by tag", image.tag, 10.0), ("by digest", image.manifest_digest, 3.0)):
+        runs: dict[str, list[dict[str, float]]] = {s.name: [] for s in servers}
+        for server in servers:
+            _curl(f"{server.url}/v2/{image.repo}/manifests/{reference}")
+        for _ in range(rounds):
+            for server in servers:
+                url = f"{server.url}/v2/{image.repo}/manifests/{reference}"
+                runs[server.name].append(_wrk(url, threads=2, connections=20, seconds=seconds,
+                                              headers={"Accept": ACCEPT_MANIFEST}))
+
+        def med(name: str, key: str) -> float:
+            return statistics.median(r[key] for r in runs[name])
+
+        results.append(Result(f"4 manifest {label}", "requests/s", "req/s", med("mirror", "rps"), med("peer", "rps"),
+                              True, target))
+        results.append(Result(f"4 manifest {label}", "p50 latency", "ms", med("mirror", "p50") * 1e3,
+                              med("peer", "p50") * 1e3, False))
+        results.append(Result(f"4 manifest {label}", "p99 latency", "ms", med("mirror", "p99") * 1e3,
+                              med("peer", "p99") * 1e3, False))
+    return results
+
+
+def docker_pull(servers: list[Server], image_name: str) -> list[Result]:
+    times: dict[str, dict[str, float]] = {}
+    for server in servers:
+        server.reset()
+        daemon = DockerDaemon(mirror_url=server.url).start()
+        try:
+            measured = {}
+            for phase in ("cold", "warm"):
+                started = time.perf_counter()
+                daemon.docker("pull", image_name, timeout=600)
+                measured[phase] = time.perf_counter() - started
+                daemon.docker("rmi", "-f", image_name)
+            times[server.name] = measured
+        finally:
+            daemon.stop()
+    return [
+        Result("5 docker pull", f"{phase} wall time", "s", times["mirror"][phase], times["peer"][phase], False)
+        for phase in ("cold", "warm")
+    ]
+
+
+# -- reporting -----------------------------------------------------------------------------------
+def print_table(results: list[Result]) -> None:
+    header = f"{'scenario':34} {'metric':26} {'mirror':>12} {'peer':>12} {'unit':>6} {'ratio':>7} {'target':>8}  ok"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        target = "" if r.target is None else (f">={r.target:g}x" if r.higher_is_better else f"<={r.target:g}x")
+        ok = {True: "yes", False: "NO", None: ""}[r.meets_target]
+        print(f"{r.scenario:34} {r.metric:26} {r.mirror:12.2f} {r.peer:12.2f} {r.unit:>6} {r.ratio:7.2f} {target:>8}  {ok}")
+        for key, value in r.extra.items():
+            print(f"{'':34}   {key}: {value:.3f}" if isinstance(value, float) else f"{'':34}   {key}: {value}")
+
+
+def write_plot(results: list[Result], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{r.scenario}\n{r.metric}" for r in results if r.peer and r.mirror]
+    # Plot "how many times better than the peer" so every bar reads the same way.
+    values = [r.ratio if r.higher_is_better else 1 / r.ratio for r in results if r.peer and r.mirror]
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
+    ax.barh(labels, values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("mirror vs distribution proxy (x times better; log scale)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--blob-mb", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario")
+    parser.add_argument("--clients", type=int, default=20, help="concurrent clients in the cold-miss scenario")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--skip", action="append", default=[], help="scenario numbers to skip (e.g. 5)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    upstream = DistributionRegistry.open().start()
+    servers: list[Server] = []
+    try:
+        print(f"seeding the upstream with a {args.blob_mb} MB blob ...", flush=True)
+        image = seed_big_image(upstream.url, work, args.blob_mb)
+        box = seed_runnable_image(upstream.host, work) if "5" not in args.skip else ""
+        servers = [MirrorServer(upstream.url), PeerServer(upstream.url)]
+        results: list[Result] = []
+        steps = [
+            ("1", lambda: warm_blob(servers, image, args.seconds, args.rounds)),
+            ("2", lambda: cold_many(servers, upstream, image, args.clients)),
+            ("3", lambda: cold_single(servers, upstream, image, args.rounds)),
+            ("4", lambda: manifests(servers, image, args.seconds, args.rounds)),
+            ("5", lambda: docker_pull(servers, box)),
+        ]
+        for number, step in steps:
+            if number in args.skip:
+                continue
+            print(f"scenario {number} ...", flush=True)
+            results.extend(step())
+        print()
+        print_table(results)
+        data = [dict(vars(r), ratio=r.ratio, meets_target=r.meets_target) for r in results]
+        (args.out / "results.json").write_text(json.dumps(data, indent=2))
+        plotted = write_plot(results, args.out / "ratios.png")
+        print(f"\nwrote {args.out / 'results.json'}" + (f" and {args.out / 'ratios.png'}" if plotted else
+                                                        " (install matplotlib for the plot)"))
+        return 0
+    finally:
+        for server in servers:
+            server.stop()
+        upstream.cleanup()
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
