@@ -82,6 +82,7 @@ def verify(root: Path, *, sample: int | None = None, seed: int | None = None) ->
         for digest in digests:
             path = blobs.path_for(digest)
             try:
+                inode = path.stat().st_ino
                 actual, _size = hash_file(path, digest.algorithm)
             except FileNotFoundError:
                 continue  # evicted or collected while we looked
@@ -90,7 +91,14 @@ def verify(root: Path, *, sample: int | None = None, seed: int | None = None) ->
                 continue
             quarantine.mkdir(exist_ok=True)
             target = quarantine / f"{digest.algorithm}-{digest.hex}-{int(time.time())}"
-            os.replace(path, target)
+            try:
+                # The server may have evicted the bad file meanwhile, or fetched a good copy in its place
+                # (a new inode): only the file that was hashed goes to quarantine.
+                if path.stat().st_ino != inode:
+                    continue
+                os.replace(path, target)
+            except FileNotFoundError:
+                continue
             index.remove(str(digest))
             report.quarantined.append(str(digest))
             log.warning("quarantined %s: its bytes hash to %s:%s", digest, digest.algorithm, actual)
@@ -173,8 +181,15 @@ def gc(root: Path, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> G
             # repository links become cached (evictable) rather than counting nowhere.
             local_now = {str(d) for d in local_linked}
             cached_now = {str(d) for d in cache_linked}
+            repositories = local.repositories()
             for key, record in list(index.items()):
                 if LOCAL in record.holders and key not in local_now:
+                    # Looked at again right now: a push may have linked it since the scan, and a blob that
+                    # lost `local` wrongly would be evictable, i.e. a pushed image could lose a layer.
+                    digest = Digest.parse(key)
+                    if any(local.has_blob(repo, digest) or local.manifest_link(repo, digest) is not None
+                           for repo in repositories):
+                        continue
                     if key in cached_now and CACHED not in record.holders:
                         index.add_holder(key, record.size, CACHED, record.last_access)
                     index.remove_holder(key, LOCAL)

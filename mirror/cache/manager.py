@@ -12,13 +12,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
+
+import diskcache
 
 from mirror.cache.index import CACHED, HOLDERS, LOCAL, BlobIndex, BlobRecord
 from mirror.cache.maintenance import STATS_FILE
@@ -61,7 +65,10 @@ class CacheManager:
         self._eviction_lock = asyncio.Lock()
         self._totals: dict[str, int] = dict.fromkeys(HOLDERS, 0)
         self._incoming = 0  # bytes of fills that asked for room and are not in the index yet
+        self._admitted = 0  # ... of which the free-space check let these in
+        self._rooms: dict[asyncio.Task[Any] | None, list[Any]] = {}  # per fill task: [size, admitted]
         self._stats_mtime: float | None = None
+        self._unsaved: list[_Change] = []  # index changes that failed (full disk), retried in order
 
     # -- bookkeeping on the hot path (no I/O) --------------------------------------------------------
     def note_access(self, digest: Digest) -> None:
@@ -95,14 +102,49 @@ class CacheManager:
         await asyncio.to_thread(self._release_sync, str(digest), holder)
 
     def _hold_sync(self, key: str, size: int, holder: str) -> None:
-        with self._totals_lock:
-            before, after = self.index.add_holder(key, size, holder, time.time())
-            self._account(before, after)
+        self._apply_sync(_Change("hold", key, size, holder))
 
     def _release_sync(self, key: str, holder: str) -> None:
+        self._apply_sync(_Change("release", key, 0, holder))
+
+    def _apply_sync(self, change: _Change) -> None:
+        """Blocking: write a change to the index, after any that could not be written before.
+
+        The blob is already stored (and linked) when its holder is recorded, so a failing index (SQLite
+        cannot write on a full disk) must not fail the request: the change waits in memory, in order, and
+        is written by the next change or background pass that gets through. Until then the blob has no
+        row, or not its new holder, and eviction leaves it alone."""
         with self._totals_lock:
-            before, after = self.index.remove_holder(key, holder)
+            self._unsaved.append(change)
+            self._write_unsaved_locked()
+
+    def _write_unsaved_locked(self) -> bool:
+        while self._unsaved:
+            change = self._unsaved[0]
+            before: BlobRecord | None
+            after: BlobRecord | None
+            try:
+                if change.kind == "hold":
+                    before, after = self.index.add_holder(change.key, change.size, change.holder, time.time())
+                elif change.kind == "release":
+                    before, after = self.index.remove_holder(change.key, change.holder)
+                else:  # "forget": an evicted blob's row (its bytes were already subtracted)
+                    self.index.remove(change.key)
+                    before = after = None
+            except INDEX_ERRORS as exc:
+                log.warning("blob index write failed (%s); %d change(s) wait in memory", exc, len(self._unsaved))
+                return False
+            self._unsaved.pop(0)
             self._account(before, after)
+        return True
+
+    def _write_unsaved_sync(self) -> bool:
+        with self._totals_lock:
+            return self._write_unsaved_locked()
+
+    @property
+    def unsaved_changes(self) -> int:
+        return len(self._unsaved)
 
     def _account(self, before: BlobRecord | None, after: BlobRecord | None) -> None:
         """Move a blob's bytes between holder totals, so the bound is known without scanning the index.
@@ -147,17 +189,36 @@ class CacheManager:
     async def incoming(self, size: int) -> AsyncIterator[None]:
         """Around a fill of `size` bytes: make room first, and count the bytes as on their way until the
         fill is over (committed and held, or failed), so concurrent fills cannot each find the same room."""
+        task = asyncio.current_task()
         self._incoming += size
+        self._rooms[task] = [size, False]
         try:
             await self._make_room_for_incoming()
             yield
         finally:
             self._incoming -= size
+            room = self._rooms.pop(task, None)
+            if room is not None and room[1]:
+                self._admitted -= size
 
     @property
     def incoming_bytes(self) -> int:
         """Bytes of fills under way (announced through `incoming`), not yet on disk in full."""
         return self._incoming
+
+    def admit(self) -> None:
+        """The fill running in this task found disk space for itself (see `admitted_bytes`)."""
+        room = self._rooms.get(asyncio.current_task())
+        if room is not None and not room[1]:
+            room[1] = True
+            self._admitted += room[0]
+
+    @property
+    def admitted_bytes(self) -> int:
+        """Bytes of fills under way that were admitted by the free-space check: a fill checking for disk
+        space counts these and itself, not every fill that merely started (all of which counting each
+        other would let none of them in on a nearly full disk)."""
+        return self._admitted
 
     async def make_room(self, incoming: int) -> None:
         """Before a fill of `incoming` bytes: evict first when it would push the cache over its bound."""
@@ -219,13 +280,17 @@ class CacheManager:
             if key in self._busy:
                 return None
             with self._totals_lock:
-                current = self.index.get(key)
-                if current is None or not current.evictable:
-                    return None  # a push or a pin holds it now, or another process removed it
+                if any(change.key == key for change in self._unsaved):
+                    return None  # a holder may be waiting to be written: the row is not the whole truth
                 try:
+                    current = self.index.get(key)
                     digest = Digest.parse(key)
                 except RegistryError:
                     return None
+                except INDEX_ERRORS:
+                    return None
+                if current is None or not current.evictable:
+                    return None  # a push or a pin holds it now, or another process removed it
                 trash: Path = _GONE
                 # A rename is atomic and quick: once it happened, no reader can find the file any more.
                 candidate = self.blobs.temp_root / f"{uuid.uuid4().hex}.evicted"
@@ -237,7 +302,10 @@ class CacheManager:
                 except OSError:
                     log.exception("could not evict %s; keeping it", key)
                     return None
-                self.index.remove(key)
+                # Eviction is what frees a full disk, so it must work when the index cannot be written:
+                # the row's removal then waits in memory like any other change.
+                self._unsaved.append(_Change("forget", key, 0, ""))
+                self._write_unsaved_locked()
                 self._account(current, None)
                 return trash
 
@@ -245,7 +313,12 @@ class CacheManager:
         if not self._accesses:
             return
         pending, self._accesses = self._accesses, {}
-        await asyncio.to_thread(self.index.touch_many, pending)
+        try:
+            await asyncio.to_thread(self.index.touch_many, pending)
+        except INDEX_ERRORS as exc:
+            # Keep them for the next flush (newer accesses win); LRU order is only as good as what is written.
+            log.warning("could not record last-access times (%s); will retry", exc)
+            self._accesses = {**pending, **self._accesses}
 
     async def run(self) -> AsyncIterator[None]:
         """cleanup_ctx body: flush accesses and enforce the bound periodically."""
@@ -257,10 +330,16 @@ class CacheManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await self.flush_accesses()
+            if self._unsaved and not await asyncio.to_thread(self._write_unsaved_sync):
+                log.warning("%d blob index change(s) could not be written; start-up will reconcile the index",
+                            len(self._unsaved))
 
     async def maintain(self) -> None:
-        """One background pass: flush last-access times, recount after `mirror gc`/`mirror verify` changed
-        the index, and evict when cached content is above the high watermark."""
+        """One background pass: write index changes that failed before, flush last-access times, recount
+        after `mirror gc`/`mirror verify` changed the index, and evict when cached content is above the
+        high watermark."""
+        if self._unsaved:
+            await asyncio.to_thread(self._write_unsaved_sync)
         await self.flush_accesses()
         stats_mtime = await asyncio.to_thread(_mtime, self.blobs.root / STATS_FILE)
         if stats_mtime != self._stats_mtime:
@@ -279,6 +358,17 @@ class CacheManager:
 
 
 _GONE = Path("/nonexistent/evicted")  # sentinel: the blob file was already gone
+# What a failing index raises: SQLite errors (a full disk: "database or disk is full"), diskcache's lock
+# timeout, and OS errors from its files.
+INDEX_ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error, diskcache.Timeout, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class _Change:
+    kind: str  # hold, release, forget
+    key: str
+    size: int
+    holder: str
 
 
 def _mtime(path: Path) -> float | None:
@@ -298,6 +388,10 @@ def reconcile_sync(index: BlobIndex, blobs: BlobStore, local_repos: RepoStore) -
     Rows whose size disagrees with the file are corrected, and rows of locally linked blobs gain `local`.
     Returns (rows dropped, files indexed or removed).
     """
+    # Bytes an eviction had renamed away but not yet unlinked when the process died: garbage at any age.
+    for trash in blobs.temp_root.glob("*.evicted"):
+        with contextlib.suppress(FileNotFoundError):
+            trash.unlink()
     on_disk: dict[str, int] = {}
     for digest in blobs.iter_digests_sync():
         stored = blobs.stat_sync(digest)
@@ -318,26 +412,26 @@ def reconcile_sync(index: BlobIndex, blobs: BlobStore, local_repos: RepoStore) -
             cache_linked.update(str(d) for d in cache_repos.linked_manifests(repo))
     dropped = added = 0
     now = time.time()
-    for digest, _record in list(index.items()):
-        if digest not in on_disk:
-            index.remove(digest)
+    for key, _record in list(index.items()):
+        if key not in on_disk:
+            index.remove(key)
             dropped += 1
-    for digest, size in on_disk.items():
-        record = index.get(digest)
+    for key, size in on_disk.items():
+        record = index.get(key)
         if record is None:
-            if digest in locally_linked:
-                index.add_holder(digest, size, LOCAL, now)
-            elif digest in cache_linked:
-                index.add_holder(digest, size, CACHED, 0.0)
+            if key in locally_linked:
+                index.add_holder(key, size, LOCAL, now)
+            elif key in cache_linked:
+                index.add_holder(key, size, CACHED, 0.0)
             else:
                 with contextlib.suppress(FileNotFoundError):
-                    blobs.path_for(Digest.parse(digest)).unlink()
-                log.info("start-up recovery: removed %s (no row, and no repository links it)", digest)
+                    blobs.path_for(Digest.parse(key)).unlink()
+                log.info("start-up recovery: removed %s (no row, and no repository links it)", key)
             added += 1
             continue
         if record.size != size:
-            log.warning("start-up recovery: index said %s is %d bytes, the file has %d", digest, record.size, size)
-            index.set_size(digest, size)
-        if digest in locally_linked and LOCAL not in record.holders:
-            index.add_holder(digest, size, LOCAL, now)
+            log.warning("start-up recovery: index said %s is %d bytes, the file has %d", key, record.size, size)
+            index.set_size(key, size)
+        if key in locally_linked and LOCAL not in record.holders:
+            index.add_holder(key, size, LOCAL, now)
     return dropped, added

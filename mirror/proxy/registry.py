@@ -9,6 +9,7 @@ upstream fails, whatever is cached is served (stale-if-error) and counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -210,7 +211,9 @@ class ProxyRegistry(Registry):
             await fill.commit(stored.path)
             self.metrics.fills.labels(self.name, "ok").inc()
         except BaseException as exc:
-            await writer.close()
+            # close() raises the failed write again (ENOSPC): that must not skip removing the temp file.
+            with contextlib.suppress(Exception):
+                await writer.close()
             await asyncio.to_thread(temp.unlink, True)
             if not fill.has_descriptor:
                 await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
@@ -226,14 +229,20 @@ class ProxyRegistry(Registry):
         Free space is checked, not allocated: preallocating (posix_fallocate) made every later write into
         the file a third slower here, on the hottest path there is. A disk filled by someone else during
         the download still fails the fill cleanly (clients are cut and retry; nothing is committed)."""
-        needed = self.cache.incoming_bytes + DISK_MARGIN_BYTES
+        # Only fills already admitted count, plus this one: with every started fill counted, concurrent
+        # fills on a nearly full disk each counted all the others and all of them got 503. (No await
+        # between computing `needed` and admit(), or two fills could both take the same space.)
         free = await self.blobs.free_bytes()
+        needed = self.cache.admitted_bytes + size + DISK_MARGIN_BYTES
         if free >= needed:
+            self.cache.admit()
             return
         await self.cache.evict_to(max(self.cache.cached_bytes - (needed - free), 0), force_bytes=needed - free)
-        if await self.blobs.free_bytes() < needed:
+        free = await self.blobs.free_bytes()
+        if free < self.cache.admitted_bytes + size + DISK_MARGIN_BYTES:
             self.metrics.upstream_errors.labels(self.name, "disk_full").inc()
             raise StorageFull(f"no space left to cache {size} bytes")
+        self.cache.admit()
 
     def _link_blob_to_all(self, repos: set[str], digest: Digest) -> None:
         """Blocking: link a committed blob to every repository its fill was confirmed for."""

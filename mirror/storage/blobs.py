@@ -8,6 +8,7 @@ blob or a whole one. Which repositories may read a blob is decided by repository
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import time
@@ -17,7 +18,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import BinaryIO
 
-from mirror.errors import DigestInvalid, SizeInvalid
+from mirror.errors import DigestInvalid, SizeInvalid, StorageFull
 from mirror.oci.digest import Digest
 from mirror.storage.files import fsync_dir
 
@@ -117,8 +118,16 @@ class BlobStore:
             if existing is not None:
                 return existing
             temp = self.new_temp_path()
-            temp.write_bytes(data)
-            return self.commit_sync(temp, digest, hashlib.new(digest.algorithm, data).hexdigest(), len(data))
+            try:
+                temp.write_bytes(data)
+                return self.commit_sync(temp, digest, hashlib.new(digest.algorithm, data).hexdigest(), len(data))
+            except OSError as exc:
+                # A failed write must not leave its temp file behind, and a full disk is the clean 503 a
+                # client knows to retry elsewhere (Docker, containerd), not a 500.
+                temp.unlink(missing_ok=True)
+                if exc.errno == errno.ENOSPC:
+                    raise StorageFull(f"no space left to store {len(data)} bytes") from exc
+                raise
 
         return await asyncio.to_thread(write)
 

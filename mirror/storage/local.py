@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterable
 
 from mirror.cache.index import LOCAL
@@ -81,7 +82,9 @@ class LocalRegistry(Registry):
                         self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
                     )
                 except BaseException:
-                    await writer.close()
+                    # close() raises a failed write again (ENOSPC): that must not skip removing the temp file.
+                    with contextlib.suppress(Exception):
+                        await writer.close()
                     await asyncio.to_thread(temp.unlink, True)
                     raise
             await asyncio.to_thread(self.repos.link_blob, repo, digest)

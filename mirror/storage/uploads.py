@@ -9,6 +9,7 @@ state is rebuilt from the file once.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import re
@@ -19,7 +20,7 @@ from collections.abc import AsyncIterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.errors import BlobUploadUnknown, RangeNotSatisfiable, SizeInvalid
+from mirror.errors import BlobUploadUnknown, RangeNotSatisfiable, SizeInvalid, StorageFull
 from mirror.oci.digest import Digest
 from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob, hash_file
 from mirror.storage.files import atomic_write
@@ -132,11 +133,19 @@ class UploadStore:
             self.root / upload.id / "data", "sha256", append_to=upload.size, hasher=state.hasher
         )
         try:
-            async for chunk in chunks:
-                await writer.write(chunk)
-        finally:
-            await writer.close()
-            state.size = writer.size
+            try:
+                async for chunk in chunks:
+                    await writer.write(chunk)
+            finally:
+                await writer.close()
+                state.size = writer.size
+        except OSError as exc:
+            # A full disk is a clean 503 (the client can ask the status and resume once there is room), not
+            # a 500. The session keeps what reached the disk; its running hash is rebuilt from the file.
+            self._hash_states.pop(upload.id, None)
+            if exc.errno == errno.ENOSPC:
+                raise StorageFull("no space left on the registry's disk for this upload") from exc
+            raise
         received = writer.size - upload.size
         if length is not None and received != length:
             # Refuse the whole chunk, not just the request: cut the file back so the session is exactly

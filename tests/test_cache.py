@@ -1,0 +1,519 @@
+"""The bounded cache: LRU eviction under `storage.max_size`, what it must never evict, and its metrics.
+
+The first half drives a mirror in-process against the fake upstream; the property test at the end drives
+CacheManager + BlobIndex + BlobStore directly through random sequences of fills, reads, pushes, pins,
+serves and eviction passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import sqlite3
+import tempfile
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+import mirror.cache.manager as manager_module
+from mirror.cache.index import CACHED, LOCAL, PINNED, BlobIndex
+from mirror.cache.manager import CacheManager
+from mirror.config import StorageConfig
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
+from mirror.state import CACHE, CONFIG
+from mirror.storage.blobs import BlobStore
+from tests.cache_helpers import MiB, add_to_upstream, blob_files, check_store, make_image, pull, push
+from tests.fake_upstream import FakeUpstream, digest_of, upstream_config
+from tests.proxy_helpers import metric_value, metrics_text
+
+LAYER = 4 * MiB
+MAX_SIZE = 40 * MiB
+
+
+async def start(aiohttp_server: Any, make_registry: Any, fake: FakeUpstream, **storage: Any) -> Any:
+    server = await aiohttp_server(fake.app())
+    url = f"http://{server.host}:{server.port}"
+    return await make_registry(
+        upstreams=[upstream_config(url, library_prefix=True, tag_ttl="1h")],
+        local={"repositories": ["local/**"]},
+        storage=storage,
+    )
+
+
+def cached_bytes_on_disk(root: Path, exclude: set[str]) -> int:
+    return sum(path.stat().st_size for digest, path in blob_files(root).items() if digest not in exclude)
+
+
+@pytest.mark.slow
+async def test_pulls_several_times_the_bound_stay_under_it_evicting_oldest_first(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    images = [make_image(f"library/img{i}", "1", [os.urandom(LAYER), os.urandom(LAYER)]) for i in range(15)]
+    for image in images:
+        add_to_upstream(fake, image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=MAX_SIZE)
+    root = client.server.app[CONFIG].storage.path
+    cache: CacheManager = client.server.app[CACHE]
+    high = int(MAX_SIZE * 0.95)
+
+    # Pushed content and pinned content must survive whatever the cache goes through.
+    local_image = make_image("local/app", "1", [os.urandom(LAYER), os.urandom(LAYER)])
+    await push(client, local_image)
+    local_digests = set(local_image.all_digests)
+
+    for image in images[:5]:
+        await pull(client, image)
+        assert cached_bytes_on_disk(root, local_digests) <= high
+    pinned = images[1]
+    for digest in pinned.layer_digests:
+        await cache.hold(Digest.parse(digest), LAYER, PINNED)
+    pinned_digests = set(pinned.layer_digests)
+    await pull(client, images[0])  # hits: image 0 is now more recent than images 2-4
+
+    for image in images[5:]:
+        await pull(client, image)
+        cached = cached_bytes_on_disk(root, local_digests | pinned_digests)
+        assert cached <= high, f"cached content is {cached} bytes after pulling {image.repo}"
+        assert metric_value(await metrics_text(client), "mirror_stored_bytes", holder="cached") <= high
+
+    # Least recently used first: 2, 3, 4 (1 is pinned), then 0 (re-read after 4), then 5, 6, ...
+    lru_order = [d for i in (2, 3, 4, 0, *range(5, 15)) for d in images[i].layer_digests]
+    on_disk = set(blob_files(root))
+    evicted = [d for d in lru_order if d not in on_disk]
+    assert evicted, "nothing was evicted: the test did not put the cache under pressure"
+    assert evicted == lru_order[: len(evicted)], "eviction did not follow least-recent use"
+    assert local_digests <= on_disk and pinned_digests <= on_disk
+
+    # Metrics agree with the disk: every blob fetched and no longer here was evicted exactly once.
+    fetched = sum(n for (method, path), n in fake.requests.items()
+                  if method == "GET" and ("/blobs/" in path or "/manifests/" in path))
+    cached_files = len(on_disk - local_digests)  # pinned layers were fetched as cached content
+    text = await metrics_text(client)
+    assert metric_value(text, "mirror_evictions_total") == fetched - cached_files
+    await cache.maintain()
+    text = await metrics_text(client)
+    assert metric_value(text, "mirror_stored_bytes", holder="local") == local_image.total_bytes
+    assert metric_value(text, "mirror_stored_bytes", holder="pinned") == 2 * LAYER
+    assert metric_value(text, "mirror_stored_bytes", holder="cached") == cached_bytes_on_disk(
+        root, local_digests | pinned_digests
+    )
+
+    # Every image still pulls correctly: evicted blobs (and manifests) are fetched again, transparently.
+    before = fake.count("GET", images[2].layer_digests[0])
+    for image in images:
+        await pull(client, image)
+        assert cached_bytes_on_disk(root, local_digests | pinned_digests) <= high
+    assert fake.count("GET", images[2].layer_digests[0]) == before + 1
+    await pull(client, local_image)
+    assert local_digests | pinned_digests <= set(blob_files(root))
+    await cache.flush_accesses()
+    check_store(root)
+
+
+async def test_evicted_manifest_and_blobs_are_fetched_again_by_tag(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    image = make_image("library/web", "stable", [os.urandom(256 << 10), os.urandom(256 << 10)])
+    add_to_upstream(fake, image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=MAX_SIZE)
+    cache: CacheManager = client.server.app[CACHE]
+    await pull(client, image)
+    result = await cache.evict_to(0)
+    assert result.evicted == len(image.all_digests) and result.cached_bytes_after == 0
+    assert blob_files(client.server.app[CONFIG].storage.path) == {}
+    await pull(client, image)  # same tag: the blobs come back from the upstream (the manifest too, unless
+    # the hot-manifest memo still answers it from memory: either way the client sees the same bytes)
+    assert fake.count("GET", f"/manifests/{image.tag}") <= 2
+    for digest in image.blob_digests:
+        assert fake.count("GET", digest) == 2
+    check_store(client.server.app[CONFIG].storage.path)
+
+
+async def test_a_blob_being_sent_is_not_evicted(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    big = os.urandom(32 * MiB)  # more than loopback socket buffers hold: the send is still going on
+    image = make_image("library/big", "1", [big])
+    add_to_upstream(fake, image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=MAX_SIZE)
+    cache: CacheManager = client.server.app[CACHE]
+    root = client.server.app[CONFIG].storage.path
+    await pull(client, image)
+    digest = digest_of(big)
+
+    response = await client.get(f"/v2/library/big/blobs/{digest}")  # a hit: sendfile of the stored file
+    assert response.status == 200
+    first = await response.content.read(64 << 10)
+    await cache.evict_to(0)  # everything else goes; the blob being sent stays
+    assert digest in blob_files(root)
+    rest = await response.read()
+    assert first + rest == big
+    response.release()
+    await asyncio.sleep(0.05)
+    await cache.evict_to(0)
+    assert digest not in blob_files(root)
+    await pull(client, image)
+
+
+async def test_pushing_a_cached_blob_makes_it_local_for_good(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    shared = os.urandom(1 * MiB)
+    upstream_image = make_image("library/base", "1", [shared])
+    add_to_upstream(fake, upstream_image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=MAX_SIZE)
+    cache: CacheManager = client.server.app[CACHE]
+    await pull(client, upstream_image)
+    local_image = make_image("local/derived", "1", [shared, os.urandom(1000)])
+    await push(client, local_image)
+    await cache.evict_to(0)
+    files = blob_files(client.server.app[CONFIG].storage.path)
+    assert digest_of(shared) in files  # held as local too: never evicted
+    assert upstream_image.digest not in files
+    await pull(client, local_image)
+    await pull(client, upstream_image)
+    assert fake.count("GET", digest_of(shared)) == 1
+    rows = check_store(client.server.app[CONFIG].storage.path)
+    assert rows[digest_of(shared)].holders == {CACHED, LOCAL}
+
+
+class FlakyIndex(BlobIndex):
+    """A BlobIndex whose writes fail while `broken`, as SQLite's do on a full disk."""
+
+    broken = False
+
+    def _check(self) -> None:
+        if self.broken:
+            raise sqlite3.OperationalError("database or disk is full")
+
+    def add_holder(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().add_holder(*args, **kwargs)
+
+    def remove_holder(self, *args: Any, **kwargs: Any) -> Any:
+        self._check()
+        return super().remove_holder(*args, **kwargs)
+
+    def remove(self, digest: str) -> None:
+        self._check()
+        super().remove(digest)
+
+    def touch_many(self, accesses: dict[str, float]) -> None:
+        self._check()
+        super().touch_many(accesses)
+
+
+async def test_index_write_failures_wait_in_memory_and_never_expose_a_held_blob(tmp_path):
+    """On a full disk SQLite cannot write: blobs already stored must still be held (in memory, written
+    later), eviction must still free space, and must not take a blob whose new holder is not written yet."""
+    blobs = BlobStore(tmp_path)
+    index = FlakyIndex(tmp_path / "index")
+    cache = CacheManager(index, blobs, StorageConfig(path=tmp_path, max_size=1 << 20), Metrics())
+    a, b, c = (os.urandom(1000 + i) for i in range(3))
+    da, db, dc = (Digest.of(x) for x in (a, b, c))
+    for data, digest in ((a, da), (b, db)):
+        await blobs.put_bytes(data, digest)
+        await cache.hold(digest, len(data), CACHED)
+    index.broken = True
+    await cache.hold(da, len(a), LOCAL)  # a push reused the cached copy: must not raise, must not be lost
+    await blobs.put_bytes(c, dc)
+    await cache.hold(dc, len(c), CACHED)
+    cache.note_access(db)
+    await cache.flush_accesses()
+    assert cache.unsaved_changes == 2
+    result = await cache.evict_to(0)
+    assert result.evicted == 1 and not blobs.path_for(db).exists()  # space is freed all the same
+    assert blobs.path_for(da).exists(), "evicted a blob whose local holder was waiting to be written"
+    assert cache.unsaved_changes == 3  # ... and its row's removal waits too
+
+    index.broken = False
+    await cache.maintain()
+    assert cache.unsaved_changes == 0
+    rows = dict(index.items())
+    assert set(rows) == {str(da), str(dc)}
+    assert rows[str(da)].holders == {CACHED, LOCAL} and rows[str(dc)].holders == {CACHED}
+    assert cache.totals == index.totals() == {CACHED: len(c), LOCAL: len(a), PINNED: 0}
+    assert [p.name for p in blobs.temp_root.iterdir()] == []
+    index.close()
+
+
+# -- property test: CacheManager + BlobIndex + BlobStore driven directly ------------------------------
+
+POOL = [hashlib.sha256(str(i).encode()).digest() * (32 * (1 + i % 8)) for i in range(12)]  # 1-8 KiB each
+POOL_DIGESTS = [Digest.of(data) for data in POOL]
+P_MAX, P_HIGH, P_LOW = 32 << 10, 0.9, 0.6
+
+
+class FakeClock:
+    """Strictly increasing time, so least-recent use is never a tie."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def time(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+async def _inline_to_thread(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+    await asyncio.sleep(0)
+    return func(*args, **kwargs)
+
+
+class CacheMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="cache-prop-"))
+        self.clock = FakeClock()
+        self.patch = mock.patch.object(manager_module, "time", self.clock)
+        self.patch.start()
+        # Thread hops become plain yields to the loop: concurrent steps interleave at the same points, but
+        # in the same order every run, so hypothesis can replay and shrink a failure.
+        self.threads = mock.patch.object(asyncio, "to_thread", _inline_to_thread)
+        self.threads.start()
+        self.loop = asyncio.new_event_loop()
+        self.blobs = BlobStore(self.dir)
+        self.index = BlobIndex(self.dir / "index")
+        config = StorageConfig(path=self.dir, max_size=P_MAX, high_watermark=P_HIGH, low_watermark=P_LOW)
+        self.cache = CacheManager(self.index, self.blobs, config, Metrics())
+        # The model: who holds each pool blob on disk, and when it was last used (as the cache was told).
+        self.holders: dict[int, set[str]] = {}
+        self.used: dict[int, float] = {}
+        self.serving: dict[int, list[contextlib.ExitStack]] = {}
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        for stacks in self.serving.values():
+            for stack in stacks:
+                stack.close()
+        self.loop.close()
+        self.index.close()
+        self.threads.stop()
+        self.patch.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def on_disk(self) -> set[int]:
+        return {i for i, d in enumerate(POOL_DIGESTS) if self.blobs.path_for(d).exists()}
+
+    def busy(self) -> set[int]:
+        return {i for i, stacks in self.serving.items() if stacks}
+
+    def evictable(self, busy: set[int]) -> dict[int, int]:
+        return {i: len(POOL[i]) for i, h in self.holders.items() if h == {CACHED} and i not in busy}
+
+    def present(self, data: st.DataObject, label: str = "blob") -> int:
+        """One of the blobs on disk (rules about existing content pick among them, not the whole pool)."""
+        return data.draw(st.sampled_from(sorted(self.holders)), label=label)
+
+    def held(self, i: int, holder: str) -> None:
+        self.holders.setdefault(i, set()).add(holder)
+        record = self.index.get(str(POOL_DIGESTS[i]))
+        assert record is not None
+        self.used[i] = record.last_access  # a hold counts as a use
+
+    def after_eviction(self, busy: set[int], refilled: set[int] = frozenset()) -> set[int]:
+        """Blobs that left the disk must have been evictable, not in use, and the least recently used."""
+        gone = set(self.holders) - self.on_disk()
+        for i in gone:
+            assert self.holders[i] == {CACHED}, f"evicted blob {i} held by {self.holders[i]}"
+            assert i not in busy, f"evicted blob {i} while it was in use"
+        evicted = gone | {i for i in refilled if i in self.holders}  # these may have gone and come back
+        survivors = [self.used[i] for i in self.evictable(busy) if i not in evicted]
+        if gone and survivors:
+            assert max(self.used[i] for i in gone) < min(survivors), "evicted a more recently used blob first"
+        for i in gone:
+            del self.holders[i]
+            self.used.pop(i, None)
+        return gone
+
+    async def _fill(self, i: int) -> None:
+        """As a pull-through GET does: the handler marks the digest in use before it looks for the file,
+        the fill makes room (counting its bytes as incoming), stores the bytes and holds them as cached."""
+        data, digest = POOL[i], POOL_DIGESTS[i]
+        with self.cache.serving(digest):
+            async with self.cache.incoming(len(data)):
+                await asyncio.sleep(0)  # let concurrent fills interleave here, as network reads would
+                await self.blobs.put_bytes(data, digest)
+                await self.cache.hold(digest, len(data), CACHED)
+
+    def check_room(self, busy: set[int], incoming: int) -> None:
+        # Room was made before each fill: cached content is within the high watermark, unless only blobs in
+        # use (which eviction must skip) and the fills themselves keep it above.
+        stuck = sum(len(POOL[j]) for j in busy if self.holders.get(j) == {CACHED})
+        assert self.cache.cached_bytes <= max(int(P_MAX * P_HIGH), stuck + incoming)
+
+    # -- rules -------------------------------------------------------------------------------------
+    @initialize(ids=st.lists(st.integers(0, len(POOL) - 1), min_size=2, max_size=8))
+    def start_with(self, ids: list[int]) -> None:
+        for i in ids:
+            self.fill(i)
+
+    @rule(i=st.integers(0, len(POOL) - 1))
+    def fill(self, i: int) -> None:
+        """A pull-through miss (or a pull of content that is here for another reason)."""
+        self.run(self._fill(i))
+        self.after_eviction(self.busy(), refilled={i})
+        self.held(i, CACHED)
+        self.check_room(self.busy(), len(POOL[i]))
+
+    @rule(ids=st.lists(st.integers(0, len(POOL) - 1), min_size=2, max_size=4, unique=True))
+    def fill_concurrently(self, ids: list[int]) -> None:
+        """Several misses at once: each must find room that the others are not also counting on."""
+
+        async def go() -> None:
+            await asyncio.gather(*(self._fill(i) for i in ids))
+
+        self.run(go())
+        self.after_eviction(self.busy(), refilled=set(ids))
+        for i in ids:
+            # One fill's room may be made by evicting another that just finished (if all older content is
+            # gone already): such a blob is simply not here.
+            if self.index.get(str(POOL_DIGESTS[i])) is not None:
+                self.held(i, CACHED)
+        self.check_room(self.busy(), sum(len(POOL[i]) for i in ids))
+
+    @precondition(lambda self: self.holders)
+    @rule(data=st.data())
+    def read(self, data: st.DataObject) -> None:
+        i = self.present(data)
+        self.cache.note_access(POOL_DIGESTS[i])
+        if self.index.get(str(POOL_DIGESTS[i])) is not None:
+            self.used[i] = self.clock.now
+
+    @rule(i=st.integers(0, len(POOL) - 1))
+    def push(self, i: int) -> None:
+        """A local push of these bytes (reusing the stored copy if there is one), as LocalRegistry does."""
+        data, digest = POOL[i], POOL_DIGESTS[i]
+
+        async def go() -> None:
+            with self.cache.in_use(digest):
+                stored = await self.blobs.reuse(digest)
+                if stored is None:
+                    await self.blobs.put_bytes(data, digest)
+                await self.cache.hold(digest, len(data), LOCAL)
+
+        self.run(go())
+        self.held(i, LOCAL)
+
+    @precondition(lambda self: self.holders)
+    @rule(data=st.data())
+    def push_while_evicting(self, data: st.DataObject) -> None:
+        """A push that reuses a cached copy, racing an eviction pass that wants that very copy gone."""
+        i = self.present(data)
+        digest = POOL_DIGESTS[i]
+
+        async def push() -> None:
+            with self.cache.in_use(digest):
+                stored = await self.blobs.reuse(digest)
+                await asyncio.sleep(0)  # the eviction runs here, between finding the file and holding it
+                if stored is None:
+                    await self.blobs.put_bytes(POOL[i], digest)
+                await self.cache.hold(digest, len(POOL[i]), LOCAL)
+
+        async def go() -> None:
+            await asyncio.gather(push(), self.cache.evict_to(0))
+
+        busy = self.busy() | {i}
+        self.run(go())
+        self.after_eviction(busy, refilled={i})
+        self.held(i, LOCAL)
+        assert self.blobs.path_for(digest).exists()
+
+    @precondition(lambda self: self.holders)
+    @rule(data=st.data())
+    def pin(self, data: st.DataObject) -> None:
+        i = self.present(data)
+        self.run(self.cache.hold(POOL_DIGESTS[i], len(POOL[i]), PINNED))
+        self.held(i, PINNED)
+
+    @precondition(lambda self: self.holders)
+    @rule(data=st.data(), holder=st.sampled_from([LOCAL, PINNED]))
+    def let_go(self, data: st.DataObject, holder: str) -> None:
+        """gc dropped a local link, or replication unpinned. The last holder gone leaves an orphan row (it
+        counts nowhere and is never evicted; gc removes such files); a later fill holds it again."""
+        i = self.present(data)
+        if holder in self.holders[i]:
+            self.run(self.cache.release(POOL_DIGESTS[i], holder))
+            self.holders[i].discard(holder)
+
+    @precondition(lambda self: self.holders)
+    @rule(data=st.data())
+    def serve_start(self, data: st.DataObject) -> None:
+        i = self.present(data)
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.cache.serving(POOL_DIGESTS[i]))
+        self.serving.setdefault(i, []).append(stack)
+
+    @precondition(lambda self: any(self.serving.values()))
+    @rule(data=st.data())
+    def serve_end(self, data: st.DataObject) -> None:
+        i = data.draw(st.sampled_from(sorted(self.busy())))
+        self.serving[i].pop().close()
+
+    @rule(fraction=st.sampled_from([0.0, 0.3, P_LOW, 1.0]), force=st.sampled_from([0, 4096]), data=st.data())
+    def evict(self, fraction: float, force: int, data: st.DataObject) -> None:
+        """An eviction pass (make_room's, a full disk's with force) while some blobs are being sent."""
+        sending = data.draw(st.sets(st.sampled_from(sorted(self.holders))), label="sending") if self.holders else set()
+        target = int(P_MAX * fraction)
+        with contextlib.ExitStack() as stack:
+            for i in sending:
+                stack.enter_context(self.cache.serving(POOL_DIGESTS[i]))
+            result = self.run(self.cache.evict_to(target, force_bytes=force))
+        busy = self.busy() | sending
+        gone = self.after_eviction(busy)
+        remaining = sum(self.evictable(busy).values())
+        # The bound: what is left and could have gone is within the target (or nothing evictable is left).
+        assert remaining <= target or remaining == 0
+        assert sum(len(POOL[i]) for i in gone) >= min(force, sum(len(POOL[i]) for i in gone) + remaining)
+        assert result.evicted == len(gone)
+        assert result.cached_bytes_after == self.cache.cached_bytes
+
+    @rule()
+    def background_pass(self) -> None:
+        self.run(self.cache.maintain())
+        busy = self.busy()
+        self.after_eviction(busy)
+        remaining = sum(self.evictable(busy).values())
+        # Above the high watermark a pass evicts down to the low one; only blobs in use may keep it above.
+        assert self.cache.cached_bytes <= int(P_MAX * P_HIGH) or remaining == 0
+
+    # -- invariants --------------------------------------------------------------------------------
+    @invariant()
+    def index_and_disk_agree(self) -> None:
+        rows = dict(self.index.items())
+        files = {str(POOL_DIGESTS[i]) for i in self.on_disk()}
+        assert set(rows) == files
+        for key, record in rows.items():
+            i = POOL_DIGESTS.index(Digest.parse(key))
+            assert record.size == len(POOL[i])
+            assert record.holders == frozenset(self.holders[i]), (i, record.holders, self.holders[i])
+
+    @invariant()
+    def held_and_served_blobs_are_on_disk(self) -> None:
+        disk = self.on_disk()
+        for i, holders in self.holders.items():
+            assert i in disk, f"blob {i} held by {holders} is gone"
+        assert self.busy() <= disk
+
+    @invariant()
+    def totals_match_the_index(self) -> None:
+        assert self.cache.totals == self.index.totals()
+
+    @invariant()
+    def no_leftover_temp_files(self) -> None:
+        assert list(self.blobs.temp_root.iterdir()) == []
+
+
+CacheMachine.TestCase.settings = settings(
+    max_examples=50, stateful_step_count=30, deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+test_cache_invariants = CacheMachine.TestCase
