@@ -517,3 +517,25 @@ CacheMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
 test_cache_invariants = CacheMachine.TestCase
+
+
+async def test_a_blob_larger_than_the_whole_bound_is_streamed_through_and_not_kept(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    small = make_image("library/small", "1", [os.urandom(LAYER)])
+    huge = make_image("library/huge", "1", [os.urandom(6 * MiB)])
+    add_to_upstream(fake, small)
+    add_to_upstream(fake, huge)
+    client = await start(aiohttp_server, make_registry, fake, max_size=5 * MiB)
+    root = client.server.app[CONFIG].storage.path
+    await pull(client, small)
+    small_layer = small.layer_digests[0]
+    assert small_layer in blob_files(root)
+
+    await pull(client, huge)  # every byte arrives and is checked by pull()
+    huge_layer = huge.layer_digests[0]
+    files = blob_files(root)
+    assert huge_layer not in files  # not kept: it alone is more than max_size
+    assert small_layer in files  # and nothing was evicted to make room for it
+    await pull(client, huge)  # served again, fetched again
+    assert fake.count("GET", huge_layer) == 2
+    check_store(root)

@@ -7,6 +7,7 @@ import logging
 import re
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from mirror.api.common import target_for
 from mirror.api.dispatch import Params
@@ -56,7 +57,7 @@ class _PreparedFileResponse(web.FileResponse):
     """A FileResponse the handler sends itself (inside the in-use mark); aiohttp prepares every returned
     response again, which FileResponse does not expect, so a second prepare is a no-op here."""
 
-    async def prepare(self, request: web.BaseRequest):  # type: ignore[override]
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         if self.prepared:
             return self._payload_writer
         return await super().prepare(request)

@@ -61,7 +61,8 @@ class Fill:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 
-    async def commit(self, path: Path) -> None:
+    async def commit(self, path: Path | None) -> None:
+        """Verified: readers may send every byte. `path` is the committed file (None: not kept)."""
         self.path = path
         self.committed = True
         await self._finish()

@@ -168,13 +168,17 @@ class ProxyRegistry(Registry):
                 raise UpstreamUnavailable(f"upstream {self.name} answered blob GET with {response.status}")
             # Room is made (and these bytes counted as on their way) before the fill answers; the count
             # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
-            async with self.cache.incoming(response.content_length or 0):
-                await self._stream_to_store(fill, response, repo, digest)
+            size = response.content_length
+            # A blob larger than the whole cache bound is streamed through without being kept: caching
+            # it would mean evicting everything else and still exceeding storage.max_size.
+            keep = self.cache.max_size is None or size is None or size <= self.cache.max_size
+            async with self.cache.incoming(size or 0 if keep else 0):
+                await self._stream_to_store(fill, response, repo, digest, keep=keep)
         finally:
             response.release()
 
     async def _stream_to_store(
-        self, fill: Fill, response: aiohttp.ClientResponse, repo: str, digest: Digest
+        self, fill: Fill, response: aiohttp.ClientResponse, repo: str, digest: Digest, *, keep: bool = True
     ) -> None:
         size = response.content_length
         temp = self.blobs.new_temp_path()
@@ -205,6 +209,13 @@ class ProxyRegistry(Registry):
                 raise UpstreamInvalid(f"upstream {self.name} sent bytes that do not match {digest}")
             if size is None:
                 fill.begin(writer.size, read_fd)
+            if not keep:
+                # Verified: the readers may have the last byte. They read through their own descriptors,
+                # so the file can go now; nothing is committed or indexed.
+                await asyncio.to_thread(temp.unlink, True)
+                await fill.commit(None)
+                self.metrics.fills.labels(self.name, "passed_through").inc()
+                return
             stored = await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, writer.size)
             await asyncio.to_thread(self._link_blob_to_all, fill.repos, digest)
             await self.cache.hold(digest, writer.size, CACHED)
