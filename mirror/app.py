@@ -136,19 +136,12 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         default = config.default_upstream
         app[ROUTER] = Router(local, upstreams, default.name if default else None, config.local.repositories)
         log.info("storage at %s; upstreams: %s", config.storage.path.resolve(), ", ".join(upstreams) or "none")
+        # Closed in reverse: running fills first, then cache maintenance (which saves last-access times),
+        # the index, and last the upstream sessions the fills were using.
         stack.callback(index.close)
-        maintenance = cache.run()
-        await maintenance.__anext__()
-        try:
-            yield
-        finally:
-            await fills.close()
-            await _finish(maintenance)
-
-
-async def _finish(generator: AsyncIterator[None]) -> None:
-    with contextlib.suppress(StopAsyncIteration):
-        await generator.__anext__()
+        await stack.enter_async_context(cache.running())
+        stack.push_async_callback(fills.close)
+        yield
 
 
 def _open_stores(config: Config) -> tuple[BlobStore, RepoStore, UploadStore]:

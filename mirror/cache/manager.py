@@ -320,8 +320,9 @@ class CacheManager:
             log.warning("could not record last-access times (%s); will retry", exc)
             self._accesses = {**pending, **self._accesses}
 
-    async def run(self) -> AsyncIterator[None]:
-        """cleanup_ctx body: flush accesses and enforce the bound periodically."""
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """While entered: flush accesses and enforce the bound periodically; on exit, save what is left."""
         task = asyncio.create_task(self._background())
         try:
             yield
