@@ -52,6 +52,20 @@ DISK_MARGIN_BYTES = 16 << 20
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
 
 
+async def _copy_stream(content: aiohttp.StreamReader, writer: BlobWriter) -> None:
+    """Move a response body into `writer`: whatever is already buffered goes on at once (a fast stream
+    makes large pieces), and before waiting on the network the gathered bytes are written (a slow
+    stream still reaches readers as it arrives)."""
+    while True:
+        chunk = content.read_nowait(STREAM_CHUNK_BYTES)
+        if not chunk:
+            writer.kick()
+            chunk = await content.readany()
+            if not chunk:
+                return
+        await writer.write(chunk)
+
+
 class ProxyRegistry(Registry):
     def __init__(
         self,
@@ -181,6 +195,7 @@ class ProxyRegistry(Registry):
         self, fill: Fill, response: aiohttp.ClientResponse, repo: str, digest: Digest, *, keep: bool = True
     ) -> None:
         size = response.content_length
+        started = time.perf_counter()
         temp = self.blobs.new_temp_path()
         writer = await BlobWriter.open(temp, digest.algorithm)
         read_fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
@@ -196,8 +211,7 @@ class ProxyRegistry(Registry):
 
             writer.on_written = on_written
             try:
-                async for chunk in response.content.iter_chunked(STREAM_CHUNK_BYTES):
-                    await writer.write(chunk)
+                await _copy_stream(response.content, writer)
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 raise UpstreamUnavailable(f"upstream {self.name} stream broke: {exc}") from exc
             await writer.close()
@@ -221,6 +235,9 @@ class ProxyRegistry(Registry):
             await self.cache.hold(digest, writer.size, CACHED)
             await fill.commit(stored.path)
             self.metrics.fills.labels(self.name, "ok").inc()
+            elapsed = time.perf_counter() - started
+            log.info("filled %s from %s/%s: %d bytes in %.2f s (%.0f MB/s)", digest, self.name, repo, writer.size,
+                     elapsed, writer.size / elapsed / 1e6 if elapsed else 0.0)
         except BaseException as exc:
             # close() raises the failed write again (ENOSPC): that must not skip removing the temp file.
             with contextlib.suppress(Exception):

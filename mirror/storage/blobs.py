@@ -219,17 +219,22 @@ class BlobWriter:
         return cls(path, handle, hasher or hashlib.new(algorithm), append_to)
 
     async def write(self, chunk: bytes) -> None:
-        """Queue `chunk`; it is written as soon as the writing thread is free. While a piece is being
-        written the next one gathers, so pieces grow with the stream's speed: a slow stream is written
-        (and shown to readers) chunk by chunk, a fast one in large pieces with few thread hops."""
+        """Queue `chunk`. Pieces of WRITE_BUFFER_BYTES go to the threads as they fill up; at most one is
+        being written while the next gathers, so memory stays bounded and few thread hops are paid."""
         self._pending.append(chunk)
         self._pending_bytes += len(chunk)
-        if self._in_flight is None:
+        if self._pending_bytes < WRITE_BUFFER_BYTES:
+            return
+        if self._in_flight is not None:
+            await self._drain()
+        if self._pending:
             self._start_piece()
-        elif self._pending_bytes >= WRITE_BUFFER_BYTES:
-            await self._drain()  # at most one piece in the thread and one gathering: memory stays bounded
-            if self._pending:
-                self._start_piece()
+
+    def kick(self) -> None:
+        """Start writing what has gathered now, if the threads are idle: for a producer about to wait (a
+        slow stream), so readers see its bytes without waiting for a full piece."""
+        if self._in_flight is None and self._pending:
+            self._start_piece()
 
     def _start_piece(self) -> None:
         chunks, self._pending, self._pending_bytes = self._pending, [], 0
@@ -242,8 +247,6 @@ class BlobWriter:
         self._in_flight = None
         if self.on_written is not None:
             self.on_written(self.size)
-        if self._pending:
-            self._start_piece()
 
     async def _drain(self) -> None:
         while self._in_flight is not None:
