@@ -23,7 +23,7 @@ from mirror.routing import Router, Upstream
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager, reconcile_sync
-from mirror.state import BLOBS, CACHE, CONFIG, FILLS, METRICS, ROUTER
+from mirror.state import CACHE, CONFIG, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
@@ -98,8 +98,6 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         cache=cache,
     )
     fills = FillManager(metrics)
-    app[BLOBS] = blobs
-    app[FILLS] = fills
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
         upstreams: dict[str, Upstream] = {}

@@ -10,13 +10,9 @@ if TYPE_CHECKING:
     from mirror.cache.manager import CacheManager
     from mirror.config import Config
     from mirror.metrics import Metrics
-    from mirror.proxy.fills import FillManager
     from mirror.routing import Router
-    from mirror.storage.blobs import BlobStore
 
 CONFIG: web.AppKey["Config"] = web.AppKey("config")
 ROUTER: web.AppKey["Router"] = web.AppKey("router")
 METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
-BLOBS: web.AppKey["BlobStore"] = web.AppKey("blobs")
-FILLS: web.AppKey["FillManager"] = web.AppKey("fills")
 CACHE: web.AppKey["CacheManager"] = web.AppKey("cache")

@@ -110,7 +110,7 @@ async def test_a_disk_full_of_pushed_content_answers_503_cleanly(aiohttp_server,
     while free_bytes(data) > 12 * MiB:
         await push(client, make_image(f"local/filler{n}", "1", [os.urandom(4 * MiB)]))
         n += 1
-    status, body = await get_status(client, f"/v2/library/big/manifests/1")
+    status, body = await get_status(client, "/v2/library/big/manifests/1")
     assert status == 200
     status, body = await get_status(client, f"/v2/library/big/blobs/{wanted.layer_digests[0]}")
     assert status == 503 and b"UNAVAILABLE" in body, (status, body[:300])
@@ -118,7 +118,7 @@ async def test_a_disk_full_of_pushed_content_answers_503_cleanly(aiohttp_server,
     check_store(data)
     # Nothing of the refused fill is left, and the pushed images are intact.
     assert wanted.layer_digests[0] not in blob_files(data)
-    status, _ = await get_status(client, f"/v2/local/filler0/manifests/1")
+    status, _ = await get_status(client, "/v2/local/filler0/manifests/1")
     assert status == 200
 
 

@@ -12,7 +12,6 @@ import asyncio
 import os
 
 import aiohttp
-import pytest
 
 from tests.fake_upstream import Fault, FakeUpstream
 from tests.proxy_helpers import (

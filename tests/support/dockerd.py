@@ -17,7 +17,6 @@ From an async test whose mirror runs on the test's event loop, use ``adocker``/
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import tempfile

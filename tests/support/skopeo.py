@@ -15,7 +15,6 @@ import asyncio
 import atexit
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Sequence
