@@ -33,7 +33,7 @@ from mirror.state import CACHE, CONFIG
 from mirror.storage.blobs import BlobStore
 from tests.cache_helpers import MiB, add_to_upstream, blob_files, check_store, make_image, pull, push
 from tests.fake_upstream import FakeUpstream, digest_of, upstream_config
-from tests.proxy_helpers import metric_value, metrics_text
+from tests.proxy_helpers import eventually, metric_value, metrics_text
 
 LAYER = 4 * MiB
 MAX_SIZE = 40 * MiB
@@ -125,6 +125,8 @@ async def test_evicted_manifest_and_blobs_are_fetched_again_by_tag(aiohttp_serve
     client = await start(aiohttp_server, make_registry, fake, max_size=MAX_SIZE)
     cache: CacheManager = client.server.app[CACHE]
     await pull(client, image)
+    # The client can hold the last byte before the server's handler has left its in-use mark.
+    await eventually(lambda: not any(cache.is_busy(d) for d in image.all_digests), what="the sends to end")
     result = await cache.evict_to(0)
     assert result.evicted == len(image.all_digests) and result.cached_bytes_after == 0
     assert blob_files(client.server.app[CONFIG].storage.path) == {}
@@ -155,7 +157,7 @@ async def test_a_blob_being_sent_is_not_evicted(aiohttp_server, make_registry):
     rest = await response.read()
     assert first + rest == big
     response.release()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: not cache.is_busy(digest), what="the send to end")
     await cache.evict_to(0)
     assert digest not in blob_files(root)
     await pull(client, image)
