@@ -37,9 +37,9 @@ from mirror.oci.names import validate_tag
 from mirror.proxy.fills import Fill, FillManager
 from mirror.proxy.memo import ManifestMemo
 from mirror.proxy.singleflight import SingleFlight
-from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob
 from mirror.storage.interface import BlobBody, BlobFile, BlobInfo, Manifest, ManifestInfo, Registry
-from mirror.storage.repos import ManifestLink, RepoStore
+from mirror.storage.repos import ManifestLink, RepoStore, find_blob_sync
 from mirror.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -96,14 +96,11 @@ class ProxyRegistry(Registry):
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
 
     # -- blobs -------------------------------------------------------------------------------------
-    async def _cached_blob(self, repo: str, digest: Digest) -> BlobFile | None:
-        def lookup() -> BlobFile | None:
-            if not self.repos.has_blob(repo, digest):
-                return None
-            stored = self.blobs.stat_sync(digest)
-            return BlobFile(digest, stored.size, stored.path) if stored else None
-
-        return await asyncio.to_thread(lookup)
+    async def _find(self, repo: str, digest: Digest) -> tuple[BlobFile | None, StoredBlob | None]:
+        """(the file when `repo` links it, the stored file whoever links it), in one thread hop."""
+        linked, stored = await asyncio.to_thread(find_blob_sync, self.repos, self.blobs, repo, digest)
+        cached = BlobFile(digest, stored.size, stored.path) if linked and stored is not None else None
+        return cached, stored
 
     async def _upstream_has_blob(self, repo: str, digest: Digest) -> int | None:
         """HEAD the blob upstream: its size when `repo` may read it there, else None."""
@@ -118,12 +115,11 @@ class ProxyRegistry(Registry):
     async def open_blob(self, repo: str, digest: Digest) -> BlobBody:
         confirmed = False  # the upstream said `repo` has this blob
         while True:
-            cached = await self._cached_blob(repo, digest)
+            cached, stored = await self._find(repo, digest)
             if cached is not None:
                 self._count("blob", "hit")
                 self.cache.note_access(digest)
                 return cached
-            stored = await self.blobs.stat(digest)
             # No await from here to the join: a fill that finished in between would be started again
             # (a second upstream GET for bytes we already have).
             running = self.fills.running(digest)
@@ -152,7 +148,7 @@ class ProxyRegistry(Registry):
         return fill
 
     async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
-        cached = await self._cached_blob(repo, digest)
+        cached, _stored = await self._find(repo, digest)
         if cached is not None:
             return BlobInfo(digest, cached.size)
         running = self.fills.running(digest)
@@ -165,7 +161,7 @@ class ProxyRegistry(Registry):
         return BlobInfo(digest, size)
 
     async def _download(self, fill: Fill, repo: str, digest: Digest) -> None:
-        cached = await self._cached_blob(repo, digest)
+        cached, _stored = await self._find(repo, digest)
         if cached is not None:
             # A fill for this repository committed while open_blob decided to start this one (it looks for
             # the file and for running fills at two moments): serve that file instead of downloading again.

@@ -29,7 +29,7 @@ from mirror.storage.interface import (
     PutManifestResult,
     Registry,
 )
-from mirror.storage.repos import ManifestLink, RepoStore
+from mirror.storage.repos import ManifestLink, RepoStore, find_blob_sync
 from mirror.storage.uploads import Upload, UploadStore
 
 
@@ -58,10 +58,8 @@ class LocalRegistry(Registry):
 
     async def open_blob(self, repo: str, digest: Digest) -> BlobFile:
         # Content is shared between repositories, but only readable through one that links it.
-        if not await asyncio.to_thread(self.repos.has_blob, repo, digest):
-            raise BlobUnknown(detail={"digest": str(digest)})
-        stored = await self.blobs.stat(digest)
-        if stored is None:
+        linked, stored = await asyncio.to_thread(find_blob_sync, self.repos, self.blobs, repo, digest)
+        if not linked or stored is None:
             raise BlobUnknown(detail={"digest": str(digest)})
         return BlobFile(stored.digest, stored.size, stored.path)
 

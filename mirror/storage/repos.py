@@ -19,12 +19,16 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirror.errors import DigestInvalid
 from mirror.oci.digest import Digest
 from mirror.oci.manifest import Descriptor
 from mirror.oci.names import is_valid_name, is_valid_tag
 from mirror.storage.files import atomic_write, read_text_or_none
+
+if TYPE_CHECKING:
+    from mirror.storage.blobs import BlobStore, StoredBlob
 
 _MARKERS = ("_layers", "_manifests", "_tags")
 
@@ -211,3 +215,9 @@ class RepoStore:
                 except DigestInvalid:
                     continue
         return found
+
+
+def find_blob_sync(repos: RepoStore, blobs: BlobStore, name: str, digest: Digest) -> tuple[bool, StoredBlob | None]:
+    """Blocking: whether `name` links the blob, and the stored file if there is one, in one thread hop
+    (the lookup every blob GET starts with)."""
+    return repos.has_blob(name, digest), blobs.stat_sync(digest)
