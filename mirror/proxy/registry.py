@@ -44,7 +44,6 @@ from mirror.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
 
-STREAM_CHUNK_BYTES = 1 << 20
 # Room kept free beyond the blobs being downloaded (index, manifests, uploads need a little too).
 DISK_MARGIN_BYTES = 16 << 20
 # Errors after which cached content is better than no content (a garbled answer included).
@@ -52,17 +51,24 @@ _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
 
 
 async def _copy_stream(content: aiohttp.StreamReader, writer: BlobWriter) -> None:
-    """Move a response body into `writer`: whatever is already buffered goes on at once (a fast stream
-    makes large pieces), and before waiting on the network the gathered bytes are written (a slow
-    stream still reaches readers as it arrives)."""
+    """Move a response body into `writer`, chunk by chunk as received (no joining copy). Before waiting
+    on the network, what has gathered is handed to the disk, so a slow stream still reaches readers as it
+    arrives."""
     while True:
-        chunk = content.read_nowait(STREAM_CHUNK_BYTES)
-        if not chunk:
+        if content.is_eof() or not _buffered(content):
             writer.kick()
-            chunk = await content.readany()
-            if not chunk:
+        chunk, _ = await content.readchunk()
+        if not chunk:
+            if content.at_eof():
                 return
+            continue
         await writer.write(chunk)
+
+
+def _buffered(content: aiohttp.StreamReader) -> bool:
+    # aiohttp has no public "bytes buffered" (read_nowait would join chunks into a new bytes object).
+    # Without the attribute this says "nothing buffered": the writer is kicked more often, never less.
+    return bool(getattr(content, "_buffer", ()))
 
 
 class ProxyRegistry(Registry):

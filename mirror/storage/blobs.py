@@ -22,8 +22,10 @@ from mirror.errors import DigestInvalid, SizeInvalid, StorageFull
 from mirror.oci.digest import Digest
 from mirror.storage.files import fsync_dir
 
-# Writes are gathered into buffers of this size before a thread hop: fewer hops, same memory bound.
+# A stage hands this much to a thread at once unless the producer is waiting (fewer hops on fast streams).
 WRITE_BUFFER_BYTES = 2 << 20
+# Bytes held in memory that are not yet both written and hashed; past it the producer waits for the disk.
+MAX_BUFFERED_BYTES = 16 << 20
 HASH_READ_BYTES = 4 << 20
 
 
@@ -182,25 +184,79 @@ class BlobStore:
         return removed
 
 
-class BlobWriter:
-    """Streams bytes to a file while hashing them; every write runs in a thread in large pieces.
+class _Stage:
+    """One step over a byte stream (writing or hashing), run in a thread one piece at a time, in order.
 
-    Used for uploads (appending to the session's data file) and for upstream fills. One piece is written
-    and hashed in a thread while the next one is being received: the network and the disk+hash work
-    overlap instead of taking turns. `size` counts bytes that are on disk; `on_written` hears of each
-    step (a fill uses it to let readers move on).
+    Chunks queue here; a piece is every chunk queued when the previous piece finished. Two stages over
+    the same chunks run side by side and neither waits for the other."""
+
+    def __init__(self, work: Callable[[list[bytes]], None], on_finished: Callable[[], None]) -> None:
+        self._work = work
+        self._on_finished = on_finished
+        self._pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.busy_bytes = 0  # the piece in a thread now
+        self.done_bytes = 0
+        self.error: BaseException | None = None
+        self._busy: asyncio.Future[None] | None = None
+
+    def add(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self.pending_bytes += len(chunk)
+
+    @property
+    def busy(self) -> bool:
+        return self._busy is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and nothing running: every byte given to it is done (or it failed)."""
+        return self._busy is None and (not self._pending or self.error is not None)
+
+    def start(self, at_least: int) -> None:
+        """Hand the queued chunks to a thread, if it is free and at least `at_least` bytes wait."""
+        if self._busy is not None or self.error is not None or not self._pending or self.pending_bytes < at_least:
+            return
+        chunks, self._pending = self._pending, []
+        self.busy_bytes, self.pending_bytes = self.pending_bytes, 0
+        # run_in_executor, not a task: nobody awaits this future directly, so cancelling a waiter can
+        # never mark a piece done while its thread still runs.
+        self._busy = asyncio.get_running_loop().run_in_executor(None, self._work, chunks)
+        self._busy.add_done_callback(self._finished)
+
+    def _finished(self, piece: asyncio.Future[None]) -> None:
+        self._busy = None
+        if piece.cancelled():
+            self.error = asyncio.CancelledError()
+        elif piece.exception() is not None:
+            self.error = piece.exception()
+        else:
+            self.done_bytes += self.busy_bytes
+        self.busy_bytes = 0
+        self._on_finished()
+
+
+class BlobWriter:
+    """Streams bytes to a file while hashing them; writing and hashing each run in a thread of their own.
+
+    Used for uploads (appending to the session's data file) and for upstream fills. The network, the disk
+    write and the hash form a pipeline: each stage takes whatever gathered while it was busy, so none of
+    them waits for another unless MAX_BUFFERED_BYTES are held in memory (then the producer waits).
+    `size` counts bytes that are on disk; `on_written` hears of each step (a fill uses it to let readers
+    move on).
     """
 
     def __init__(self, path: Path, handle: BinaryIO, hasher: "hashlib._Hash", size: int) -> None:
         self.path = path
         self.hasher = hasher
-        self.size = size
+        self._base = size
         self.on_written: Callable[[int], None] | None = None
-        # Pending chunks, written and hashed together in one thread hop (no joining copy).
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._in_flight: asyncio.Future[None] | None = None
         self._handle = handle
+        self._accepted = 0  # bytes given to write()
+        self._eager = False  # start pieces of any size: the producer is about to wait, or is finishing
+        self._changed = asyncio.Event()
+        self._writing = _Stage(self._write_sync, self._written)
+        self._hashing = _Stage(self._hash_sync, self._piece_finished)
 
     @classmethod
     async def open(
@@ -218,57 +274,64 @@ class BlobWriter:
         handle = await asyncio.to_thread(open_sync)
         return cls(path, handle, hasher or hashlib.new(algorithm), append_to)
 
+    @property
+    def size(self) -> int:
+        """Bytes on disk."""
+        return self._base + self._writing.done_bytes
+
+    @property
+    def _held_bytes(self) -> int:
+        # Chunks are shared by both stages: memory is what the slower one has not finished.
+        return self._accepted - min(self._writing.done_bytes, self._hashing.done_bytes)
+
     async def write(self, chunk: bytes) -> None:
-        """Queue `chunk`. Pieces of WRITE_BUFFER_BYTES go to the threads as they fill up; at most one is
-        being written while the next gathers, so memory stays bounded and few thread hops are paid."""
-        self._pending.append(chunk)
-        self._pending_bytes += len(chunk)
-        if self._pending_bytes < WRITE_BUFFER_BYTES:
-            return
-        if self._in_flight is not None:
-            await self._drain()
-        if self._pending:
-            self._start_piece()
+        """Queue `chunk`; wait only while MAX_BUFFERED_BYTES are held in memory."""
+        self._raise_if_failed()
+        self._eager = False
+        self._accepted += len(chunk)
+        for stage in (self._writing, self._hashing):
+            stage.add(chunk)
+            stage.start(WRITE_BUFFER_BYTES)
+        while self._held_bytes > MAX_BUFFERED_BYTES:
+            await self._wait_for_a_piece()
+            self._raise_if_failed()
 
     def kick(self) -> None:
-        """Start writing what has gathered now, if the threads are idle: for a producer about to wait (a
-        slow stream), so readers see its bytes without waiting for a full piece."""
-        if self._in_flight is None and self._pending:
-            self._start_piece()
+        """Start on what has gathered now, whatever its size: for a producer about to wait (a slow stream),
+        so readers see its bytes without waiting for a full piece."""
+        self._eager = True
+        for stage in (self._writing, self._hashing):
+            stage.start(1)
 
-    def _start_piece(self) -> None:
-        chunks, self._pending, self._pending_bytes = self._pending, [], 0
-        self._in_flight = asyncio.ensure_future(self._write_and_hash(chunks))
-        self._in_flight.add_done_callback(self._piece_done)
-
-    def _piece_done(self, piece: asyncio.Future[None]) -> None:
-        if piece is not self._in_flight or piece.cancelled() or piece.exception() is not None:
-            return  # a failed piece stays in flight: the next write, flush or close raises its error
-        self._in_flight = None
-        if self.on_written is not None:
+    def _written(self) -> None:
+        if self.on_written is not None and self._writing.error is None:
             self.on_written(self.size)
+        self._piece_finished()
 
-    async def _drain(self) -> None:
-        while self._in_flight is not None:
-            piece = self._in_flight
-            await piece
-            if self._in_flight is piece:  # its done-callback has not run yet
-                self._piece_done(piece)
+    def _piece_finished(self) -> None:
+        for stage in (self._writing, self._hashing):
+            stage.start(1 if self._eager else WRITE_BUFFER_BYTES)
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    async def _wait_for_a_piece(self) -> None:
+        await self._changed.wait()
+
+    def _raise_if_failed(self) -> None:
+        for stage in (self._writing, self._hashing):
+            if stage.error is not None:
+                raise stage.error
 
     async def flush(self) -> None:
         """Wait until every byte given to `write` is on disk and hashed."""
-        await self._drain()
-        if self._pending:
-            self._start_piece()
-            await self._drain()
-
-    async def _write_and_hash(self, chunks: list[bytes]) -> None:
-        # Writing into the page cache and hashing each take about a core at these speeds; both release
-        # the GIL, so they run side by side in two threads.
-        await asyncio.gather(asyncio.to_thread(self._write_sync, chunks), asyncio.to_thread(self._hash_sync, chunks))
-        self.size += sum(len(chunk) for chunk in chunks)
+        self.kick()
+        while not (self._writing.idle and self._hashing.idle):
+            await self._wait_for_a_piece()
+        self._raise_if_failed()
 
     def _write_sync(self, chunks: list[bytes]) -> None:
+        # Writing into the page cache and hashing each take about a core at these speeds; both release
+        # the GIL, so the two stages really run side by side.
         self._handle.writelines(chunks)
         self._handle.flush()
 
@@ -282,8 +345,10 @@ class BlobWriter:
         try:
             await self.flush()
         finally:
-            if self._in_flight is not None:  # a failed flush: never close under a running write
-                await asyncio.gather(self._in_flight, return_exceptions=True)
-                self._in_flight = None
-                self._pending, self._pending_bytes = [], 0
+            # A failed or cancelled flush: never close the file under a piece still being written.
+            while self._writing.busy or self._hashing.busy:
+                try:
+                    await self._wait_for_a_piece()
+                except asyncio.CancelledError:
+                    continue
             await asyncio.to_thread(self._handle.close)
