@@ -93,7 +93,9 @@ async def test_verify_quarantines_corrupted_blobs_which_are_then_fetched_again(
     assert run_cli("verify", "--config", str(config), "--sample", "-1").returncode == 2
 
     full = run_cli("verify", "--config", str(config))
-    assert full.returncode == 1, full.stderr
+    # The sample may have drawn both corrupted blobs (1 time in 10): then the full run finds none left.
+    left_corrupted = {cached_layer, local_layer} - set(cli_json(sampled)["quarantined"])
+    assert full.returncode == (1 if left_corrupted else 0), full.stderr
     report = cli_json(full)
     assert report["checked"] == len(files) - len(cli_json(sampled)["quarantined"])
     assert sorted(report["quarantined"] + cli_json(sampled)["quarantined"]) == sorted([cached_layer, local_layer])
