@@ -28,7 +28,7 @@ from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
 from mirror.storage.uploads import UploadStore
-from mirror.upstream.client import UpstreamClient
+from mirror.upstream.client import USER_AGENT, UpstreamClient
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +110,11 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                     # Measured here: larger read buffers did not speed fills up (disk writes bound them).
                     read_bufsize=256 << 10,
                     connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
-                    headers={"User-Agent": "mirror/0.1"},
+                    headers={"User-Agent": USER_AGENT},
                 )
             )
             client = UpstreamClient(upstream_config, session, metrics)
+            stack.callback(client.close)
             cache_repos = await asyncio.to_thread(RepoStore, config.storage.path / "cache" / upstream_config.name)
             proxy = ProxyRegistry(
                 client,

@@ -8,6 +8,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from aiohttp.test_utils import TestClient
 
 from mirror.cache.index import BlobIndex, BlobRecord
 from tests.fake_upstream import OCI_MANIFEST, FakeUpstream, digest_of
+from tests.proxy_helpers import fills_settled
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MiB = 1 << 20
@@ -99,6 +101,8 @@ async def pull(client: TestClient | ClientSession, image: Image, *, by_digest: b
             assert response.status == 200, (image.repo, digest_of(blob), response.status, await response.text())
             body = await response.read()
             assert len(body) == len(blob) and body == blob, f"wrong bytes for {digest_of(blob)}"
+    await fills_settled(client)
+
 
 
 async def push(client: TestClient | ClientSession, image: Image) -> None:
@@ -259,3 +263,15 @@ class Http:
             return response.status, {k.lower(): v for k, v in response.getheaders()}, data
         finally:
             conn.close()
+
+    def fills_settled(self, timeout: float = 10.0) -> None:
+        """Wait until no fill is running (the commit follows a client's last byte; see fills_settled)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, _, body = self.request("GET", "/metrics")
+            running = re.search(rb"^mirror_fills_in_progress (\S+)$", body, re.M)
+            if running is None or float(running.group(1)) == 0:
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("fills still running")
+            time.sleep(0.01)

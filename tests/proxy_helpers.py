@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from aiohttp import ClientSession
 from aiohttp.test_utils import TestClient, TestServer
 
 from mirror.state import CONFIG
@@ -52,7 +53,7 @@ def temp_files(client: TestClient) -> list[Path]:
     return [p for p in root.iterdir() if p.is_file()] if root.exists() else []
 
 
-async def metrics_text(client: TestClient) -> str:
+async def metrics_text(client: TestClient | ClientSession) -> str:
     response = await client.get("/metrics")
     assert response.status == 200
     return await response.text()
@@ -77,4 +78,14 @@ async def eventually(predicate: Callable[[], bool], timeout: float = 5.0, what: 
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def fills_settled(client: TestClient | ClientSession, timeout: float = 10.0) -> None:
+    """Wait until no fill is running. A client gets its last byte as soon as the digest is verified; the
+    commit (fsync, rename, index, metrics) finishes just after, so look at the cache only then."""
+    deadline = time.monotonic() + timeout
+    while metric_value(await metrics_text(client), "mirror_fills_in_progress") > 0:
+        if time.monotonic() > deadline:
+            raise AssertionError("fills still running")
         await asyncio.sleep(0.01)

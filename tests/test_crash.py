@@ -170,6 +170,7 @@ def test_sigkill_during_fills_and_chunked_pushes(mirror_factory: Any, tmp_path: 
         print(f"kills cut {cut_pulls} of {len(pulled)} pulls and {cut_pushes} of {len(pushed)} pushes; "
               f"resumed uploads: {RESUMED}")
         assert cut_pulls + cut_pushes, "no kill landed during a transfer: the test did not test anything"
+        client.fills_settled()
         check_store(data_dir, temp_files_allowed=True)
     finally:
         upstream.stop()
@@ -208,6 +209,7 @@ def test_restart_removes_temp_files_of_killed_fills_after_grace(mirror_factory: 
         assert list((data_dir / "tmp").iterdir()) == []
         status, _, body = client.request("GET", f"/v2/library/slow/blobs/{digest_of(data)}")
         assert status == 200 and body == data
+        client.fills_settled()
         check_store(data_dir)
     finally:
         upstream.stop()

@@ -21,7 +21,7 @@ import pytest
 from mirror.state import CACHE
 from tests.cache_helpers import MiB, add_to_upstream, blob_files, check_store, make_image, pull, push
 from tests.fake_upstream import FakeUpstream, digest_of, upstream_config
-from tests.proxy_helpers import metric_value, metrics_text
+from tests.proxy_helpers import fills_settled, metric_value, metrics_text
 from tests.support.procs import REQUIRE_ENV, real_clients_required
 
 FS_SIZE = 32 * MiB
@@ -92,6 +92,7 @@ async def test_pulls_beyond_the_filesystem_succeed_by_evicting(aiohttp_server, m
 
     statuses = await asyncio.gather(*(attempt(image) for image in images[:6]))
     assert 200 in statuses
+    await fills_settled(client)
     await client.server.app[CACHE].flush_accesses()
     check_store(data)
     for image in images[:6]:  # and a client that retries gets it
@@ -173,6 +174,7 @@ async def test_the_disk_filling_up_during_a_download_fails_it_cleanly(aiohttp_se
     assert status == 503 and b"UNAVAILABLE" in body, (status, body[:300])
 
     filler.unlink()
+    await fills_settled(client)
     await client.server.app[CACHE].maintain()  # index changes that could not be written are written now
     check_store(data)  # the index agrees with the disk (it is opened only now: opening writes to it)
     await pull(client, image)

@@ -17,6 +17,7 @@ from tests.fake_upstream import Fault, FakeUpstream
 from tests.proxy_helpers import (
     blob_files,
     eventually,
+    fills_settled,
     metric_value,
     metrics_text,
     start_mirror,
@@ -55,6 +56,7 @@ async def test_concurrent_misses_share_one_download_streamed_as_it_arrives(aioht
         assert body == layer
         # Every client, early or late, got bytes while the upstream was still sending.
         assert sent_at_first_bytes < len(layer)
+    await fills_settled(client)  # the commit follows the last byte
     text = await metrics_text(client)
     assert metric_value(text, "mirror_fill_joins_total") >= 49
     assert metric_value(text, "mirror_fills_total", result="ok") == 1

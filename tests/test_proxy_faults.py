@@ -16,6 +16,7 @@ import pytest
 from tests.fake_upstream import Fault, FakeUpstream, upstream_config
 from tests.proxy_helpers import (
     blob_files,
+    fills_settled,
     metric_value,
     metrics_text,
     start_mirror,
@@ -63,6 +64,7 @@ async def test_bad_upstream_bytes_cut_every_client_and_leave_nothing_behind(aioh
         assert response.status == 200
         assert await response.read() == layer
     assert fake.count("GET", digest) == 2
+    await fills_settled(client)
     assert digest.split(":")[1] in blob_files(client)
     assert temp_files(client) == []
 

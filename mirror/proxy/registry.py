@@ -9,11 +9,12 @@ upstream fails, whatever is cached is served (stale-if-error) and counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import hashlib
 import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,12 +35,14 @@ from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
+from mirror.proxy.download import BodyDownload
 from mirror.proxy.fills import Fill, FillManager
 from mirror.proxy.memo import ManifestMemo
 from mirror.proxy.singleflight import SingleFlight
-from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob
+from mirror.storage.blobs import BlobStore, StoredBlob
 from mirror.storage.interface import BlobBody, BlobFile, BlobInfo, Manifest, ManifestInfo, Registry
 from mirror.storage.repos import ManifestLink, RepoStore, find_blob_sync
+from mirror.upstream.blocking import BlockingResponse
 from mirror.upstream.client import UpstreamClient
 
 log = logging.getLogger(__name__)
@@ -50,25 +53,14 @@ DISK_MARGIN_BYTES = 16 << 20
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
 
 
-async def _copy_stream(content: aiohttp.StreamReader, writer: BlobWriter) -> None:
-    """Move a response body into `writer`, chunk by chunk as received (no joining copy). Before waiting
-    on the network, what has gathered is handed to the disk, so a slow stream still reaches readers as it
-    arrives."""
-    while True:
-        if content.is_eof() or not _buffered(content):
-            writer.kick()
-        chunk, _ = await content.readchunk()
-        if not chunk:
-            if content.at_eof():
-                return
-            continue
-        await writer.write(chunk)
-
-
-def _buffered(content: aiohttp.StreamReader) -> bool:
-    # aiohttp has no public "bytes buffered" (read_nowait would join chunks into a new bytes object).
-    # Without the attribute this says "nothing buffered": the writer is kicked more often, never less.
-    return bool(getattr(content, "_buffer", ()))
+def _open_pair(path: Path) -> tuple[int, int]:
+    """Blocking: a new file for the download to write and a read-only descriptor of it for the fill."""
+    write_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        return write_fd, os.open(path, os.O_RDONLY)
+    except BaseException:
+        os.close(write_fd)
+        raise
 
 
 class ProxyRegistry(Registry):
@@ -175,7 +167,9 @@ class ProxyRegistry(Registry):
             fill.begin(cached.size, read_fd)
             await fill.commit(cached.path)
             return
-        response = await self.client.open("GET", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo))
+        response = await self.client.open_blocking(
+            "GET", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo)
+        )
         try:
             if response.status in (401, 403, 404):
                 raise BlobUnknown(f"upstream {self.name} has no blob {digest} in {repo}")
@@ -193,37 +187,33 @@ class ProxyRegistry(Registry):
             response.release()
 
     async def _stream_to_store(
-        self, fill: Fill, response: aiohttp.ClientResponse, repo: str, digest: Digest, *, keep: bool = True
+        self, fill: Fill, response: BlockingResponse, repo: str, digest: Digest, *, keep: bool = True
     ) -> None:
         size = response.content_length
         started = time.perf_counter()
         temp = self.blobs.new_temp_path()
-        writer = await BlobWriter.open(temp, digest.algorithm)
-        read_fd = await asyncio.to_thread(os.open, temp, os.O_RDONLY)
+        write_fd, read_fd = await asyncio.to_thread(_open_pair, temp)
+        hasher = hashlib.new(digest.algorithm)
         try:
             if size is not None:
                 await self._reserve(size)
                 fill.begin(size, read_fd)
             upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
 
-            def on_written(size: int) -> None:  # a piece is on disk: readers may move on
+            def on_written(size: int) -> None:  # bytes are on disk: readers may move on
                 upstream_bytes.inc(size - fill.written)
                 fill.advance(size)
 
-            writer.on_written = on_written
-            try:
-                await _copy_stream(response.content, writer)
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                raise UpstreamUnavailable(f"upstream {self.name} stream broke: {exc}") from exc
-            await writer.close()
-            if size is not None and writer.size != size:
-                raise UpstreamInvalid(f"upstream {self.name} sent {writer.size} of {size} bytes for {digest}")
-            actual = writer.hasher.hexdigest()
+            received = await BodyDownload(response, write_fd, hasher, on_written, upstream=self.name).run()
+            actual = hasher.hexdigest()
             if actual != digest.hex:
                 self.metrics.upstream_errors.labels(self.name, "digest_mismatch").inc()
                 raise UpstreamInvalid(f"upstream {self.name} sent bytes that do not match {digest}")
             if size is None:
-                fill.begin(writer.size, read_fd)
+                fill.begin(received, read_fd)
+            fill.verify()
+            await asyncio.to_thread(os.close, write_fd)
+            write_fd = -1
             if not keep:
                 # Verified: the readers may have the last byte. They read through their own descriptors,
                 # so the file can go now; nothing is committed or indexed.
@@ -231,18 +221,21 @@ class ProxyRegistry(Registry):
                 await fill.commit(None)
                 self.metrics.fills.labels(self.name, "passed_through").inc()
                 return
-            stored = await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, writer.size)
-            await asyncio.to_thread(self._link_blob_to_all, fill.repos, digest)
-            await self.cache.hold(digest, writer.size, CACHED)
+            stored = await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, received)
+            linked: set[str] = set()
+            await self._link_new_repositories(fill, digest, linked)
+            await self.cache.hold(digest, received, CACHED)
+            # Clients that joined meanwhile were allowed after the first linking: link them too. No await
+            # between the last check and commit(), after which nobody can join this fill.
+            await self._link_new_repositories(fill, digest, linked)
             await fill.commit(stored.path)
             self.metrics.fills.labels(self.name, "ok").inc()
             elapsed = time.perf_counter() - started
-            log.info("filled %s from %s/%s: %d bytes in %.2f s (%.0f MB/s)", digest, self.name, repo, writer.size,
-                     elapsed, writer.size / elapsed / 1e6 if elapsed else 0.0)
+            log.info("filled %s from %s/%s: %d bytes in %.2f s (%.0f MB/s)", digest, self.name, repo, received,
+                     elapsed, received / elapsed / 1e6 if elapsed else 0.0)
         except BaseException as exc:
-            # close() raises the failed write again (ENOSPC): that must not skip removing the temp file.
-            with contextlib.suppress(Exception):
-                await writer.close()
+            if write_fd >= 0:
+                await asyncio.to_thread(os.close, write_fd)
             await asyncio.to_thread(temp.unlink, True)
             if not fill.has_descriptor:
                 await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
@@ -272,6 +265,12 @@ class ProxyRegistry(Registry):
             self.metrics.upstream_errors.labels(self.name, "disk_full").inc()
             raise StorageFull(f"no space left to cache {size} bytes")
         self.cache.admit()
+
+    async def _link_new_repositories(self, fill: Fill, digest: Digest, linked: set[str]) -> None:
+        """Link the committed blob to every repository the fill was confirmed for and `linked` lacks."""
+        while pending := fill.repos - linked:
+            await asyncio.to_thread(self._link_blob_to_all, pending, digest)
+            linked |= pending
 
     def _link_blob_to_all(self, repos: set[str], digest: Digest) -> None:
         """Blocking: link a committed blob to every repository its fill was confirmed for."""

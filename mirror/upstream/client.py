@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -29,6 +31,7 @@ from mirror.config import UpstreamConfig
 from mirror.errors import TooManyRequests, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, parse_challenge
+from mirror.upstream.blocking import BlockingPool, BlockingResponse
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +41,27 @@ TOKEN_DEFAULT_SECONDS = 60
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
 
 
+USER_AGENT = "mirror/0.1"
+
+
 class _Retryable(Exception):
     """A failure worth another attempt (connection refused, timeout, 5xx)."""
+
+
+class _Response(Protocol):
+    """What auth, redirects and retries need of a response, from aiohttp or from BlockingPool."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def release(self) -> object: ...
+
+
+R = TypeVar("R", bound=_Response)
+_Sender = Callable[[str, str, dict[str, str]], Awaitable[R]]
 
 
 class UpstreamClient:
@@ -59,12 +81,29 @@ class UpstreamClient:
         # The upstream answered a Basic challenge: send the credentials up front from then on, instead of
         # paying a 401 round trip on every request.
         self._basic_challenged = False
+        # Blob bodies are read from threads (see mirror.upstream.blocking): their own connections.
+        self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout)
+
+    def close(self) -> None:
+        self.blocking.close()
 
     # -- public ------------------------------------------------------------------------------------
     async def open(
         self, method: str, path: str, *, scope: str, headers: Mapping[str, str] | None = None
     ) -> aiohttp.ClientResponse:
         """Send a request (auth, redirects and retries handled); the caller releases the response."""
+        return await self._open(method, path, scope, headers, self._send_aiohttp)
+
+    async def open_blocking(
+        self, method: str, path: str, *, scope: str, headers: Mapping[str, str] | None = None
+    ) -> BlockingResponse:
+        """Like open(), for a blob whose body is read from threads (mirror.proxy.download): the same auth,
+        redirect policy, retries and rate-limit bookkeeping, over blocking connections."""
+        return await self._open(method, path, scope, headers, self._send_blocking)
+
+    async def _open(
+        self, method: str, path: str, scope: str, headers: Mapping[str, str] | None, send: _Sender[R]
+    ) -> R:
         if self.config.offline:
             raise UpstreamUnavailable(f"upstream {self.name} is configured offline")
         retrying = AsyncRetrying(
@@ -79,19 +118,19 @@ class UpstreamClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    return await self._open_once(method, path, scope, dict(headers or {}))
+                    return await self._open_once(method, path, scope, dict(headers or {}), send)
         except _Retryable as exc:
             self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
             raise UpstreamUnavailable(f"upstream {self.name} unavailable: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
     # -- one attempt -------------------------------------------------------------------------------
-    async def _open_once(self, method: str, path: str, scope: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _open_once(self, method: str, path: str, scope: str, headers: dict[str, str], send: _Sender[R]) -> R:
         url = f"{self.config.url}{path}"
         sent = await self._known_authorization(scope)
         if sent:
             headers["Authorization"] = sent
-        response = await self._send(method, url, headers)
+        response = await self._follow(method, url, headers, send)
         if response.status == 401:
             challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
             try:
@@ -104,7 +143,7 @@ class UpstreamClient:
             if authorization is not None and authorization != sent:
                 response.release()
                 headers["Authorization"] = authorization
-                response = await self._send(method, url, headers)
+                response = await self._follow(method, url, headers, send)
         self._record(method, response)
         if response.status == 429:
             retry_after = response.headers.get("Retry-After", "60")
@@ -118,18 +157,10 @@ class UpstreamClient:
             raise _Retryable(f"HTTP {response.status}")
         return response
 
-    async def _send(self, method: str, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _follow(self, method: str, url: str, headers: dict[str, str], send: _Sender[R]) -> R:
         """Send, following redirects ourselves: Authorization never travels to another host."""
-        timeout = aiohttp.ClientTimeout(
-            total=None, connect=self.config.timeout, sock_connect=self.config.timeout, sock_read=self.config.timeout
-        )
         for _ in range(MAX_REDIRECTS + 1):
-            try:
-                response = await self.session.request(
-                    method, url, headers=headers, allow_redirects=False, timeout=timeout
-                )
-            except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
-                raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+            response = await send(method, url, headers)
             if response.status not in (301, 302, 303, 307, 308) or "Location" not in response.headers:
                 return response
             target = urljoin(url, response.headers["Location"])
@@ -143,6 +174,21 @@ class UpstreamClient:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
         raise UpstreamUnavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
+
+    async def _send_aiohttp(self, method: str, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        timeout = aiohttp.ClientTimeout(
+            total=None, connect=self.config.timeout, sock_connect=self.config.timeout, sock_read=self.config.timeout
+        )
+        try:
+            return await self.session.request(method, url, headers=headers, allow_redirects=False, timeout=timeout)
+        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _send_blocking(self, method: str, url: str, headers: dict[str, str]) -> BlockingResponse:
+        try:
+            return await self.blocking.request(method, url, headers)
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, garbled
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
     async def _known_authorization(self, scope: str) -> str | None:
         """What to send before any challenge: a cached token for the scope, or Basic once it was asked for."""
@@ -231,7 +277,7 @@ class UpstreamClient:
         raw = f"{self.config.username}:{self.config.password or ''}".encode()
         return base64.b64encode(raw).decode()
 
-    def _record(self, method: str, response: aiohttp.ClientResponse) -> None:
+    def _record(self, method: str, response: _Response) -> None:
         self.metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
         for header, gauge in (
             ("ratelimit-remaining", self.metrics.ratelimit_remaining),

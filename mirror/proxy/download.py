@@ -1,0 +1,144 @@
+"""A blob body from the upstream into a file and a hash, in two threads of its own.
+
+The receiving thread reads the socket and writes each piece to the file as it arrives, then hands the
+piece to the hashing thread through a bounded queue (at most QUEUE_PIECES pieces, so memory stays
+bounded when hashing falls behind). The event loop only hears how many bytes are on disk, at most once
+per loop iteration, so readers can send them with sendfile.
+
+Dedicated threads, not the default executor: a fill holds its threads for as long as the download
+takes, and the default executor's few workers serve every file and index call of the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+
+from mirror.errors import UpstreamUnavailable
+from mirror.upstream.blocking import BlockingResponse
+
+PIECE_BYTES = 1 << 20
+QUEUE_PIECES = 16
+
+
+class BodyDownload:
+    """One response body on its way to `fd` and `hasher`. `on_written` runs in the event loop."""
+
+    def __init__(self, response: BlockingResponse, fd: int, hasher: "hashlib._Hash",
+                 on_written: Callable[[int], None], *, upstream: str) -> None:
+        self._response = response
+        self._fd = fd
+        self._hasher = hasher
+        self._on_written = on_written
+        self._upstream = upstream
+        self.received = 0
+        self._reported = 0
+        self._report_scheduled = False
+        self._pieces: queue.Queue[bytes | None] = queue.Queue(QUEUE_PIECES)
+        self._error: BaseException | None = None
+        self._aborted = False
+
+    async def run(self) -> int:
+        """Receive the whole body; return its size. Raises UpstreamUnavailable when the stream breaks
+        or ends short, OSError when the disk fails. If cancelled, the threads are stopped and waited for
+        before the cancellation goes on (the caller may close the file right after)."""
+        loop = asyncio.get_running_loop()
+        receiving = _thread_future(loop, self._receive, loop, name="fill-receive")
+        hashing = _thread_future(loop, self._hash, name="fill-hash")
+        both = asyncio.gather(receiving, hashing)
+        try:
+            await asyncio.shield(both)
+        except asyncio.CancelledError:
+            self._abort()
+            while not both.done():
+                try:
+                    await asyncio.shield(both)
+                except asyncio.CancelledError:
+                    continue
+            raise
+        if self._error is not None:
+            raise self._error
+        self._report()
+        return self.received
+
+    # -- threads -----------------------------------------------------------------------------------
+    def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            expected = self._response.content_length
+            while True:
+                try:
+                    piece = self._response.read1(PIECE_BYTES)
+                except OSError as exc:  # reset, timeout, TLS error: the stream, not the disk
+                    raise UpstreamUnavailable(f"upstream {self._upstream} stream broke: {exc}") from exc
+                except Exception as exc:  # http.client: a garbled chunked encoding
+                    raise UpstreamUnavailable(f"upstream {self._upstream} stream broke: {type(exc).__name__}") from exc
+                if self._aborted:
+                    raise UpstreamUnavailable("download cancelled")
+                if not piece:
+                    break
+                _write_all(self._fd, piece)
+                self.received += len(piece)
+                self._pieces.put(piece)
+                if not self._report_scheduled:
+                    self._report_scheduled = True
+                    loop.call_soon_threadsafe(self._report)
+            if expected is not None and self.received != expected:
+                raise UpstreamUnavailable(
+                    f"upstream {self._upstream} stream broke: {self.received} of {expected} bytes arrived"
+                )
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self._pieces.put(None)
+
+    def _hash(self) -> None:
+        while (piece := self._pieces.get()) is not None:
+            self._hasher.update(piece)
+
+    # -- the loop's side ---------------------------------------------------------------------------
+    def _report(self) -> None:
+        # Cleared before reading `received`: a piece landing meanwhile schedules another report.
+        self._report_scheduled = False
+        received = self.received
+        if received != self._reported:
+            self._reported = received
+            self._on_written(received)
+
+    def _abort(self) -> None:
+        self._aborted = True
+        self._response.abort()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _thread_future(loop: asyncio.AbstractEventLoop, target: Callable[..., None], *args: object,
+                   name: str) -> asyncio.Future[None]:
+    """Run `target` in a new thread; the returned future completes in `loop` when it ends."""
+    future: asyncio.Future[None] = loop.create_future()
+
+    def finished(error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+    def body() -> None:
+        error: BaseException | None = None
+        try:
+            target(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
+            error = exc
+        loop.call_soon_threadsafe(finished, error)
+
+    threading.Thread(target=body, name=name, daemon=True).start()
+    return future

@@ -1,0 +1,118 @@
+"""Blob bodies come over blocking connections read in threads (mirror/upstream/blocking.py). What a user
+would notice: connections to the upstream are reused (no handshake per layer), a keep-alive connection
+the upstream dropped while idle does not fail a pull, and stopping the server mid-download is prompt and
+leaves nothing behind."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from mirror.upstream.blocking import BlockingPool
+from tests.fake_upstream import Fault, FakeUpstream
+from tests.proxy_helpers import eventually, start_mirror, temp_files
+
+
+class TinyServer:
+    """Answers every request with `hello`; with `drop_after_each`, closes the connection after each answer
+    without saying so (what an upstream's idle timeout looks like to the client)."""
+
+    def __init__(self, *, drop_after_each: bool) -> None:
+        self.drop_after_each = drop_after_each
+        self.connections = 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            pending = b""
+            while True:
+                while b"\r\n\r\n" not in pending:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    pending += data
+                _, _, pending = pending.partition(b"\r\n\r\n")
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+                if self.drop_after_each:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def tiny_server(request: pytest.FixtureRequest) -> Iterator[TinyServer]:
+    server = TinyServer(drop_after_each=request.param)
+    yield server
+    server.close()
+
+
+async def _get(pool: BlockingPool, url: str) -> bytes:
+    response = await pool.request("GET", url, {})
+    try:
+        assert response.status == 200
+        return await asyncio.to_thread(response.read1, 1 << 20)
+    finally:
+        response.release()
+
+
+@pytest.mark.parametrize("tiny_server", [False], indirect=True)
+async def test_blob_requests_reuse_one_kept_alive_connection(tiny_server: TinyServer) -> None:
+    pool = BlockingPool(user_agent="test", timeout=5)
+    try:
+        for _ in range(3):
+            assert await _get(pool, f"http://127.0.0.1:{tiny_server.port}/v2/a/blobs/x") == b"hello"
+            await asyncio.to_thread(time.sleep, 0.01)
+        assert tiny_server.connections == 1
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("tiny_server", [True], indirect=True)
+async def test_a_connection_the_upstream_dropped_while_idle_does_not_fail_the_next_pull(
+    tiny_server: TinyServer,
+) -> None:
+    pool = BlockingPool(user_agent="test", timeout=5)
+    try:
+        for _ in range(3):
+            assert await _get(pool, f"http://127.0.0.1:{tiny_server.port}/v2/a/blobs/x") == b"hello"
+            await asyncio.to_thread(time.sleep, 0.05)  # let the drop reach our side first
+        assert tiny_server.connections == 3
+    finally:
+        pool.close()
+
+
+async def test_stopping_the_server_mid_download_is_prompt_and_leaves_no_temp(aiohttp_server, make_registry) -> None:
+    fake = FakeUpstream()
+    layer = os.urandom(4 << 20)
+    digest = fake.add_blob(layer)
+    fake.faults[digest] = Fault("stall", delay=60)  # half the body, then silence
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake, timeout=60)
+    response = await client.get(f"/v2/library/alpine/blobs/{digest}")
+    assert response.status == 200
+    await eventually(lambda: fake.bytes_sent[digest] >= len(layer) // 2, what="half the layer sent")
+    await eventually(lambda: bool(temp_files(client)), what="the fill's temp file")
+    data_tmp = temp_files(client)[0].parent
+
+    started = time.monotonic()
+    await client.close()  # app cleanup: fills are cancelled and their threads woken
+    assert time.monotonic() - started < 5  # not the 60 s socket timeout
+    assert [p for p in data_tmp.iterdir() if p.is_file()] == []
