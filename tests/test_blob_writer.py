@@ -1,4 +1,4 @@
-"""The writer under fills and uploads: a slow disk bounds memory instead of growing it, bytes and digest
+"""The writer under pushes: a slow disk bounds memory instead of growing it, bytes and digest
 come out exact whatever the piece boundaries, and a disk error reaches the caller with the file closed."""
 
 from __future__ import annotations
@@ -84,18 +84,3 @@ async def test_a_disk_error_reaches_the_caller_and_the_file_is_closed(
     assert raised.value.errno == errno.ENOSPC
     assert writer._handle.closed
     await asyncio.wait_for(writer.close(), 5)  # closing again (cleanup paths do) neither hangs nor raises
-
-
-async def test_small_writes_reach_the_disk_when_the_producer_kicks(tmp_path: Path) -> None:
-    written: list[int] = []
-    writer = await BlobWriter.open(tmp_path / "blob", "sha256")
-    writer.on_written = written.append
-    await writer.write(b"x" * 100)  # far below a piece: nothing starts on its own
-    writer.kick()  # the producer is about to wait for a slow network
-    for _ in range(100):
-        if written:
-            break
-        await asyncio.sleep(0.01)
-    assert written == [100]
-    assert (tmp_path / "blob").read_bytes() == b"x" * 100
-    await writer.close()

@@ -239,23 +239,22 @@ class _Stage:
 class BlobWriter:
     """Streams bytes to a file while hashing them; writing and hashing each run in a thread of their own.
 
-    Used for uploads (appending to the session's data file) and for upstream fills. The network, the disk
-    write and the hash form a pipeline: each stage takes whatever gathered while it was busy, so none of
-    them waits for another unless MAX_BUFFERED_BYTES are held in memory (then the producer waits).
-    `size` counts bytes that are on disk; `on_written` hears of each step (a fill uses it to let readers
-    move on).
+    Used for pushes (uploads appending to the session's data file, and monolithic blob PUTs): the request
+    body arrives on the event loop, and the disk write and the hash form a pipeline behind it. Each stage
+    takes whatever gathered while it was busy, so none of them waits for another unless
+    MAX_BUFFERED_BYTES are held in memory (then the producer waits). `size` counts bytes on disk.
+    (Upstream fills do not come through here: their bodies are read in threads, see proxy/download.py.)
     """
 
     def __init__(self, path: Path, handle: BinaryIO, hasher: "hashlib._Hash", size: int) -> None:
         self.path = path
         self.hasher = hasher
         self._base = size
-        self.on_written: Callable[[int], None] | None = None
         self._handle = handle
         self._accepted = 0  # bytes given to write()
         self._eager = False  # start pieces of any size: the producer is about to wait, or is finishing
         self._changed = asyncio.Event()
-        self._writing = _Stage(self._write_sync, self._written)
+        self._writing = _Stage(self._write_sync, self._piece_finished)
         self._hashing = _Stage(self._hash_sync, self._piece_finished)
 
     @classmethod
@@ -297,16 +296,10 @@ class BlobWriter:
             self._raise_if_failed()
 
     def kick(self) -> None:
-        """Start on what has gathered now, whatever its size: for a producer about to wait (a slow stream),
-        so readers see its bytes without waiting for a full piece."""
+        """Start on what has gathered now, whatever its size (a producer that is finishing)."""
         self._eager = True
         for stage in (self._writing, self._hashing):
             stage.start(1)
-
-    def _written(self) -> None:
-        if self.on_written is not None and self._writing.error is None:
-            self.on_written(self.size)
-        self._piece_finished()
 
     def _piece_finished(self) -> None:
         for stage in (self._writing, self._hashing):
