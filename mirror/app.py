@@ -28,7 +28,7 @@ from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
 from mirror.storage.uploads import UploadStore
-from mirror.upstream.client import USER_AGENT, UpstreamClient
+from mirror.upstream.client import USER_AGENT, UpstreamClient, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -104,16 +104,16 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         for upstream_config in config.upstreams:
             # One session per upstream: its own connection pool and limits. Bytes are passed through
             # exactly as sent (no transparent decompression), or digests would not match.
+            tls = tls_context(upstream_config)
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(
                     auto_decompress=False,
-                    # Measured here: larger read buffers did not speed fills up (disk writes bound them).
                     read_bufsize=256 << 10,
-                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300),
+                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=tls),
                     headers={"User-Agent": USER_AGENT},
                 )
             )
-            client = UpstreamClient(upstream_config, session, metrics)
+            client = UpstreamClient(upstream_config, session, metrics, tls=tls)
             stack.callback(client.close)
             cache_repos = await asyncio.to_thread(RepoStore, config.storage.path / "cache" / upstream_config.name)
             proxy = ProxyRegistry(

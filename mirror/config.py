@@ -60,6 +60,8 @@ class UpstreamConfig:
     timeout: float = 30.0  # connect + first byte; streaming bodies are not bounded by it
     # Docker Hub keeps official images under library/; only that registry gets the implicit prefix.
     library_prefix: bool = False
+    # PEM bundle of CAs to trust for this upstream instead of the system's (a registry behind a private CA).
+    ca_file: Path | None = None
 
     @property
     def host(self) -> str:
@@ -92,6 +94,7 @@ class Config:
             if upstream["password"]:
                 upstream["password"] = "***"
             upstream["auth_hosts"] = list(upstream["auth_hosts"])
+            upstream["ca_file"] = str(upstream["ca_file"]) if upstream["ca_file"] else None
         data["upstreams"] = list(data["upstreams"])
         data["local"]["repositories"] = list(self.local.repositories)
         return data
@@ -238,6 +241,10 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
     timeout = parse_duration(section.get("timeout", 30), section.path("timeout"))
     if timeout <= 0:
         raise ConfigError(f"{section.path('timeout')}: must be more than 0")
+    ca_text = section.string("ca_file")
+    ca_file = Path(ca_text) if ca_text else None
+    if ca_file is not None and not ca_file.is_file():
+        raise ConfigError(f"{section.path('ca_file')}: no such file: {ca_text}")
     upstream = UpstreamConfig(
         name=name,
         url=(url or "").rstrip("/"),
@@ -249,6 +256,7 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         offline=section.boolean("offline", False),
         timeout=timeout,
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
+        ca_file=ca_file,
     )
     section.finish()
     return upstream

@@ -214,6 +214,9 @@ def test_bad_durations_name_the_key(bad: Any) -> None:
         ({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "timeout": 0}]}, "upstreams[0].timeout"),
         ({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "auth_hosts": "x"}]}, "upstreams[0].auth_hosts"),
         ({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "default": "true"}]}, "upstreams[0].default"),
+        ({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "ca_file": "/no/such/ca.pem"}]},
+         "upstreams[0].ca_file"),
+        ({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "ca_file": 5}]}, "upstreams[0].ca_file"),
         ({"local": {"repositories": "team/**"}}, "local.repositories"),
         ({"local": {"repositories": [""]}}, "local.repositories"),
     ],
@@ -246,14 +249,20 @@ def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
 
 def test_effective_config_round_trips(tmp_path: Path) -> None:
     """What check-config prints is itself a valid config that means the same thing."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text("-----BEGIN CERTIFICATE-----\n")
     original = load_config_data(
         {
             "listen": "127.0.0.1:5001",
             "storage": {"path": str(tmp_path), "max_size": "1GiB", "temp_grace": "10m"},
-            "upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "default": True, "username": "u"}],
+            "upstreams": [
+                {"name": "ghcr.io", "url": "https://ghcr.io", "default": True, "username": "u"},
+                {"name": "registry.internal", "url": "https://registry.internal", "ca_file": str(ca_file)},
+            ],
             "local": {"repositories": ["team/**"]},
         }
     )
+    assert original.upstreams[1].ca_file == ca_file
     again = load_config_data(yaml.safe_load(yaml.safe_dump(original.to_dict())))
     assert isinstance(again, Config)
     assert again == original

@@ -108,10 +108,10 @@ class BlockingResponse:
 class BlockingPool:
     """Keep-alive connections to upstream hosts for blocking requests; owned by one UpstreamClient."""
 
-    def __init__(self, *, user_agent: str, timeout: float) -> None:
+    def __init__(self, *, user_agent: str, timeout: float, tls: ssl.SSLContext | None = None) -> None:
         self.user_agent = user_agent
         self.timeout = timeout
-        self._tls = ssl.create_default_context()
+        self._tls = tls or ssl.create_default_context()
         self._idle: dict[_HostKey, list[tuple[http.client.HTTPConnection, float]]] = {}
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=OPENING_THREADS, thread_name_prefix="upstream-open")

@@ -13,6 +13,7 @@ import base64
 import http.client
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -64,8 +65,21 @@ R = TypeVar("R", bound=_Response)
 _Sender = Callable[[str, str, dict[str, str]], Awaitable[R]]
 
 
+def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
+    """What to trust for this upstream's certificates: its `ca_file`, or the system's CAs. One context
+    serves both transports (aiohttp for requests, BlockingPool for blob bodies), so they agree."""
+    return ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+
+
 class UpstreamClient:
-    def __init__(self, config: UpstreamConfig, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: UpstreamConfig,
+        session: aiohttp.ClientSession,
+        metrics: Metrics,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.config = config
         self.name = config.name
         self.session = session
@@ -82,7 +96,7 @@ class UpstreamClient:
         # paying a 401 round trip on every request.
         self._basic_challenged = False
         # Blob bodies are read from threads (see mirror.upstream.blocking): their own connections.
-        self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout)
+        self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout, tls=tls or tls_context(config))
 
     def close(self) -> None:
         self.blocking.close()

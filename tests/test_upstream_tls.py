@@ -1,0 +1,93 @@
+"""An upstream served over TLS, like every real registry: the blob bodies (read in threads over blocking
+connections) and everything else (aiohttp) trust the same CAs, a private CA is configured with
+`ca_file`, an untrusted certificate is refused rather than ignored, and stopping mid-download over TLS
+is as prompt as over plain TCP."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fake_upstream import Fault, FakeUpstream, upstream_config
+from tests.proxy_helpers import eventually, fills_settled, metric_value, metrics_text, temp_files
+from tests.support.tls import PrivateCA, make_private_ca
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def private_ca(tmp_path: Path) -> PrivateCA:
+    return make_private_ca(tmp_path / "ca")
+
+
+async def _tls_upstream(aiohttp_server, fake: FakeUpstream, ca: PrivateCA) -> str:
+    server = await aiohttp_server(fake.app(), ssl=ca.server_context())
+    url = f"https://127.0.0.1:{server.port}"
+    fake.realm = f"{url}/token"
+    return url
+
+
+async def test_pull_through_a_tls_upstream_with_a_private_ca_and_token_auth(
+    aiohttp_server, make_registry, private_ca: PrivateCA
+) -> None:
+    fake = FakeUpstream(require_token=True)
+    layers = [os.urandom(3 * MiB), os.urandom(5 * MiB)]
+    _, manifest = fake.add_image("library/app", "1", layers)
+    url = await _tls_upstream(aiohttp_server, fake, private_ca)
+    client = await make_registry(
+        upstreams=[upstream_config(url, library_prefix=True, ca_file=str(private_ca.ca_file))]
+    )
+
+    async with client.get("/v2/app/manifests/1") as response:
+        assert response.status == 200
+        assert await response.read() == manifest
+    for layer in layers:
+        digest = fake.add_blob(layer)
+        async with client.get(f"/v2/app/blobs/{digest}") as response:
+            assert response.status == 200
+            assert await response.read() == layer
+        # The second pull of the same layer is a cache hit: one upstream GET per blob.
+        async with client.get(f"/v2/app/blobs/{digest}") as response:
+            assert await response.read() == layer
+        assert fake.count("GET", digest) == 1
+    await fills_settled(client)
+    assert metric_value(await metrics_text(client), "mirror_fills_total", result="ok") == 2
+
+
+async def test_an_untrusted_upstream_certificate_is_refused(aiohttp_server, make_registry, private_ca) -> None:
+    fake = FakeUpstream()
+    layer = os.urandom(64 << 10)
+    digest = fake.add_blob(layer)
+    fake.add_image("library/app", "1", [layer])
+    url = await _tls_upstream(aiohttp_server, fake, private_ca)
+    client = await make_registry(upstreams=[upstream_config(url, library_prefix=True)])  # no ca_file
+
+    for path in ("/v2/app/manifests/1", f"/v2/app/blobs/{digest}"):
+        async with client.get(path) as response:
+            assert response.status == 503, path
+            assert "UNAVAILABLE" in await response.text()
+    assert fake.count("GET", digest) == 0  # the handshake failed: no request ever reached it
+
+
+async def test_stopping_mid_download_over_tls_is_prompt(aiohttp_server, make_registry, private_ca) -> None:
+    fake = FakeUpstream()
+    layer = os.urandom(4 * MiB)
+    digest = fake.add_blob(layer)
+    fake.faults[digest] = Fault("stall", delay=60)
+    url = await _tls_upstream(aiohttp_server, fake, private_ca)
+    client = await make_registry(
+        upstreams=[upstream_config(url, library_prefix=True, timeout=60, ca_file=str(private_ca.ca_file))]
+    )
+    response = await client.get(f"/v2/library/app/blobs/{digest}")
+    assert response.status == 200
+    await eventually(lambda: fake.bytes_sent[digest] >= len(layer) // 2, what="half the layer sent")
+    await eventually(lambda: bool(temp_files(client)), what="the fill's temp file")
+    data_tmp = temp_files(client)[0].parent
+
+    started = time.monotonic()
+    await client.close()
+    assert time.monotonic() - started < 5
+    assert [p for p in data_tmp.iterdir() if p.is_file()] == []
