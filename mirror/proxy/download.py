@@ -96,8 +96,16 @@ class BodyDownload:
             self._pieces.put(None)
 
     def _hash(self) -> None:
+        # Drains the queue to the end whatever happens: a receiver blocked on a full queue must never hang.
+        failure: BaseException | None = None
         while (piece := self._pieces.get()) is not None:
-            self._hasher.update(piece)
+            if failure is None:
+                try:
+                    self._hasher.update(piece)
+                except BaseException as exc:  # noqa: BLE001 - raised once the stream is drained
+                    failure = exc
+        if failure is not None:
+            raise failure
 
     # -- the loop's side ---------------------------------------------------------------------------
     def _report(self) -> None:
@@ -138,7 +146,10 @@ def _thread_future(loop: asyncio.AbstractEventLoop, target: Callable[..., None],
             target(*args)
         except BaseException as exc:  # noqa: BLE001 - handed to the loop, which decides
             error = exc
-        loop.call_soon_threadsafe(finished, error)
+        try:
+            loop.call_soon_threadsafe(finished, error)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
 
     threading.Thread(target=body, name=name, daemon=True).start()
     return future
