@@ -89,3 +89,15 @@ async def fills_settled(client: TestClient | ClientSession, timeout: float = 10.
         if time.monotonic() > deadline:
             raise AssertionError("fills still running")
         await asyncio.sleep(0.01)
+
+
+async def assert_stopping_mid_download_is_prompt(client: TestClient, fake: FakeUpstream, digest: str, size: int) -> None:
+    """With a download of `digest` stalled halfway upstream, stopping the server takes seconds, not the
+    socket timeout, and leaves no temp file behind."""
+    await eventually(lambda: fake.bytes_sent[digest] >= size // 2, what="half the blob sent")
+    await eventually(lambda: bool(temp_files(client)), what="the fill's temp file")
+    data_tmp = temp_files(client)[0].parent
+    started = time.monotonic()
+    await client.close()  # app cleanup: fills are cancelled and their threads woken
+    assert time.monotonic() - started < 5
+    assert [p for p in data_tmp.iterdir() if p.is_file()] == []
