@@ -32,6 +32,7 @@ class Fault:
     """What to do to matching requests; `times` left.
 
     `kind`: 503, 429 (with `retry_after`), truncate (cut the body halfway), wrong (other bytes, same length),
+    chunked (the blob in chunked encoding, no Content-Length), chunked-truncate (that, cut halfway),
     slow (`delay` between 64 KiB pieces), stall (send half the body, then nothing until the client leaves),
     stall-headers (answer nothing until the client leaves), slow-headers (wait `delay`, then answer),
     expire-tokens, refuse-token; on /token also 503 and 429.
@@ -229,13 +230,17 @@ class FakeUpstream:
         if fault and fault.kind == "wrong":
             data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **headers})
-        response.content_length = len(data)
+        chunked = fault is not None and fault.kind.startswith("chunked")
+        if chunked:
+            response.enable_chunked_encoding()  # no Content-Length: the size is known only at the end
+        else:
+            response.content_length = len(data)
         await response.prepare(request)
         if request.method == "HEAD":
             return response
         step = 64 * 1024
         for offset in range(0, len(data), step):
-            if fault and fault.kind == "truncate" and offset >= len(data) // 2:
+            if fault and fault.kind in ("truncate", "chunked-truncate") and offset >= len(data) // 2:
                 assert request.transport is not None
                 request.transport.close()
                 return response

@@ -271,3 +271,36 @@ async def test_garbled_manifest_on_revalidation_serves_the_cached_copy(aiohttp_s
         assert await response.read() == manifest  # the verified old copy, not the garbage
     text = await metrics_text(client)
     assert metric_value(text, "mirror_cache_lookups_total", kind="tag", result="stale") >= 1
+
+
+async def test_a_blob_without_content_length_is_served_whole_once_verified(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    layer = os.urandom(LAYER_BYTES)
+    digest = fake.add_blob(layer)
+    fake.faults[digest] = Fault("chunked", times=1)
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake)
+    url = f"/v2/library/alpine/blobs/{digest}"
+    async with client.get(url) as response:
+        assert response.status == 200
+        assert response.content_length == len(layer)  # known by the time the client is answered
+        assert await response.read() == layer
+    async with client.get(url) as response:  # cached: no second download
+        assert await response.read() == layer
+    assert fake.count("GET", digest) == 1
+
+
+async def test_a_blob_without_content_length_cut_short_is_an_error_and_not_cached(aiohttp_server, make_registry):
+    fake = FakeUpstream()
+    layer = os.urandom(LAYER_BYTES)
+    digest = fake.add_blob(layer)
+    fake.faults[digest] = Fault("chunked-truncate", times=1)
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake)
+    url = f"/v2/library/alpine/blobs/{digest}"
+    async with client.get(url) as response:
+        assert response.status == 503
+        assert "UNAVAILABLE" in await response.text()
+    assert temp_files(client) == []
+    async with client.get(url) as response:  # the next pull downloads again, whole
+        assert response.status == 200
+        assert await response.read() == layer
+    assert fake.count("GET", digest) == 2
