@@ -6,17 +6,20 @@ leaves nothing behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import threading
 import time
 from collections.abc import Iterator
 
+import aiohttp
 import pytest
 
 from mirror.upstream.blocking import BlockingPool
 from tests.fake_upstream import Fault, FakeUpstream
-from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, start_mirror
+from mirror.state import ROUTER
+from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, fills_settled, start_mirror
 
 
 class TinyServer:
@@ -66,10 +69,14 @@ def tiny_server(request: pytest.FixtureRequest) -> Iterator[TinyServer]:
 
 
 async def _get(pool: BlockingPool, url: str) -> bytes:
+    """The whole body, read the way fills read it (read1 until it returns nothing)."""
     response = await pool.request("GET", url, {})
     try:
         assert response.status == 200
-        return await asyncio.to_thread(response.read1, 1 << 20)
+        body = b""
+        while piece := await asyncio.to_thread(response.read1, 1 << 20):
+            body += piece
+        return body
     finally:
         response.release()
 
@@ -98,6 +105,47 @@ async def test_a_connection_the_upstream_dropped_while_idle_does_not_fail_the_ne
         assert tiny_server.connections == 3
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("tiny_server", [False], indirect=True)
+async def test_connections_to_an_upstream_are_capped_and_the_next_request_waits_for_one(
+    tiny_server: TinyServer,
+) -> None:
+    pool = BlockingPool(user_agent="test", timeout=10, max_connections=2)
+    url = f"http://127.0.0.1:{tiny_server.port}/v2/a/blobs/x"
+    try:
+        first, second = await pool.request("GET", url, {}), await pool.request("GET", url, {})
+        third = asyncio.ensure_future(pool.request("GET", url, {}))
+        await asyncio.sleep(0.3)
+        assert not third.done()  # both connections are busy with unread bodies
+        first.release()  # unread: closed, which frees its slot
+        response = await asyncio.wait_for(third, 5)
+        assert response.status == 200
+        assert pool.open_connections == 2  # the second and the third: never more than the cap
+        assert tiny_server.connections == 3
+        response.release()
+        second.release()
+        assert pool.open_connections == pool.idle_connections  # nothing is held by a finished request
+    finally:
+        pool.close()
+    assert pool.open_connections == 0
+
+
+async def test_failed_downloads_give_their_connections_back(aiohttp_server, make_registry) -> None:
+    fake = FakeUpstream()
+    kinds = ["truncate", "wrong", "chunked-truncate", "503"]
+    blobs = {kind: os.urandom(1 << 20) for kind in kinds}
+    for kind, data in blobs.items():
+        fake.faults[fake.add_blob(data)] = Fault(kind)
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake)
+    missing = "sha256:" + "0" * 64
+    for digest in [*fake.faults, missing]:
+        async with client.get(f"/v2/library/alpine/blobs/{digest}") as response:
+            with contextlib.suppress(aiohttp.ClientPayloadError):
+                await response.read()  # an error or a cut body: either way the fill is over
+    await fills_settled(client)
+    pool = client.server.app[ROUTER].upstreams["fake.io"].registry.client.blocking  # type: ignore[attr-defined]
+    assert pool.open_connections == pool.idle_connections
 
 
 async def test_stopping_the_server_mid_download_is_prompt_and_leaves_no_temp(aiohttp_server, make_registry) -> None:

@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 # Error bodies up to this size are read at once, so their connection can be used again.
 SMALL_BODY_BYTES = 64 << 10
 IDLE_CONNECTIONS_PER_HOST = 8
+# Open connections per upstream (its CDN hosts included) at most, busy or idle: aiohttp's default.
+MAX_CONNECTIONS = 64
 # Servers close idle keep-alive connections after a while (nginx 75 s, many CDNs 60 s); a connection
 # idle this long is closed by us rather than found dead.
 IDLE_SECONDS = 30.0
@@ -45,13 +47,17 @@ class BlockingResponse:
     """A response whose headers are in and whose body is read, from a thread, with `read1`."""
 
     def __init__(self, pool: BlockingPool, key: _HostKey, connection: http.client.HTTPConnection,
-                 response: http.client.HTTPResponse) -> None:
+                 response: http.client.HTTPResponse, *, head: bool) -> None:
         self._pool = pool
+        self._head = head
         self._key = key
         self._connection: http.client.HTTPConnection | None = connection
         self._response = response
         self.status = response.status
         self.headers: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict(response.getheaders()))
+        # The whole body was read: only then may the connection carry another request. (http.client
+        # also calls a body cut short by the server "closed".)
+        self._complete = False
 
     @property
     def content_length(self) -> int | None:
@@ -68,17 +74,21 @@ class BlockingResponse:
         """Blocking: up to `limit` body bytes from one receive; b"" at the end. Raises IncompleteRead when
         the upstream closes before the length it announced, OSError on a broken or timed-out socket."""
         data = self._response.read1(limit)
-        if self._response.length == 0 and not self._response.isclosed():
-            # read1 never marks a complete body done (read does); without this the connection could
-            # not go back to the pool.
-            self._response.close()
+        if self._response.chunked:
+            # http.client raises IncompleteRead on a cut chunked body: an empty read is its real end.
+            self._complete = self._complete or (not data and bool(limit))
+        elif self._response.length == 0:
+            self._complete = True
+            if not self._response.isclosed():
+                self._response.close()  # read1 never marks a complete body done (read does)
         return data
 
     def read_small_body(self) -> None:
         """Blocking: read a short body now (an error page), so the connection can carry the next request."""
         length = self.content_length
-        if length is not None and length <= SMALL_BODY_BYTES:
-            self._response.read()
+        if self._head or (length is not None and length <= SMALL_BODY_BYTES):
+            self._response.read()  # raises IncompleteRead if the body is cut short
+            self._complete = True
 
     def abort(self) -> None:
         """Wake a thread blocked reading this body (any thread may call this): the read fails at once."""
@@ -98,21 +108,32 @@ class BlockingResponse:
         connection, self._connection = self._connection, None
         if connection is None:
             return
-        if self._response.isclosed() and not self._response.will_close:
+        if self._complete and self._response.isclosed() and not self._response.will_close:
             self._pool.give_back(self._key, connection)
         else:
             self._response.close()
-            connection.close()
+            self._pool.discard(connection)
 
 
 class BlockingPool:
     """Keep-alive connections to upstream hosts for blocking requests; owned by one UpstreamClient."""
 
-    def __init__(self, *, user_agent: str, timeout: float, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        user_agent: str,
+        timeout: float,
+        tls: ssl.SSLContext | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         self.user_agent = user_agent
         self.timeout = timeout
+        self.max_connections = max_connections
         self._tls = tls or ssl.create_default_context()
         self._idle: dict[_HostKey, list[tuple[http.client.HTTPConnection, float]]] = {}
+        # One slot per open connection, taken when it is created and given back when it is closed.
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: set[http.client.HTTPConnection] = set()
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=OPENING_THREADS, thread_name_prefix="upstream-open")
         self._closed = False
@@ -142,14 +163,14 @@ class BlockingPool:
                 connection.request(method, target, headers=headers)
                 response = connection.getresponse()
             except _STALE_CONNECTION:
-                connection.close()
+                self.discard(connection)
                 if reused:
                     continue  # the server closed it while it sat in the pool: once more, on a new one
                 raise
             except BaseException:
-                connection.close()
+                self.discard(connection)
                 raise
-            result = BlockingResponse(self, key, connection, response)
+            result = BlockingResponse(self, key, connection, response, head=method == "HEAD")
             if method == "HEAD" or result.status >= 300:
                 try:
                     result.read_small_body()
@@ -157,6 +178,16 @@ class BlockingPool:
                     result.release()
                     raise
             return result
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    @property
+    def idle_connections(self) -> int:
+        with self._lock:
+            return sum(len(idle) for idle in self._idle.values())
 
     def _take(self, key: _HostKey) -> tuple[http.client.HTTPConnection, bool]:
         now = time.monotonic()
@@ -166,27 +197,59 @@ class BlockingPool:
                 connection, since = idle.pop()
                 if now - since < IDLE_SECONDS:
                     return connection, True
-                connection.close()
+                self._discard_locked(connection)
+        self._take_slot()
         scheme, host, port = key
+        connection: http.client.HTTPConnection
         if scheme == "https":
-            return http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls), False
-        return http.client.HTTPConnection(host, port, timeout=self.timeout), False
+            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls)
+        else:
+            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        with self._lock:
+            self._open.add(connection)
+        return connection, False
+
+    def _take_slot(self) -> None:
+        """Wait for room for one more connection: an idle one (to any host) is closed to make it, else
+        one in use must end within the timeout (a TimeoutError then, which the client retries)."""
+        if self._slots.acquire(blocking=False):
+            return
+        with self._lock:
+            oldest = min(
+                ((since, key) for key, idle in self._idle.items() for _, since in idle[:1]), default=None
+            )
+            if oldest is not None:
+                connection, _ = self._idle[oldest[1]].pop(0)
+                self._discard_locked(connection)
+        if not self._slots.acquire(timeout=self.timeout):
+            raise TimeoutError(f"all {self.max_connections} upstream connections stayed busy for {self.timeout:g} s")
 
     def give_back(self, key: _HostKey, connection: http.client.HTTPConnection) -> None:
         with self._lock:
             idle = self._idle.setdefault(key, [])
             if self._closed or len(idle) >= IDLE_CONNECTIONS_PER_HOST:
-                connection.close()
+                self._discard_locked(connection)
                 return
             idle.append((connection, time.monotonic()))
+
+    def discard(self, connection: http.client.HTTPConnection) -> None:
+        """Close a connection for good and free its slot."""
+        with self._lock:
+            self._discard_locked(connection)
+
+    def _discard_locked(self, connection: http.client.HTTPConnection) -> None:
+        connection.close()
+        if connection in self._open:  # a slot is given back exactly once
+            self._open.remove(connection)
+            self._slots.release()
 
     def close(self) -> None:
         with self._lock:
             self._closed = True
             idle, self._idle = self._idle, {}
-        for connections in idle.values():
-            for connection, _ in connections:
-                connection.close()
+            for connections in idle.values():
+                for connection, _ in connections:
+                    self._discard_locked(connection)
         self._executor.shutdown(wait=False, cancel_futures=True)
 
 
