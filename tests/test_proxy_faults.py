@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.fake_upstream import Fault, FakeUpstream, upstream_config
+from tests.fake_upstream import Fault, FakeUpstream, digest_of, upstream_config
 from tests.proxy_helpers import (
     blob_files,
     fills_settled,
@@ -69,6 +69,17 @@ async def test_bad_upstream_bytes_cut_every_client_and_leave_nothing_behind(aioh
     assert temp_files(client) == []
 
 
+async def _mirror_with_a_faulty_layer(aiohttp_server, make_registry, fault: Fault, **upstream):
+    """A mirror in front of a fake upstream holding one layer that misbehaves as `fault`:
+    (client, fake, layer, its blob URL on the mirror)."""
+    fake = FakeUpstream()
+    layer = os.urandom(LAYER_BYTES)
+    digest = fake.add_blob(layer)
+    fake.faults[digest] = fault
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake, **upstream)
+    return client, fake, layer, f"/v2/library/alpine/blobs/{digest}"
+
+
 async def test_slow_stream_completes(aiohttp_server, make_registry):
     fake = FakeUpstream()
     layer = os.urandom(600_000)
@@ -81,12 +92,9 @@ async def test_slow_stream_completes(aiohttp_server, make_registry):
 
 
 async def test_stalled_stream_is_cut_after_the_timeout(aiohttp_server, make_registry):
-    fake = FakeUpstream()
-    layer = os.urandom(LAYER_BYTES)
-    digest = fake.add_blob(layer)
-    fake.faults[digest] = Fault("stall", times=1, delay=30)
-    client, _ = await start_mirror(aiohttp_server, make_registry, fake, timeout=0.5)
-    url = f"/v2/library/alpine/blobs/{digest}"
+    client, _fake, layer, url = await _mirror_with_a_faulty_layer(
+        aiohttp_server, make_registry, Fault("stall", times=1, delay=30), timeout=0.5
+    )
 
     started = time.monotonic()
     await _pull_expecting_a_cut(client, url, len(layer))
@@ -274,28 +282,20 @@ async def test_garbled_manifest_on_revalidation_serves_the_cached_copy(aiohttp_s
 
 
 async def test_a_blob_without_content_length_is_served_whole_once_verified(aiohttp_server, make_registry):
-    fake = FakeUpstream()
-    layer = os.urandom(LAYER_BYTES)
-    digest = fake.add_blob(layer)
-    fake.faults[digest] = Fault("chunked", times=1)
-    client, _ = await start_mirror(aiohttp_server, make_registry, fake)
-    url = f"/v2/library/alpine/blobs/{digest}"
+    client, fake, layer, url = await _mirror_with_a_faulty_layer(aiohttp_server, make_registry, Fault("chunked", times=1))
     async with client.get(url) as response:
         assert response.status == 200
         assert response.content_length == len(layer)  # known by the time the client is answered
         assert await response.read() == layer
     async with client.get(url) as response:  # cached: no second download
         assert await response.read() == layer
-    assert fake.count("GET", digest) == 1
+    assert fake.count("GET", digest_of(layer)) == 1
 
 
 async def test_a_blob_without_content_length_cut_short_is_an_error_and_not_cached(aiohttp_server, make_registry):
-    fake = FakeUpstream()
-    layer = os.urandom(LAYER_BYTES)
-    digest = fake.add_blob(layer)
-    fake.faults[digest] = Fault("chunked-truncate", times=1)
-    client, _ = await start_mirror(aiohttp_server, make_registry, fake)
-    url = f"/v2/library/alpine/blobs/{digest}"
+    client, fake, layer, url = await _mirror_with_a_faulty_layer(
+        aiohttp_server, make_registry, Fault("chunked-truncate", times=1)
+    )
     async with client.get(url) as response:
         assert response.status == 503
         assert "UNAVAILABLE" in await response.text()
@@ -303,4 +303,4 @@ async def test_a_blob_without_content_length_cut_short_is_an_error_and_not_cache
     async with client.get(url) as response:  # the next pull downloads again, whole
         assert response.status == 200
         assert await response.read() == layer
-    assert fake.count("GET", digest) == 2
+    assert fake.count("GET", digest_of(layer)) == 2
