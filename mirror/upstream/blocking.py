@@ -131,10 +131,9 @@ class BlockingPool:
         self.max_connections = max_connections
         self._tls = tls or ssl.create_default_context()
         self._idle: dict[_HostKey, list[tuple[http.client.HTTPConnection, float]]] = {}
-        # One slot per open connection, taken when it is created and given back when it is closed.
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._open: set[http.client.HTTPConnection] = set()
+        self._open: set[http.client.HTTPConnection] = set()  # busy or idle; at most max_connections
         self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # notified whenever a connection closes
         self._executor = ThreadPoolExecutor(max_workers=OPENING_THREADS, thread_name_prefix="upstream-open")
         self._closed = False
 
@@ -198,31 +197,27 @@ class BlockingPool:
                 if now - since < IDLE_SECONDS:
                     return connection, True
                 self._discard_locked(connection)
-        self._take_slot()
         scheme, host, port = key
-        connection: http.client.HTTPConnection
+        connection: http.client.HTTPConnection  # not connected until its first request
         if scheme == "https":
             connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls)
         else:
             connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
-        with self._lock:
-            self._open.add(connection)
+        self._admit(connection)
         return connection, False
 
-    def _take_slot(self) -> None:
-        """Wait for room for one more connection: an idle one (to any host) is closed to make it, else
-        one in use must end within the timeout (a TimeoutError then, which the client retries)."""
-        if self._slots.acquire(blocking=False):
-            return
-        with self._lock:
-            oldest = min(
-                ((since, key) for key, idle in self._idle.items() for _, since in idle[:1]), default=None
-            )
-            if oldest is not None:
-                connection, _ = self._idle[oldest[1]].pop(0)
-                self._discard_locked(connection)
-        if not self._slots.acquire(timeout=self.timeout):
-            raise TimeoutError(f"all {self.max_connections} upstream connections stayed busy for {self.timeout:g} s")
+    def _admit(self, connection: http.client.HTTPConnection) -> None:
+        """Count a new connection as open once there is room: an idle one (to any host) is closed to
+        make it, else one in use must end within the timeout (a TimeoutError then, which is retried)."""
+        with self._room:
+            if len(self._open) >= self.max_connections:
+                oldest = min(((since, key) for key, idle in self._idle.items() for _, since in idle[:1]), default=None)
+                if oldest is not None:
+                    idle_connection, _ = self._idle[oldest[1]].pop(0)
+                    self._discard_locked(idle_connection)
+            if not self._room.wait_for(lambda: len(self._open) < self.max_connections, timeout=self.timeout):
+                raise TimeoutError(f"all {self.max_connections} upstream connections stayed busy for {self.timeout:g} s")
+            self._open.add(connection)
 
     def give_back(self, key: _HostKey, connection: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -239,9 +234,9 @@ class BlockingPool:
 
     def _discard_locked(self, connection: http.client.HTTPConnection) -> None:
         connection.close()
-        if connection in self._open:  # a slot is given back exactly once
+        if connection in self._open:
             self._open.remove(connection)
-            self._slots.release()
+            self._room.notify()
 
     def close(self) -> None:
         with self._lock:
