@@ -174,7 +174,7 @@ class LocalRegistry(Registry):
     ) -> PutManifestResult:
         if len(body) > self.manifest_limit:
             raise ManifestTooLarge(f"manifest is larger than {self.manifest_limit} bytes")
-        parsed = parse_manifest(body, content_type)
+        parsed = parse_manifest(body, content_type, pushed=True)
         if looks_like_digest(reference):
             expected = Digest.parse(reference)
             digest = Digest.of(body, expected.algorithm)
@@ -189,6 +189,7 @@ class LocalRegistry(Registry):
             digest = Digest.of(body)
 
         def missing_references() -> list[str]:
+            # Foreign (non-distributable) layers are not among `parsed.blobs`: clients never push them.
             missing = [str(d.digest) for d in parsed.blobs if not self.repos.has_blob(repo, d.digest)]
             missing += [str(d.digest) for d in parsed.manifests if self.repos.manifest_link(repo, d.digest) is None]
             return missing
