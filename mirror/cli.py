@@ -47,10 +47,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load(path: Path | None) -> Config:
+    """The config, or every problem of the file on stderr and exit status 2 (serve, check-config, ...)."""
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"mirror: config error: {exc}", file=sys.stderr)
+        if len(exc.errors) == 1:
+            print(f"mirror: config error: {exc.errors[0]}", file=sys.stderr)
+        else:
+            print(f"mirror: {len(exc.errors)} config errors in {path}:", file=sys.stderr)
+            for message in exc.errors:
+                print(f"  {message}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 
