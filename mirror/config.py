@@ -198,6 +198,7 @@ class _Section:
         self.key = key
         self.errors = errors
         self.used: set[str] = set()
+        self.finished = False
 
     @classmethod
     def of(cls, data: Any, key: str, errors: _Errors) -> _Section | None:
@@ -267,6 +268,10 @@ class _Section:
         return result
 
     def finish(self) -> None:
+        """Report the keys nothing read (once, however often called)."""
+        if self.finished:
+            return
+        self.finished = True
         for name in sorted(set(self.data) - self.used, key=str):
             self.error(str(name), "unknown key")
 
@@ -429,14 +434,17 @@ def load_config_data(data: Any) -> Config:
     root = _Section.of(_expand_env(data), "", errors)
     if root is None:
         raise ConfigError(*errors.messages)
-    config = Config(
-        listen=root.value("listen", Listen(), _parse_listen),
-        storage=root.section("storage", _parse_storage, StorageConfig()),
-        limits=root.section("limits", _parse_limits, LimitsConfig()),
-        upstreams=_parse_upstreams(root),
-        local=root.section("local", _parse_local, LocalConfig()),
-    )
-    root.finish()
+    try:
+        config = Config(
+            listen=root.value("listen", Listen(), _parse_listen),
+            storage=root.section("storage", _parse_storage, StorageConfig()),
+            limits=root.section("limits", _parse_limits, LimitsConfig()),
+            upstreams=_parse_upstreams(root),
+            local=root.section("local", _parse_local, LocalConfig()),
+        )
+        root.finish()
+    except ConfigError as exc:  # a check that raises instead of recording: still shown with the others
+        raise ConfigError(*errors.messages, *exc.errors) from exc
     if errors.messages:
         raise ConfigError(*errors.messages)
     return config
