@@ -246,7 +246,8 @@ class _Section:
         return float(self.value(name, default, _fraction))
 
     def size(self, name: str, default: int | None) -> int | None:
-        return self.value(name, default, parse_size)
+        """A size; an explicit null is the default (check-config prints an unbounded max_size so)."""
+        return self.value(name, default, lambda value, key: default if value is None else parse_size(value, key))
 
     def duration(self, name: str, default: float) -> float:
         return float(self.value(name, default, parse_duration))
@@ -263,7 +264,8 @@ class _Section:
         except ConfigError as exc:
             for message in exc.errors:
                 self.errors.add(message)
-            result = default
+            section.finished = True  # the keys it did not get to are not unknown
+            return default
         section.finish()
         return result
 

@@ -319,6 +319,11 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
     again = load_config_data(yaml.safe_load(yaml.safe_dump(original.to_dict())))
     assert isinstance(again, Config)
     assert again == original
+    # The defaults print nulls (no max_size, no credentials, no CA file): those read back as the defaults.
+    private = load_config_data({})
+    assert load_config_data(yaml.safe_load(yaml.safe_dump(private.to_dict()))) == private
+    unbounded = load_config_data({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io"}]})
+    assert load_config_data(yaml.safe_load(yaml.safe_dump(unbounded.to_dict()))) == unbounded
 
 
 def test_password_is_masked_in_the_effective_config() -> None:
