@@ -126,10 +126,13 @@ class Copier:
         finds cosign signature tags without a HEAD per guess."""
         info = await source.stat_manifest(src_repo, reference)
         expected = expected_dest_digest or info.digest
-        if dest_tag is not None and await self._dest_tag_digest(dest, dest_repo, dest_tag) == expected:
-            if not self.options.referrers:
-                return CopyOutcome(info.digest, expected, unchanged=True)
         stats = CopyStats()
+        if dest_tag is not None and await self._dest_tag_digest(dest, dest_repo, dest_tag) == expected:
+            # Up to date: no GET of the image at all. Only signatures and SBOMs may have been added since.
+            if self.options.referrers:
+                await self._copy_referrers(source, src_repo, info.digest, dest, dest_repo, stats, source_tags)
+            unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
+            return CopyOutcome(info.digest, expected, unchanged=unchanged, stats=stats)
         manifest = await source.get_manifest(src_repo, str(info.digest))
         written = await self._copy_manifest(source, src_repo, manifest, dest, dest_repo, stats, top=True)
         if dest_tag is not None:
@@ -175,6 +178,9 @@ class Copier:
             stats.manifests_present += 1
             return manifest
         for child in parsed.manifests:
+            if await self._dest_has_manifest(dest, dest_repo, child.digest):
+                stats.manifests_present += 1  # known without a source GET (a resumed or overlapping copy)
+                continue
             child_manifest = await source.get_manifest(src_repo, str(child.digest))
             await self._copy_manifest(source, src_repo, child_manifest, dest, dest_repo, stats)
         blobs = [d for d in parsed.blobs if is_distributable(d)]
@@ -214,6 +220,9 @@ class Copier:
         except (Unsupported, NotImplementedError):
             found = []
         for descriptor in found:
+            if await self._dest_has_manifest(dest, dest_repo, descriptor.digest):
+                stats.manifests_present += 1  # a rerun costs the source no GET for referrers already copied
+                continue
             referrer = await source.get_manifest(src_repo, str(descriptor.digest))
             await self._copy_manifest(source, src_repo, referrer, dest, dest_repo, stats)
         for tag in cosign_tags(subject):
