@@ -208,8 +208,7 @@ class ReplicationEngine:
 
     async def start_schedules(self) -> None:
         """Run the rules on their schedules (mirror serve); at most one server per data directory does."""
-        if not self.rules:
-            return
+        # Taken even without rules: `mirror sync` learns from it that a server owns this data directory.
         lock = _FileLock(self.root / SERVE_LOCK)
         if not await asyncio.to_thread(lock.try_acquire):
             log.error("another mirror serve runs replication on %s: this one does not schedule rules", self.root)

@@ -37,7 +37,8 @@ def as_version(tag: str) -> Version | None:
 
 
 def _natural_key(tag: str) -> tuple[tuple[int, int | str], ...]:
-    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in _DIGITS.split(tag) if part)
+    # Numbers rank above words: a dated tag (2024-01-10) is newer than a moving name (nightly, edge).
+    return tuple((1, int(part)) if part.isdigit() else (0, part) for part in _DIGITS.split(tag) if part)
 
 
 def _newness(tag: str) -> tuple[int, Version | tuple[tuple[int, int | str], ...]]:
@@ -61,7 +62,10 @@ def select_tags(tags: Iterable[str], wanted: TagFilter) -> list[str]:
         selected = [tag for tag in selected if not exclude.fullmatch(tag)]
     if wanted.semver is not None:
         allowed = SpecifierSet(wanted.semver)
-        selected = [tag for tag in selected if (v := as_version(tag)) is not None and allowed.contains(v)]
+        # Said explicitly: packaging admits a pre-release into a range when nothing else matches it.
+        pre = bool(allowed.prereleases)
+        selected = [tag for tag in selected
+                    if (v := as_version(tag)) is not None and allowed.contains(v, prereleases=pre)]
     if wanted.latest is not None:
         return sorted(selected, key=_newness, reverse=True)[: wanted.latest]
     return sorted(selected, key=_newness, reverse=True)
