@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from mirror.errors import BlobUnknown, ManifestUnknown, RegistryError
+from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryError
 from mirror.oci.digest import Digest
 from mirror.replication.copier import COSIGN_SUFFIXES
 from mirror.replication.rules import Rule, TagFilter
@@ -126,7 +126,10 @@ async def make_plan(
     `expected` maps a destination key to {source digest: the digest written for it} from earlier runs
     (a platform-filtered index is a new document, so its digest is not the source's). `written` maps a
     destination key to the tags this rule wrote there (for prune)."""
-    source_tags = await source.list_tags(rule.source.repository)
+    try:
+        source_tags = await source.list_tags(rule.source.repository)
+    except NameUnknown as exc:
+        raise NameUnknown(f"source {rule.source} does not exist (no tags to list)", detail=exc.detail) from exc
     jobs: list[Job] = []
     for tag in select_tags(source_tags, rule.tags):
         digest = await tag_digest(source, rule.source.repository, tag)

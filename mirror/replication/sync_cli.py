@@ -20,16 +20,8 @@ from typing import Any
 
 import aiohttp
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
+from rich.filesize import decimal
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from mirror.config import Config
@@ -39,29 +31,37 @@ POLL_SECONDS = 0.5
 
 
 class _Bars:
-    """The engine's Progress, drawn with rich: one bar of images, one of bytes (whose total is unknown
+    """The engine's Progress, drawn with rich: one bar of images, one line of bytes (their total is unknown
     until the manifests have been read, so it shows the amount and the speed)."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
-        self.images: TaskID = progress.add_task("images", total=0)
-        self.bytes: TaskID = progress.add_task("bytes", total=None)
+        self.started = time.monotonic()
+        self.images: TaskID = progress.add_task("images", total=0, amount="0/0")
+        self.bytes: TaskID = progress.add_task("bytes", total=None, amount="0 B")
+        self.written = 0
 
     def planned(self, rule: str, images: int) -> None:
         task = self.progress.tasks[self.images]
-        self.progress.update(self.images, total=(task.total or 0) + images, description=f"images ({rule})")
+        total = (task.total or 0) + images
+        self.progress.update(self.images, total=total, description=f"images ({rule})",
+                             amount=f"{int(task.completed)}/{int(total)}")
 
     def bytes_written(self, rule: str, count: int) -> None:
-        self.progress.advance(self.bytes, count)
+        self.written += count
+        speed = self.written / max(time.monotonic() - self.started, 1e-3)
+        self.progress.update(self.bytes, amount=f"{decimal(self.written)} at {decimal(int(speed))}/s")
 
     def image_done(self, rule: str) -> None:
         self.progress.advance(self.images, 1)
+        task = self.progress.tasks[self.images]
+        self.progress.update(self.images, amount=f"{int(task.completed)}/{int(task.total or 0)}")
 
 
 def _progress(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), DownloadColumn(),
-        TransferSpeedColumn(), TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.fields[amount]}"),
+        TimeElapsedColumn(), console=console, transient=False,
     )
 
 
@@ -138,12 +138,12 @@ async def _follow(
 ) -> dict[str, Any]:
     """Poll the rule's state until a run that started after `asked` has finished."""
     with _progress(console) as progress:
-        task = progress.add_task(f"bytes ({name})", total=None)
+        task = progress.add_task(f"{name} (in the server)", total=None, amount="0 B")
         while True:
             async with session.get(f"{base}/api/replication") as response:
                 rules = (await response.json())["rules"]
             state = next(r for r in rules if r["name"] == name)
-            progress.update(task, completed=state.get("bytes", 0))
+            progress.update(task, amount=f"{decimal(int(state.get('bytes') or 0))}")
             started = state.get("last_run_started") or 0
             if not state.get("running") and started >= asked - 1 and state.get("result") != "running":
                 return dict(state)
