@@ -17,8 +17,7 @@ from mirror.replication.engine import REPLICATION, ReplicationEngine, next_run_a
 from mirror.replication.planner import select_tags
 from mirror.replication.rules import TagFilter
 from mirror.replication.status import RuleState
-from mirror.state import METRICS
-from tests.fake_upstream import Fault, FakeUpstream
+from tests.fake_upstream import FakeUpstream, Fault
 from tests.registry_helpers import DOCKER_MANIFEST, files_under, push_image
 from tests.replication_helpers import upstream_source_factory, wait_for
 

@@ -15,8 +15,8 @@ import yaml
 
 from tests.registry_helpers import files_under, push_image
 from tests.replication_helpers import http_json, wait_for
-from tests.support.mirror_proc import REPO_ROOT
 from tests.support.fixtures import MirrorFactory
+from tests.support.mirror_proc import REPO_ROOT
 
 
 def _rule(name: str, **extra: Any) -> dict[str, Any]:

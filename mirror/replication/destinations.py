@@ -72,11 +72,11 @@ async def open_destination(
         return app[ROUTER].local
     if spec.kind == CACHE:
         factory = _optional("mirror.replication.cache_dest", "open_cache_destination", "the cache destination")
-        return await factory(spec, app, stack, rule=rule)  # type: ignore[operator,no-any-return]
+        return await factory(spec, app, stack, rule=rule)  # type: ignore[operator]
     if spec.kind == REGISTRY:
         factory = _optional("mirror.replication.remote", "open_registry_destination", "a registry destination")
-        return await factory(spec, stack, state_dir=state_dir)  # type: ignore[operator,no-any-return]
+        return await factory(spec, stack, state_dir=state_dir)  # type: ignore[operator]
     if spec.kind in (OCI_LAYOUT, ARCHIVE):
         factory = _optional("mirror.replication.layout", "open_layout_destination", f"an {spec.kind} destination")
-        return await factory(spec, stack)  # type: ignore[operator,no-any-return]
+        return await factory(spec, stack)  # type: ignore[operator]
     raise ReplicationUnavailable(f"unknown destination kind {spec.kind}")

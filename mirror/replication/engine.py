@@ -27,7 +27,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -126,7 +126,7 @@ def next_run_at(rule: Rule, state: RuleState, now: float, rng: random.Random) ->
             return now + jitter
         return max(state.last_run_started + rule.interval + jitter, now)
     if rule.schedule is not None:
-        start = datetime.fromtimestamp(now, timezone.utc)
+        start = datetime.fromtimestamp(now, UTC)
         return next(CronSim(rule.schedule, start)).timestamp() + jitter
     return None
 
@@ -564,7 +564,7 @@ class ReplicationEngine:
 
 def _snapshot(state: RuleState) -> RuleState:
     """A copy to write from a thread while the loop goes on changing the original."""
-    return RuleState(**{name: _copy(getattr(state, name)) for name in state.__slots__})  # type: ignore[attr-defined]
+    return RuleState(**{name: _copy(getattr(state, name)) for name in state.__slots__})
 
 
 def _copy(value: Any) -> Any:

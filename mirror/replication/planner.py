@@ -14,7 +14,7 @@ the two-component tags most images use.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from packaging.specifiers import SpecifierSet
@@ -119,7 +119,7 @@ async def make_plan(
     targets: Sequence[Target],
     *,
     expected: dict[str, dict[str, str]] | None = None,
-    written: dict[str, dict[str, str]] | None = None,
+    written: Mapping[str, Iterable[str]] | None = None,
 ) -> Plan:
     """Resolve `rule`: tags at the source, one HEAD per selected tag, one HEAD per tag per destination.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -192,7 +192,7 @@ def _parse_rule(raw: Any, key: str, upstreams: Sequence[UpstreamConfig]) -> Rule
     schedule = fields.string("schedule")
     if schedule is not None:
         try:
-            CronSim(schedule, datetime.now(timezone.utc))
+            CronSim(schedule, datetime.now(UTC))
         except CronSimError as exc:
             raise ConfigError(f"{fields.path('schedule')}: not a cron expression ({exc}): {schedule!r}") from exc
     interval_raw = fields.get("interval")

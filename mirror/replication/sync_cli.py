@@ -114,14 +114,14 @@ async def _through_server(config: Config, names: Sequence[str], dry_run: bool) -
             if dry_run:
                 async with session.post(f"{base}/api/replication/{name}/run", params={"dry_run": "1"}) as response:
                     if response.status != 200:
-                        console.print(f"mirror: the server refused {name}: HTTP {response.status} {await response.text()}")
+                        console.print(f"mirror: the server refused {name}: {response.status} {await response.text()}")
                         return None
                     reports.append(await response.json())
                 continue
             asked = time.time()
             async with session.post(f"{base}/api/replication/{name}/run") as response:
                 if response.status != 202:
-                    console.print(f"mirror: the server refused {name}: HTTP {response.status} {await response.text()}")
+                    console.print(f"mirror: the server refused {name}: {response.status} {await response.text()}")
                     return None
             state = await _follow(session, base, name, asked, console)
             reports.append({

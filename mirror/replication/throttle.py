@@ -45,7 +45,7 @@ class ThrottledRegistry(Registry):
     async def open_blob(self, repo: str, digest: Digest) -> BlobBody:
         return await self.inner.open_blob(repo, digest)
 
-    async def read_blob(self, repo: str, digest: Digest, *, start: int = 0) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def read_blob(self, repo: str, digest: Digest, *, start: int = 0) -> AsyncIterator[bytes]:
         async for piece in self.inner.read_blob(repo, digest, start=start):
             await self.bucket.take(len(piece))
             yield piece
