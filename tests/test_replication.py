@@ -324,3 +324,40 @@ async def test_an_unchanged_upstream_image_costs_no_get_on_a_rerun(
     again = await engine.run_rule("hub")
     assert again.result == "ok" and again.unchanged == 2 and again.copied == 0
     assert fake.count("GET", "/manifests/") == 0 and fake.count("GET", "/blobs/") == 0
+
+
+def test_a_rule_cannot_copy_a_local_repository_onto_itself() -> None:
+    with pytest.raises(ConfigError, match=r"^replication\[0\]\.destinations\[0\]\.local:"):
+        load_config_data({"replication": [{"name": "loop", "source": "team/app",
+                                           "destinations": [{"local": "team/app"}]}]})
+
+
+async def test_bandwidth_paces_reads_to_the_cap() -> None:
+    from mirror.replication.throttle import Bucket
+
+    bucket = Bucket(100_000)  # 100 kB/s, 50 kB of burst
+    started = time.monotonic()
+    for _ in range(6):
+        await bucket.take(50_000)
+    elapsed = time.monotonic() - started
+    assert elapsed >= 2.4  # 300 kB, 50 kB of it burst: 2.5 s at the cap
+    assert elapsed < 10  # generous: only a stall would take this long
+
+
+async def test_one_rule_runs_once_at_a_time_and_a_trigger_during_a_run_queues(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    fake = FakeUpstream()
+    fake.add_image("library/alpine", "3.20", [b"x" * (1 << 20)])
+    fake.blob_delay = 0.05  # 16 pieces of 64 KiB: the first run takes most of a second
+    _, engine = await _upstream_setup(aiohttp_client, aiohttp_server, tmp_path, fake)
+    first = asyncio.create_task(engine.run_rule("hub"))
+    await wait_for(lambda: engine.state("hub").result == "running", 5, "the first run to start")
+    assert engine.trigger("hub") == "queued"
+    second = asyncio.create_task(engine.run_rule("hub"))
+    await asyncio.sleep(0.2)
+    assert not second.done() and engine.state("hub").runs == 0
+    reports = await asyncio.gather(first, second)
+    assert [r.copied for r in reports] == [1, 0]  # the second ran after the first, and found it all there
+    await wait_for(lambda: engine.state("hub").runs == 3, 10, "the queued run")
+    assert fake.count("GET", "/blobs/") == 2  # config and layer, each sent once, whatever ran after

@@ -476,6 +476,8 @@ class ReplicationEngine:
                 progress.image_done(rule.name)
         for key, wanted in expected.items():
             state.expected[key] = wanted
+        if not report.failed:
+            await self._release_unselected(rule, plan, targets)
         if rule.prune:
             report.pruned = await self._prune(rule, state, plan, by_key)
 
@@ -518,6 +520,16 @@ class ReplicationEngine:
         state.written.setdefault(key, {})[job.tag] = str(digest)
         if digest != job.source_digest:
             expected.setdefault(key, {})[str(job.source_digest)] = str(digest)
+
+    @staticmethod
+    async def _release_unselected(rule: Rule, plan: Plan, targets: list[Target]) -> None:
+        """Destinations that keep content for a rule (the cache pins it) hear what the rule selects now,
+        so they can let go of what it no longer does: `unpin_except(rule, digests)` when they have it."""
+        selected = {job.source_digest for job in plan.jobs}
+        for target in targets:
+            release = getattr(target.registry, "unpin_except", None)
+            if release is not None:
+                await release(rule.name, selected)
 
     async def _prune(self, rule: Rule, state: RuleState, plan: Plan, by_key: dict[str, Target]) -> int:
         pruned = 0

@@ -330,6 +330,8 @@ def _parse_destination(raw: Any, key: str, source: Source) -> Destination:
         repository = fields.string(LOCAL)
         if repository is None or not is_valid_name(repository):
             raise ConfigError(f"{fields.path(LOCAL)}: expected a repository name, got {repository!r}")
+        if source.upstream is None and repository == source.repository:
+            raise ConfigError(f"{fields.path(LOCAL)}: the destination is the source repository itself")
         fields.finish()
         return Destination(LOCAL, repository=repository)
     if kind in (OCI_LAYOUT, ARCHIVE):
