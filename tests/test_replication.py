@@ -361,3 +361,15 @@ async def test_one_rule_runs_once_at_a_time_and_a_trigger_during_a_run_queues(
     assert [r.copied for r in reports] == [1, 0]  # the second ran after the first, and found it all there
     await wait_for(lambda: engine.state("hub").runs == 3, 10, "the queued run")
     assert fake.count("GET", "/blobs/") == 2  # config and layer, each sent once, whatever ran after
+
+
+def test_the_example_rule_in_config_example_yaml_is_valid() -> None:
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "config.example.yaml").read_text()
+    base = yaml.safe_load(text)
+    assert base["replication"] == [] and base["upstreams"][0]["ratelimit_floor"] == 5
+    block = text[text.index("# replication:\n"):]
+    rules = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
+    config = load_config_data({**base, **rules})
+    assert config.replication[0].name == "base-images" and len(config.replication[0].destinations) == 5
