@@ -264,12 +264,12 @@ class ReplicationEngine:
             feed.unsubscribe(queue)
 
     async def _schedule_loop(self, rule: Rule) -> None:
-        state = self._states[rule.name]
         wake = self._wake[rule.name]
-        if state.result == "running":
+        if self._states[rule.name].result == "running":
             log.info("replication rule %s was interrupted (its last run never finished): resuming it", rule.name)
             wake.set()
         while True:
+            state = self._states[rule.name]  # replaced when another process ran the rule meanwhile
             due = next_run_at(rule, state, time.time(), self._rng)
             state.next_run = due
             delay = None if due is None else max(due - time.time(), 0.0)
@@ -311,8 +311,10 @@ class ReplicationEngine:
     # -- a run -------------------------------------------------------------------------------------
     async def run_rule(self, name: str, *, dry_run: bool = False, progress: Progress | None = None) -> RunReport:
         rule = self.rules[name]
+        if dry_run:  # reads only: it needs no lock, and takes none (a lock file is a write too)
+            return await self._run(rule, dry_run=True, progress=progress)
         async with self._locks[name], self._rule_file_lock(name), self._slots:
-            return await self._run(rule, dry_run=dry_run, progress=progress)
+            return await self._run(rule, dry_run=False, progress=progress)
 
     @contextlib.asynccontextmanager
     async def _rule_file_lock(self, name: str) -> AsyncIterator[None]:
@@ -323,8 +325,8 @@ class ReplicationEngine:
                 log.info("replication rule %s runs in another process: waiting for it", name)
                 waited = True
             await asyncio.sleep(0.5)
-        if waited:
-            await self.load()  # that process changed the state: continue from what it saved
+        if waited:  # that process changed the rule's state: continue from what it saved
+            self._states[name] = await asyncio.to_thread(load_state_sync, self.root, name)
         try:
             yield
         finally:
