@@ -282,6 +282,10 @@ async def test_low_ratelimit_remaining_pauses_the_rule_until_the_window_allows(
         await asyncio.sleep(0.6)  # a few re-checks, all still at the floor
         assert fake.count("GET", "/manifests/") == 0 and fake.count("GET", "/blobs/") == 0
         assert fake.count("HEAD", "/manifests/") >= 2  # re-checks are HEADs: free under Docker Hub's rules
+        # The budget left is the pull-through clients': they are served while replication waits.
+        async with client.get("/v2/fake.io/library/alpine/manifests/3.20") as response:
+            assert response.status == 200
+        assert engine.state("hub").paused is not None
         fake.ratelimit_remaining = 60
         report = await asyncio.wait_for(run, 10)
     finally:
@@ -373,3 +377,33 @@ def test_the_example_rule_in_config_example_yaml_is_valid() -> None:
     rules = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
     config = load_config_data({**base, **rules})
     assert config.replication[0].name == "base-images" and len(config.replication[0].destinations) == 5
+
+
+async def test_at_most_the_bound_of_rules_run_at_once(aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path) -> None:
+    fake = FakeUpstream()
+    for repo in ("one", "two", "three"):
+        fake.add_image(f"library/{repo}", "1", [repo.encode() * (1 << 18)])
+    fake.blob_delay = 0.1  # 12+ pieces per image: over a second each
+    server = await aiohttp_server(fake.app())
+    config = load_config_data({
+        "storage": {"path": str(tmp_path / "data")},
+        "upstreams": [{"name": "fake.io", "url": str(server.make_url("")).rstrip("/")}],
+        "local": {"repositories": ["copy/**"]},
+        "replication": [{"name": repo, "source": f"fake.io/library/{repo}", "destinations": [{"local": f"copy/{repo}"}]}
+                        for repo in ("one", "two", "three")],
+    })
+    client = await aiohttp_client(create_app(config))
+    engine = ReplicationEngine(client.app, remote=upstream_source_factory(), max_concurrent=2)
+    await engine.load()
+    runs = [asyncio.create_task(engine.run_rule(name)) for name in ("one", "two", "three")]
+
+    def running() -> int:
+        return sum(engine.state(name).result == "running" for name in ("one", "two", "three"))
+
+    await wait_for(lambda: running() == 2, 5, "two rules running")
+    most = 0
+    while not all(run.done() for run in runs):
+        most = max(most, running())
+        await asyncio.sleep(0.02)
+    assert most == 2
+    assert [run.result().result for run in runs] == ["ok", "ok", "ok"]
