@@ -407,3 +407,41 @@ async def test_at_most_the_bound_of_rules_run_at_once(aiohttp_client: Any, aioht
         await asyncio.sleep(0.02)
     assert most == 2
     assert [run.result().result for run in runs] == ["ok", "ok", "ok"]
+
+
+async def test_an_interrupted_run_resumes_without_fetching_completed_blobs_again(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    from mirror.oci.digest import Digest
+    from mirror.state import ROUTER
+    from tests.fake_upstream import digest_of
+
+    small, large = b"small layer", b"L" * (2 << 20)
+    fake = FakeUpstream()
+    fake.add_image("library/alpine", "3.20", [small, large])
+    fake.blob_delay = 0.05  # the large layer takes over a second: the run is stopped while it streams
+    client, engine = await _upstream_setup(aiohttp_client, aiohttp_server, tmp_path, fake)
+    local = client.app[ROUTER].local
+    run = asyncio.create_task(engine.run_rule("hub"))
+
+    async def small_arrived() -> bool:
+        try:
+            await local.stat_blob("copy/alpine", Digest.parse(digest_of(small)))
+            return True
+        except Exception:  # noqa: BLE001 - not there yet
+            return False
+
+    await wait_for(small_arrived, 10, "the small layer at the destination")
+    run.cancel()  # what a kill or a shutdown does to a run in the middle
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    assert engine.state("hub").result == "running"
+
+    restarted = ReplicationEngine(client.app, remote=upstream_source_factory(), recheck=0.2)
+    await restarted.load()  # reads the state the interrupted run left on disk
+    assert restarted.state("hub").result == "running"
+    fake.blob_delay = 0.0
+    report = await restarted.run_rule("hub")
+    assert report.result == "ok" and report.copied == 1 and restarted.state("hub").resumed
+    assert fake.count("GET", f"/blobs/{digest_of(small)}") == 1  # not sent again
+    assert fake.count("GET", f"/blobs/{digest_of(large)}") == 2  # the unfinished one was

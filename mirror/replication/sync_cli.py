@@ -157,7 +157,7 @@ def _summary(reports: Sequence[dict[str, Any]], dry_run: bool) -> None:
     for report in reports:
         to_copy = sum(1 for i in report["images"] if i["outcome"] == "would-copy") if dry_run else report["copied"]
         table.add_row(report["rule"], report["result"], str(to_copy), str(report["unchanged"]),
-                      str(report["failed"]), str(report["bytes"]))
+                      str(report["failed"]), decimal(int(report["bytes"])))
     console = Console(width=120)
     console.print(table)
     for report in reports:
