@@ -59,6 +59,8 @@ from mirror.upstream.ratelimit import parse_retry_after
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENT_RULES = 2
+IMAGE_CONCURRENCY = 4  # images of one rule copied at once
+BLOB_CONCURRENCY = 8  # blobs of one run in flight at once, all its images together
 RETRY_ATTEMPTS = 3
 MAX_RATE_LIMIT_WAITS = 5  # 429s tolerated per image before it counts as failed
 SERVE_LOCK = "serve.lock"
@@ -458,12 +460,22 @@ class ReplicationEngine:
             if progress is not None:
                 progress.bytes_written(rule.name, count)
 
-        copier = Copier(CopyOptions(platforms=rule.platforms, referrers=rule.referrers), on_bytes=on_bytes)
+        copier = Copier(CopyOptions(platforms=rule.platforms, referrers=rule.referrers,
+                                    blob_concurrency=BLOB_CONCURRENCY), on_bytes=on_bytes)
         expected: dict[str, dict[str, str]] = {}
         by_key = {target.key: target for target in targets}
-        for job in plan.jobs:
-            image = await self._copy_job(rule, state, job, plan, source, targets, copier, gate, before_get,
-                                         expected)
+        image_slots = asyncio.Semaphore(IMAGE_CONCURRENCY)
+
+        async def copy_one(job: Job) -> ImageReport:
+            async with image_slots:
+                image = await self._copy_job(rule, state, job, plan, source, targets, copier, gate, before_get,
+                                             expected)
+            if job.stale and progress is not None:
+                progress.image_done(rule.name)
+            return image
+
+        images = await asyncio.gather(*(copy_one(job) for job in plan.jobs))
+        for job, image in zip(plan.jobs, images, strict=True):
             report.images.append(image)
             outcome = image.outcome
             self.metrics.replication_images.labels(rule.name, outcome).inc()
@@ -474,8 +486,6 @@ class ReplicationEngine:
             else:
                 report.failed += 1
                 report.errors.append(f"{job.tag}: {image.error}")
-            if job.stale and progress is not None:
-                progress.image_done(rule.name)
         for key, wanted in expected.items():
             state.expected[key] = wanted
         if not report.failed:

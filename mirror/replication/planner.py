@@ -13,6 +13,7 @@ the two-component tags most images use.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from mirror.replication.rules import Rule, TagFilter
 from mirror.storage.interface import Registry
 
 _DIGITS = re.compile(r"(\d+)")
+PLAN_CONCURRENCY = 8  # tags resolved (HEAD at the source and at each destination) at once
 
 
 def as_version(tag: str) -> Version | None:
@@ -130,20 +132,26 @@ async def make_plan(
         source_tags = await source.list_tags(rule.source.repository)
     except NameUnknown as exc:
         raise NameUnknown(f"source {rule.source} does not exist (no tags to list)", detail=exc.detail) from exc
-    jobs: list[Job] = []
-    for tag in select_tags(source_tags, rule.tags):
-        digest = await tag_digest(source, rule.source.repository, tag)
-        if digest is None:
-            continue  # deleted between the listing and the HEAD
-        job = Job(tag, digest)
-        for target in targets:
-            want = (expected or {}).get(target.key, {}).get(str(digest))
-            at_dest = await tag_digest(target.registry, target.repository, tag)
-            if at_dest is not None and at_dest == (Digest.parse(want) if want else digest):
-                job.current[target.key] = at_dest
-            else:
-                job.stale[target.key] = at_dest
-        jobs.append(job)
+    slots = asyncio.Semaphore(PLAN_CONCURRENCY)
+
+    async def resolve(tag: str) -> Job | None:
+        async with slots:
+            digest = await tag_digest(source, rule.source.repository, tag)
+            if digest is None:
+                return None  # deleted between the listing and the HEAD
+            job = Job(tag, digest)
+            for target in targets:
+                want = (expected or {}).get(target.key, {}).get(str(digest))
+                at_dest = await tag_digest(target.registry, target.repository, tag)
+                if at_dest is not None and at_dest == (Digest.parse(want) if want else digest):
+                    job.current[target.key] = at_dest
+                else:
+                    job.stale[target.key] = at_dest
+            return job
+
+    # HEADs are cheap but each costs a round trip: a rule of 60 tags resolved one by one waits 60 of them.
+    resolved = await asyncio.gather(*(resolve(tag) for tag in select_tags(source_tags, rule.tags)))
+    jobs = [job for job in resolved if job is not None]
     present = set(source_tags)
     gone = {
         key: sorted(tag for tag in tags if tag not in present)
