@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from mirror.upstream.auth import RealmPolicy, RealmRefused, parse_challenge
+from mirror.upstream.auth import RealmPolicy, RealmRefused, parse_challenge, same_origin
 from tests.fake_upstream import Fault, FakeUpstream, upstream_config
 from tests.proxy_helpers import base_url, metric_value, metrics_text, start_mirror
 
@@ -261,3 +261,19 @@ def test_redirect_policy(upstream: str, auth_hosts: tuple[str, ...], target: str
             policy.check_redirect(target)
     else:
         policy.check_redirect(target)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("https://registry.example/v2/a", "https://registry.example:443/v2/b?x=1", True),
+        ("https://Registry.Example/v2/", "https://registry.example/v2/", True),
+        ("http://registry.example/v2/", "http://registry.example:80/x", True),
+        ("https://registry.example/v2/", "http://registry.example/v2/", False),  # same host:port as written
+        ("https://registry.example/v2/", "https://registry.example:8443/v2/", False),
+        ("https://registry.example/v2/", "https://cdn.registry.example/v2/", False),
+        ("https://registry.example/v2/", "https://registry.example:bad/v2/", False),
+    ],
+)
+def test_credentials_travel_only_within_one_origin(first: str, second: str, same: bool) -> None:
+    assert same_origin(first, second) is same

@@ -31,7 +31,7 @@ from tenacity import (
 from mirror.config import UpstreamConfig
 from mirror.errors import TooManyRequests, UpstreamUnavailable
 from mirror.metrics import Metrics
-from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, parse_challenge
+from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, origin_of, parse_challenge
 from mirror.upstream.blocking import BlockingPool, BlockingResponse
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class UpstreamClient:
         # The upstream answered a Basic challenge: send the credentials up front from then on, instead of
         # paying a 401 round trip on every request.
         self._basic_challenged = False
+        self._warned_downgrade = False
         # Blob bodies are read from threads (see mirror.upstream.blocking): their own connections.
         self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout, tls=tls or tls_context(config))
 
@@ -172,7 +173,7 @@ class UpstreamClient:
         return response
 
     async def _follow(self, method: str, url: str, headers: dict[str, str], send: _Sender[R]) -> R:
-        """Send, following redirects ourselves: Authorization never travels to another host."""
+        """Send, following redirects ourselves: Authorization never travels to another origin."""
         for _ in range(MAX_REDIRECTS + 1):
             response = await send(method, url, headers)
             if response.status not in (301, 302, 303, 307, 308) or "Location" not in response.headers:
@@ -184,7 +185,14 @@ class UpstreamClient:
             except RealmRefused as exc:
                 self.metrics.upstream_errors.labels(self.name, "redirect_refused").inc()
                 raise UpstreamUnavailable(f"upstream {self.name}: {exc}") from exc
-            if urlsplit(target).netloc != urlsplit(url).netloc:
+            # Credentials stay with the origin they were sent to: another host or port, and a same-host
+            # https -> http downgrade (where anyone on the path could read them), get the request without.
+            if origin_of(target) != origin_of(url):
+                downgrade = urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http"
+                if downgrade and not self._warned_downgrade and any(k.lower() == "authorization" for k in headers):
+                    self._warned_downgrade = True  # once: a misconfigured upstream would say it on every request
+                    log.warning("upstream %s redirects from https to http (%s): following without credentials",
+                                self.name, target[:200])
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
         raise UpstreamUnavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
