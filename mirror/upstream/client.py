@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
@@ -196,7 +196,7 @@ class UpstreamClient:
         limit: int = JSON_BODY_LIMIT,
         max_pages: int = LIST_MAX_PAGES,
         max_bytes: int = LIST_MAX_BYTES,
-    ) -> AsyncIterator[JsonResponse]:
+    ) -> AsyncGenerator[JsonResponse, None]:
         """get_json() of `path`, then of each page its `Link: <...>; rel="next"` names, in order.
 
         Ends after a page that is not a 200 (yielded, for the caller to judge) or has no next link, and
