@@ -35,7 +35,8 @@ def add_tags_on_disk(registry: DistributionRegistry, repo: str, tags: list[str])
 def memory_backed_registry(token_server: TokenServer) -> Iterator[DistributionRegistry]:
     """A distribution registry of its own (token auth) whose storage is on tmpfs: 20,000 directories
     on this machine's disk cost minutes to create and delete."""
-    workdir = Path(tempfile.mkdtemp(prefix="registry-listing-", dir="/dev/shm"))
+    memory = Path("/dev/shm")
+    workdir = Path(tempfile.mkdtemp(prefix="registry-listing-", dir=memory if memory.is_dir() else None))
     registry = DistributionRegistry.token_auth(token_server, workdir=workdir)
     try:
         yield registry.start()
