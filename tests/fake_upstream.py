@@ -75,7 +75,8 @@ class FakeUpstream:
     # Given a tags request's query string, the Link rel="next" to answer with instead of our own (None: no
     # link): loops, endless lists, links to other hosts.
     tags_next: Callable[[str], str | None] | None = None
-    referrers: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)  # (repo, subject) -> descriptors
+    # (repo, subject digest) -> the descriptors of its referrers
+    referrers: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     referrers_page_size: int | None = None  # referrers in pages of this many, linked with ?page=
     # Manifest GETs and HEADs that arrive over TLS get a 307 to the same path there (see cdn_app()).
     redirect_manifests_to: str | None = None
@@ -93,9 +94,11 @@ class FakeUpstream:
             {
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                           "size": len(config)},
                 "layers": [
-                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": self.add_blob(layer), "size": len(layer)}
+                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": self.add_blob(layer),
+                     "size": len(layer)}
                     for layer in layers
                 ],
             }
@@ -115,7 +118,9 @@ class FakeUpstream:
                 "manifests": [
                     {"mediaType": OCI_MANIFEST, "digest": child_digest, "size": len(body),
                      "platform": {"architecture": arch, "os": "linux"}}
-                    for (child_digest, body), arch in zip(children, ("amd64", "arm64", "s390x", "ppc64le"))
+                    for (child_digest, body), arch in zip(
+                        children, ("amd64", "arm64", "s390x", "ppc64le"), strict=False
+                    )
                 ],
             }
         ).encode()
@@ -298,7 +303,9 @@ class FakeUpstream:
         await response.write_eof()
         return response
 
-    async def _blob(self, request: web.Request, digest: str, fault: Fault | None, headers: dict[str, str]) -> web.StreamResponse:
+    async def _blob(
+        self, request: web.Request, digest: str, fault: Fault | None, headers: dict[str, str]
+    ) -> web.StreamResponse:
         data = self.blobs.get(digest)
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)

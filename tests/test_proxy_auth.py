@@ -12,7 +12,7 @@ import pytest
 
 from mirror.upstream.auth import RealmPolicy, RealmRefused, parse_challenge, same_origin
 from mirror.upstream.client import TOKEN_BODY_LIMIT
-from tests.fake_upstream import Fault, FakeUpstream, upstream_config
+from tests.fake_upstream import FakeUpstream, Fault, upstream_config
 from tests.proxy_helpers import base_url, metric_value, metrics_text, start_mirror
 
 USER, PASSWORD = "mirror-bot", "s3cret"

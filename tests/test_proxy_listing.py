@@ -10,7 +10,7 @@ import os
 import pytest
 
 from mirror.upstream.client import JSON_BODY_LIMIT, LIST_MAX_PAGES, next_link
-from tests.fake_upstream import OCI_MANIFEST, Fault, FakeUpstream
+from tests.fake_upstream import OCI_MANIFEST, FakeUpstream, Fault
 from tests.proxy_helpers import base_url, metric_value, metrics_text, start_mirror
 from tests.registry_helpers import error_codes
 

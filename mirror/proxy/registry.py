@@ -384,7 +384,7 @@ class ProxyRegistry(Registry):
                     if not more:
                         break
                     body += more
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise UpstreamUnavailable(f"upstream {self.name} manifest body broke: {exc}") from exc
             if len(body) > self.manifest_limit:
                 raise UpstreamInvalid(f"upstream manifest is larger than {self.manifest_limit} bytes")

@@ -172,7 +172,7 @@ class UpstreamClient:
                 return JsonResponse(response.status, response.headers, None, 0, None)
             try:
                 body = await self._read_capped(response, limit, f"answer to GET {path[:200]}")
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
                 raise UpstreamUnavailable(f"upstream {self.name}: answer to GET {path[:200]} broke off: {exc}") from exc
         finally:
@@ -335,7 +335,7 @@ class UpstreamClient:
         )
         try:
             return await self.session.request(method, url, headers=headers, allow_redirects=False, timeout=timeout)
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
     async def _send_blocking(self, method: str, url: str, headers: dict[str, str]) -> BlockingResponse:
@@ -413,7 +413,7 @@ class UpstreamClient:
                     log.warning("upstream %s: token endpoint answered %d", self.name, token_response.status)
                     return None
                 data = json.loads(await self._read_capped(token_response, TOKEN_BODY_LIMIT, "token endpoint's answer"))
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise _Retryable(f"token endpoint: {exc}") from exc
         token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:
