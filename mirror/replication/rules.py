@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ class Destination:
     repository: str | None = None  # cache / local / registry: where in it (default: the source's name)
     url: str | None = None  # registry
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line or a traceback
     ca_file: Path | None = None
     tls_verify: bool = True
     path: Path | None = None  # oci_layout folder or archive file
