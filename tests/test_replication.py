@@ -445,3 +445,23 @@ async def test_an_interrupted_run_resumes_without_fetching_completed_blobs_again
     assert report.result == "ok" and report.copied == 1 and restarted.state("hub").resumed
     assert fake.count("GET", f"/blobs/{digest_of(small)}") == 1  # not sent again
     assert fake.count("GET", f"/blobs/{digest_of(large)}") == 2  # the unfinished one was
+
+
+def test_ratelimit_headers_and_retry_after_are_read_as_docker_hub_sends_them() -> None:
+    import email.utils
+
+    from mirror.upstream.ratelimit import RateLimitReading, parse_quota, parse_retry_after
+
+    assert parse_quota("76;w=21600") == (76, 21600.0)
+    assert parse_quota("") == (None, None) and parse_quota("lots") == (None, None)
+    assert parse_retry_after("30") == 30.0 and parse_retry_after(None) == 60.0
+    assert parse_retry_after("99999999") == 6 * 3600.0  # bounded
+    in_a_minute = email.utils.formatdate(time.time() + 60, usegmt=True)
+    assert 55 <= parse_retry_after(in_a_minute) <= 61
+    reading = RateLimitReading()
+    reading.observe(200, {"ratelimit-remaining": "4;w=21600", "ratelimit-limit": "100;w=21600"})
+    assert (reading.remaining, reading.limit, reading.window) == (4, 100, 21600.0)
+    reading.observe(200, {"ratelimit-remaining": ""})  # sometimes empty: the last reading stands
+    assert reading.remaining == 4
+    reading.observe(429, {"Retry-After": "5"})
+    assert reading.blocked_until >= time.time() + 4
