@@ -11,12 +11,15 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
 
 from mirror.oci.names import is_valid_name
+
+if TYPE_CHECKING:
+    from mirror.replication.rules import Rule
 
 T = TypeVar("T")
 
@@ -60,7 +63,8 @@ class UpstreamConfig:
     url: str
     default: bool = False
     username: str | None = None
-    password: str | None = None
+    # Never in a repr (a config logged or printed in a traceback); to_dict() masks it.
+    password: str | None = field(default=None, repr=False)
     tag_ttl: float = 60.0
     auth_hosts: tuple[str, ...] = ()
     offline: bool = False
@@ -69,6 +73,9 @@ class UpstreamConfig:
     library_prefix: bool = False
     # PEM bundle of CAs to trust for this upstream instead of the system's (a registry behind a private CA).
     ca_file: Path | None = None
+    # Replication's GETs pause while this upstream announces this many pulls left or fewer
+    # (`ratelimit-remaining`): what remains of the budget is kept for pull-through clients.
+    ratelimit_floor: int = 5
 
     @property
     def host(self) -> str:
@@ -87,6 +94,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -95,6 +103,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective config as plain data (for `check-config`); passwords are masked."""
         data = asdict(self)
+        data["replication"] = [rule.to_dict() for rule in self.replication]
         data["listen"] = str(self.listen)
         data["storage"]["path"] = str(self.storage.path)
         for upstream in data["upstreams"]:
@@ -386,15 +395,29 @@ def _parse_upstream(section: _Section) -> UpstreamConfig | None:
         url=url or "",
         default=section.boolean("default", False),
         username=section.string("username") or None,
-        password=section.string("password") or None,
+        password=section.value("password", None, _secret),
         tag_ttl=section.duration("tag_ttl", 60.0),
         auth_hosts=section.value("auth_hosts", (), lambda v, k: _names(v, k, "host names")),
         offline=section.boolean("offline", False),
         timeout=section.value("timeout", 30.0, _parse_timeout),
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
         ca_file=section.value("ca_file", None, _parse_ca_file),
+        ratelimit_floor=section.value("ratelimit_floor", 5, _non_negative_int),
     )
     return None if name is None or url is None else upstream
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected a whole number, 0 or more, got {value!r}")
+    return value
+
+
+def _secret(value: Any, key: str) -> str | None:
+    """A string whose value an error message must not repeat (it is printed and logged)."""
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got a {type(value).__name__} (value not shown)")
+    return value or None
 
 
 def _parse_upstreams(root: _Section) -> tuple[UpstreamConfig, ...]:
@@ -427,6 +450,15 @@ def _parse_local(section: _Section) -> LocalConfig:
     return LocalConfig(repositories=patterns)
 
 
+def _parse_replication(root: _Section, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Rule, ...]:
+    """The `replication:` rules (mirror/replication/rules.py, which reports the first problem of the list).
+
+    Rules name upstreams: only those that parsed are known here (one that did not is reported already)."""
+    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
+
+    return root.value("replication", (), lambda value, key: parse_rules(value, upstreams))
+
+
 def load_config_data(data: Any) -> Config:
     """Build a Config from parsed YAML (after ${ENV} expansion).
 
@@ -437,19 +469,20 @@ def load_config_data(data: Any) -> Config:
     if root is None:
         raise ConfigError(*errors.messages)
     try:
-        config = Config(
-            listen=root.value("listen", Listen(), _parse_listen),
-            storage=root.section("storage", _parse_storage, StorageConfig()),
-            limits=root.section("limits", _parse_limits, LimitsConfig()),
-            upstreams=_parse_upstreams(root),
-            local=root.section("local", _parse_local, LocalConfig()),
-        )
+        listen = root.value("listen", Listen(), _parse_listen)
+        storage = root.section("storage", _parse_storage, StorageConfig())
+        limits = root.section("limits", _parse_limits, LimitsConfig())
+        upstreams = _parse_upstreams(root)
+        local = root.section("local", _parse_local, LocalConfig())
+        replication = _parse_replication(root, upstreams)
         root.finish()
     except ConfigError as exc:  # a check that raises instead of recording: still shown with the others
         raise ConfigError(*errors.messages, *exc.errors) from exc
     if errors.messages:
         raise ConfigError(*errors.messages)
-    return config
+    return Config(
+        listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local, replication=replication
+    )
 
 
 def load_config(path: Path | None) -> Config:

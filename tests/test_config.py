@@ -282,6 +282,10 @@ def test_every_error_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
          ["storage.pth", "storage.size", "colour", "zzz"]),
         # A bad watermark is reported once, without a made-up comparison against its default.
         ({"storage": {"high_watermark": 1.5, "low_watermark": 0.96}}, ["storage.high_watermark"]),
+        # Sections parsed elsewhere (replication rules) and secrets are collected with the rest.
+        ({"listen": "x", "upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "password": 5,
+                                        "ratelimit_floor": -1}], "replication": "nope"},
+         ["listen", "upstreams[0].password", "upstreams[0].ratelimit_floor", "replication"]),
         ({"upstreams": [{"name": "ghcr.io", "url": "https://a", "timeout": 0, "default": "yes", "passwd": "x"},
                         {"name": "ghcr.io", "url": "https://b"}]},
          ["upstreams[0].default", "upstreams[0].timeout", "upstreams[0].passwd", "upstreams[1].name"]),
@@ -330,6 +334,24 @@ def test_password_is_masked_in_the_effective_config() -> None:
     config = load_config_data({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "password": "hunter2"}]})
     assert config.upstreams[0].password == "hunter2"
     assert "hunter2" not in yaml.safe_dump(config.to_dict())
+
+
+def test_password_is_in_no_repr() -> None:
+    """A config (or an upstream's) in a log line, an assertion message or a traceback's locals."""
+    config = load_config_data({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "username": "bot",
+                                              "password": "hunter2"}]})
+    for shown in (repr(config), str(config), repr(config.upstreams[0]), f"{config.upstreams!r}"):
+        assert "hunter2" not in shown
+        assert "ghcr.io" in shown  # the rest is still there to read
+    assert "username='bot'" in repr(config.upstreams[0])
+
+
+@pytest.mark.parametrize("password", [123456789, True, ["hunter2"]])
+def test_a_password_of_the_wrong_type_is_not_repeated_in_the_error(password: Any) -> None:
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.password: expected a string") as caught:
+        load_config_data({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "password": password}]})
+    assert str(password) not in str(caught.value)
+    assert "hunter2" not in str(caught.value)
 
 
 # -- the CLI --------------------------------------------------------------------------------------
