@@ -348,8 +348,12 @@ async def _mirror_that_served_the_manifest(aiohttp_server, make_registry, fault:
 
 
 @pytest.mark.parametrize("kind", ["short", "padded", "empty"])
-async def test_a_length_that_disagrees_with_the_manifest_is_refused_before_any_byte(aiohttp_server, make_registry, kind):
-    client, fake, layer, url = await _mirror_that_served_the_manifest(aiohttp_server, make_registry, Fault(kind, times=1))
+async def test_a_length_that_disagrees_with_the_manifest_is_refused_before_any_byte(
+    aiohttp_server, make_registry, kind
+):
+    client, fake, layer, url = await _mirror_that_served_the_manifest(
+        aiohttp_server, make_registry, Fault(kind, times=1)
+    )
     async with client.get(url) as response:
         assert response.status == 502
         assert await error_codes(response) == ["UPSTREAM_INVALID"]

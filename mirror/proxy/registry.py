@@ -9,6 +9,7 @@ upstream fails, whatever is cached is served (stale-if-error) and counted.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -165,9 +166,8 @@ class ProxyRegistry(Registry):
                 self._count("blob", "miss")
                 # The GET asks the upstream for `repo` itself: its answer is the permission.
                 expected = self._sizes.get(repo, digest)
-                fill = self.fills.join(
-                    self.name, digest, repo, lambda f: self._download(f, repo, digest, expected)
-                )
+                download = functools.partial(self._download, repo=repo, digest=digest, expected=expected)
+                fill = self.fills.join(self.name, digest, repo, download)
                 break
             if confirmed and stored is not None:
                 await asyncio.to_thread(self.repos.link_blob, repo, digest)
