@@ -48,8 +48,8 @@ class BodyDownload:
     async def run(self) -> int:
         """Receive the whole body; return its size. Raises UpstreamUnavailable when the stream breaks
         or ends short, UpstreamInvalid when it runs past the size it must have, OSError when the disk
-        fails. If cancelled, the threads are stopped and waited for
-        before the cancellation goes on (the caller may close the file right after)."""
+        fails. If cancelled, the threads are stopped and waited for before the cancellation goes on (the
+        caller may close the file right after)."""
         loop = asyncio.get_running_loop()
         receiving = _thread_future(loop, self._receive, loop, name="fill-receive")
         hashing = _thread_future(loop, self._hash, name="fill-hash")
