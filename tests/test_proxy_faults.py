@@ -366,6 +366,21 @@ async def test_a_length_that_disagrees_with_the_manifest_is_refused_before_any_b
     assert fake.count("GET", digest_of(layer)) == 2
 
 
+async def test_a_length_that_disagrees_with_an_upstream_head_is_refused_before_any_byte(aiohttp_server, make_registry):
+    client, fake, layer, url = await _mirror_with_a_faulty_layer(aiohttp_server, make_registry, Fault("short", times=0))
+    async with client.head(url) as response:  # answered by an upstream HEAD, which gives the size
+        assert response.status == 200 and response.content_length == len(layer)
+    fake.faults[digest_of(layer)] = Fault("short", times=1)
+    async with client.get(url) as response:
+        assert response.status == 502
+        assert await error_codes(response) == ["UPSTREAM_INVALID"]
+    await fills_settled(client)
+    assert temp_files(client) == []
+    async with client.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == layer
+
+
 async def test_a_body_without_length_streams_at_the_manifests_size_and_never_past_it(aiohttp_server, make_registry):
     client, fake, layer, url = await _mirror_that_served_the_manifest(
         aiohttp_server, make_registry, Fault("chunked", times=1)
