@@ -250,7 +250,7 @@ class Copier:
             if holder is not None and holder != dest_repo and await self._mount(dest, dest_repo, holder, digest):
                 stats.blobs_mounted += 1
                 return
-            await dest.put_blob(dest_repo, digest, self._counted(source.read_blob(src_repo, digest), stats),
+            await dest.put_blob(dest_repo, digest, _SourceBytes(source, src_repo, digest, self._counter(stats)),
                                 size=descriptor.size)
             stats.blobs_written += 1
             self._placed[(id(dest), digest)] = dest_repo
@@ -262,9 +262,28 @@ class Copier:
         except Unsupported:
             return False
 
-    async def _counted(self, chunks: AsyncIterator[bytes], stats: CopyStats) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            stats.bytes_written += len(chunk)
+    def _counter(self, stats: CopyStats) -> OnBytes:
+        def count(size: int) -> None:
+            stats.bytes_written += size
             if self.on_bytes is not None:
-                self.on_bytes(len(chunk))
+                self.on_bytes(size)
+
+        return count
+
+
+class _SourceBytes:
+    """A source blob as `put_blob` reads it: from the start, or (a destination resuming an interrupted
+    upload) from an offset, so the part the destination already holds is not read from the source again.
+    Nothing is requested from the source until it is iterated: a destination that finds the blob already
+    stored costs the source nothing."""
+
+    def __init__(self, source: Registry, repo: str, digest: Digest, on_bytes: OnBytes) -> None:
+        self.source, self.repo, self.digest, self.on_bytes = source, repo, digest, on_bytes
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.from_offset(0)
+
+    async def from_offset(self, offset: int) -> AsyncIterator[bytes]:
+        async for chunk in self.source.read_blob(self.repo, self.digest, start=offset):
+            self.on_bytes(len(chunk))
             yield chunk
