@@ -308,6 +308,10 @@ class ProxyRegistry(Registry):
         self._memo.put(("digest", repo, digest), manifest)
         return manifest
 
+    def forget_tag(self, repo: str, tag: str) -> None:
+        """The tag was rewritten in the cache behind the proxy (by replication): read it from disk next."""
+        self._memo.discard(("tag", repo, tag))
+
     async def _manifest_by_tag(self, repo: str, tag: str) -> Manifest:
         key = ("tag", repo, tag)
         # A hot tag within its TTL is answered from memory: no thread hop, no file read.

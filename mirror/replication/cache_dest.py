@@ -1,0 +1,329 @@
+"""The `cache` destination: replication into an upstream's cache, pinned against eviction.
+
+Writes land exactly where the pull-through cache reads (the shared BlobStore and that upstream's cache
+RepoStore), so a replicated image is served as a cache hit, and with the upstream stopped as stale-if-
+error content. Every blob and manifest written or confirmed is held twice: `cached` (what it would be had
+a client pulled it) and `pinned` (what keeps it out of eviction). A pin belongs to a rule; a digest stays
+pinned while any rule selects it, and when the last one lets go only `cached` remains: the content is
+ordinary LRU cache from then on, never lost at once.
+
+Pinned bytes count as `pinned`, not against `storage.max_size`'s cached bound (like local pushes): the
+bound is for what the cache chose to keep, the pins are what the operator asked for.
+
+Tags are written with `validated_at` = now, so the proxy treats them as freshly confirmed for `tag_ttl`.
+Pins are recorded per rule on disk (`<dir>/<rule>/<alg>-<hex>`), so `mirror sync` and `mirror serve`
+agree about them and a restart forgets nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import threading
+from collections.abc import AsyncIterable, Collection, Iterable
+from pathlib import Path
+
+from mirror.cache.index import CACHED, PINNED
+from mirror.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestBlobUnknown,
+    ManifestTooLarge,
+    ManifestUnknown,
+    RegistryError,
+    SizeInvalid,
+)
+from mirror.oci.digest import Digest, looks_like_digest
+from mirror.oci.manifest import Descriptor, parse_manifest
+from mirror.oci.names import validate_tag
+from mirror.proxy.registry import ProxyRegistry
+from mirror.storage.blobs import BlobWriter
+from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry
+from mirror.storage.repos import ManifestLink
+
+log = logging.getLogger(__name__)
+
+_RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class PinStore:
+    """Which digests each rule pins: one empty file per (rule, digest). Blocking methods; callers on the
+    event loop go through a thread. One lock per store makes "does another rule still pin it? then
+    release" atomic against a pin being added in this process."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.lock = threading.Lock()
+
+    def _rule_dir(self, rule: str) -> Path:
+        if not _RULE_NAME.fullmatch(rule):
+            raise ValueError(f"refusing to build a path from rule name {rule!r}")
+        return self.directory / rule
+
+    @staticmethod
+    def _entry(digest: Digest) -> str:
+        return f"{digest.algorithm}-{digest.hex}"
+
+    def add_sync(self, rule: str, digest: Digest) -> None:
+        path = self._rule_dir(rule) / self._entry(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(exist_ok=True)
+
+    def pins_sync(self, rule: str) -> set[Digest]:
+        found: set[Digest] = set()
+        try:
+            entries = os.listdir(self._rule_dir(rule))
+        except FileNotFoundError:
+            return found
+        for entry in entries:
+            algorithm, _, hex_part = entry.partition("-")
+            with contextlib.suppress(RegistryError):
+                found.add(Digest.parse(f"{algorithm}:{hex_part}"))
+        return found
+
+    def remove_sync(self, rule: str, digest: Digest) -> None:
+        (self._rule_dir(rule) / self._entry(digest)).unlink(missing_ok=True)
+
+    def pinned_elsewhere_sync(self, rule: str, digest: Digest) -> bool:
+        entry = self._entry(digest)
+        try:
+            rules = os.listdir(self.directory)
+        except FileNotFoundError:
+            return False
+        return any(other != rule and (self.directory / other / entry).exists() for other in rules)
+
+    def rules_sync(self) -> list[str]:
+        try:
+            return sorted(entry for entry in os.listdir(self.directory) if _RULE_NAME.fullmatch(entry))
+        except FileNotFoundError:
+            return []
+
+
+class CacheDestination(Registry):
+    """One rule's writes into `proxy`'s cache. Reads answer from the cache alone (never the upstream):
+    they are the copier asking what the destination already holds."""
+
+    def __init__(self, proxy: ProxyRegistry, pins: PinStore, rule: str) -> None:
+        self.proxy = proxy
+        self.blobs = proxy.blobs
+        self.repos = proxy.repos
+        self.cache = proxy.cache
+        self.pins = pins
+        self.rule = rule
+        self.manifest_limit = proxy.manifest_limit
+        pins._rule_dir(rule)  # an unusable rule name fails here, before anything is written
+
+    # -- pins --------------------------------------------------------------------------------------
+    async def _pin(self, digest: Digest, size: int) -> None:
+        """Hold as cached and pinned, and record the pin under this rule (caller keeps it in use)."""
+        await asyncio.to_thread(self.pins.add_sync, self.rule, digest)
+        await self.cache.hold(digest, size, CACHED)
+        await self.cache.hold(digest, size, PINNED)
+
+    def _closure_sync(self, repo: str, top: Digest) -> dict[Digest, int]:
+        """Blocking: every digest under the manifest `top` in the cache (children, config, layers, and the
+        manifests whose subject it is), with sizes; what a rule that selects `top` keeps pinned."""
+        found: dict[Digest, int] = {}
+        pending = [top]
+        while pending:
+            digest = pending.pop()
+            if digest in found:
+                continue
+            link = self.repos.manifest_link(repo, digest)
+            path = self.blobs.path_for(digest)
+            if link is None or not path.is_file():
+                continue
+            found[digest] = link.size
+            try:
+                parsed = parse_manifest(path.read_bytes(), link.media_type)
+            except RegistryError:
+                continue
+            pending.extend(child.digest for child in parsed.manifests)
+            pending.extend(referrer.digest for referrer in self.repos.referrers(repo, digest))
+            for blob in parsed.blobs:
+                stored = self.blobs.stat_sync(blob.digest)
+                if stored is not None and self.repos.has_blob(repo, blob.digest):
+                    found[blob.digest] = stored.size
+        return found
+
+    async def pin_image(self, repo: str, top: Digest) -> set[Digest]:
+        """Pin `top` and everything under it for this rule; returns what was pinned."""
+        closure = await asyncio.to_thread(self._closure_sync, repo, top)
+        for digest, size in closure.items():
+            with self.cache.in_use(digest):
+                if await self.blobs.stat(digest) is not None:
+                    await self._pin(digest, size)
+        return set(closure)
+
+    async def settle(self, selected: Collection[tuple[str, Digest]]) -> int:
+        """After a complete run: pin what the rule selects now ((repository, manifest digest) pairs, the
+        images and the tags' targets) and let go of what it pinned before and no longer selects. Returns
+        how many digests lost this rule's pin. Content another rule still pins stays pinned."""
+        keep: set[Digest] = set()
+        for repo, top in selected:
+            keep |= await self.pin_image(repo, top)
+        return await self.unpin_except(keep)
+
+    async def unpin_except(self, keep: Iterable[Digest]) -> int:
+        kept = set(keep)
+
+        def release_list() -> list[Digest]:
+            with self.pins.lock:
+                released: list[Digest] = []
+                for digest in self.pins.pins_sync(self.rule) - kept:
+                    self.pins.remove_sync(self.rule, digest)
+                    if not self.pins.pinned_elsewhere_sync(self.rule, digest):
+                        released.append(digest)
+                return released
+
+        released = await asyncio.to_thread(release_list)
+        for digest in released:
+            await self.cache.release(digest, PINNED)
+        if released:
+            log.info("rule %s no longer pins %d digests: they are ordinary cache content now", self.rule,
+                     len(released))
+        return len(released)
+
+    # -- blobs -------------------------------------------------------------------------------------
+    async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
+        linked = await asyncio.to_thread(self.repos.has_blob, repo, digest)
+        stored = await self.blobs.stat(digest) if linked else None
+        if stored is None:
+            raise BlobUnknown(detail={"digest": str(digest)})
+        with self.cache.in_use(digest):
+            await self._pin(digest, stored.size)
+        return BlobInfo(digest, stored.size)
+
+    async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
+        with self.cache.in_use(digest):
+            if not await asyncio.to_thread(self.repos.has_blob, source_repo, digest):
+                return False
+            stored = await self.blobs.reuse(digest)
+            if stored is None:
+                return False
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self._pin(digest, stored.size)
+        return True
+
+    async def put_blob(
+        self, repo: str, digest: Digest, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> BlobInfo:
+        # In use from the existence check until pinned: an evictable copy found here must not go first.
+        with self.cache.in_use(digest):
+            stored = await self.blobs.reuse(digest)
+            if stored is None:  # bytes the cache does not have: only now is the source read
+                temp = self.blobs.new_temp_path()
+                writer = await BlobWriter.open(temp, digest.algorithm)
+                try:
+                    async for chunk in chunks:
+                        await writer.write(chunk)
+                    await writer.close()
+                    if size is not None and writer.size != size:
+                        raise SizeInvalid(f"blob is {writer.size} bytes, expected {size}")
+                    stored = await asyncio.to_thread(
+                        self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
+                    )
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        await writer.close()
+                    await asyncio.to_thread(temp.unlink, True)
+                    raise
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self._pin(digest, stored.size)
+        return BlobInfo(digest, stored.size)
+
+    # -- manifests ---------------------------------------------------------------------------------
+    async def _link(self, repo: str, reference: str) -> ManifestLink:
+        def resolve() -> ManifestLink | None:
+            if looks_like_digest(reference):
+                return self.repos.manifest_link(repo, Digest.parse(reference))
+            tag = self.repos.tag(repo, validate_tag(reference))
+            return self.repos.manifest_link(repo, tag.digest) if tag else None
+
+        link = await asyncio.to_thread(resolve)
+        if link is None:
+            raise ManifestUnknown(detail={"reference": reference})
+        return link
+
+    async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
+        link = await self._link(repo, reference)
+        if not looks_like_digest(reference):
+            # The copier asks for a tag the rule selects; when it is already there (a client pulled it
+            # through before the rule existed) nothing would be written, so nothing pinned, without this.
+            await self.pin_image(repo, link.digest)
+        return ManifestInfo(link.digest, link.media_type, link.size)
+
+    async def get_manifest(self, repo: str, reference: str) -> Manifest:
+        link = await self._link(repo, reference)
+        body = await self.blobs.read_bytes(link.digest)
+        if body is None:
+            raise ManifestUnknown(detail={"reference": reference})
+        return Manifest(link.digest, link.media_type, body)
+
+    async def put_manifest(
+        self, repo: str, reference: str, body: bytes, content_type: str | None
+    ) -> PutManifestResult:
+        if len(body) > self.manifest_limit:
+            raise ManifestTooLarge(f"manifest is larger than {self.manifest_limit} bytes")
+        parsed = parse_manifest(body, content_type)
+        tag: str | None = None
+        if looks_like_digest(reference):
+            expected = Digest.parse(reference)
+            digest = Digest.of(body, expected.algorithm)
+            if digest != expected:
+                raise DigestInvalid(f"manifest digest {digest} does not match {expected}",
+                                    detail={"expected": str(expected), "actual": str(digest)})
+        else:
+            tag = validate_tag(reference)
+            digest = Digest.of(body)
+
+        def missing() -> list[str]:
+            absent = [str(d.digest) for d in parsed.blobs if not self.repos.has_blob(repo, d.digest)]
+            absent += [str(d.digest) for d in parsed.manifests if self.repos.manifest_link(repo, d.digest) is None]
+            return absent
+
+        absent = await asyncio.to_thread(missing)
+        if absent:
+            raise ManifestBlobUnknown(f"manifest references {len(absent)} blob(s) not in {repo}",
+                                      detail={"digests": absent[:20]})
+        with self.cache.in_use(digest):
+            await self.blobs.put_bytes(body, digest)
+
+            def link() -> None:
+                self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body)))
+                if parsed.subject is not None:
+                    self.repos.add_referrer(repo, parsed.subject.digest, Descriptor(
+                        parsed.media_type, digest, len(body), artifact_type=parsed.artifact_type,
+                        annotations=parsed.annotations or None,
+                    ))
+                if tag is not None:
+                    self.repos.set_tag(repo, tag, digest)  # validated_at: now
+
+            await asyncio.to_thread(link)
+            await self._pin(digest, len(body))
+        if tag is not None:
+            self.proxy.forget_tag(repo, tag)
+            await self.pin_image(repo, digest)  # what was already there (skipped by the copier) too
+        return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
+
+    async def delete_manifest(self, repo: str, reference: str) -> None:
+        """Prune a tag: the tag goes; its content loses this rule's pin at the next `settle`."""
+        if looks_like_digest(reference):
+            raise ManifestUnknown("the cache destination prunes tags, not manifests by digest")
+        tag = validate_tag(reference)
+        if not await asyncio.to_thread(self.repos.delete_tag, repo, tag):
+            raise ManifestUnknown(detail={"reference": reference})
+        self.proxy.forget_tag(repo, tag)
+
+    # -- discovery ---------------------------------------------------------------------------------
+    async def list_tags(self, repo: str) -> list[str]:
+        return await asyncio.to_thread(self.repos.tags, repo)
+
+    async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
+        return await asyncio.to_thread(self.repos.referrers, repo, subject)
+
+    async def list_repositories(self) -> list[str]:
+        return await asyncio.to_thread(self.repos.repositories)
