@@ -26,7 +26,15 @@ from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.replication.copier import Copier, CopyOptions
 from mirror.replication.remote import RemoteRegistry, RemoteSpec, UploadJournal, UploadState, open_remote
-from tests.registry_helpers import DOCKER_MANIFEST, image_manifest, push_blob, push_image, put_manifest
+from tests.registry_helpers import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
+    digest_of,
+    image_manifest,
+    push_blob,
+    push_image,
+    put_manifest,
+)
 
 
 class Recorder:
@@ -192,3 +200,32 @@ async def test_wrong_credentials_are_an_error_not_an_absent_image(aiohttp_server
     async with open_remote(spec, Metrics()) as dst:
         with pytest.raises(Unauthorized):
             await dst.stat_manifest("team/app", "1")
+
+
+async def test_a_rerun_with_referrers_gets_no_manifest_or_blob_at_the_source(aiohttp_client: Any, tmp_path: Path) -> None:
+    source, source_log = await _mirror(aiohttp_client, tmp_path / "a")
+    dest, dest_log = await _mirror(aiohttp_client, tmp_path / "b")
+    digest, body = await push_image(source, "team/app", "1")
+    await push_blob(source, "team/app", b"{}")
+    await push_blob(source, "team/app", b"sbom")
+    subject = {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(body)}
+    sbom = image_manifest(b"{}", [b"sbom"], artifactType="application/spdx+json", subject=subject)
+    assert (await put_manifest(source, "team/app", digest_of(sbom), sbom, OCI_MANIFEST)).status == 201
+    sig_tag = "sha256-" + digest.split(":")[1] + ".sig"
+    await push_blob(source, "team/app", b"signature")
+    assert (await put_manifest(source, "team/app", sig_tag, image_manifest(b"{}", [b"signature"]), OCI_MANIFEST)).status == 201
+
+    async with open_remote(_spec(source), Metrics(), push=False) as src, open_remote(_spec(dest), Metrics()) as dst:
+        tags = await src.list_tags("team/app")
+        first = await Copier(CopyOptions(referrers=True)).copy(src, "team/app", "1", dst, "team/app", dest_tag="1",
+                                                             source_tags=tags)
+        assert first.stats.manifests_written == 3  # the image, the SBOM referrer, the signature
+        source_log.reset()
+        dest_log.reset()
+        again = await Copier(CopyOptions(referrers=True)).copy(src, "team/app", "1", dst, "team/app", dest_tag="1",
+                                                             source_tags=tags)
+    assert again.unchanged
+    assert source_log.count("GET", "manifest") == 0 and source_log.count("GET", "blob") == 0
+    assert dest_log.upload_bytes == 0 and dest_log.count("PUT", "manifest") == 0
+    async with dest.get(f"/v2/team/app/referrers/{digest}") as response:
+        assert [entry["digest"] for entry in (await response.json(content_type=None))["manifests"]] == [digest_of(sbom)]

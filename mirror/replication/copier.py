@@ -126,20 +126,23 @@ class Copier:
         finds cosign signature tags without a HEAD per guess."""
         info = await source.stat_manifest(src_repo, reference)
         expected = expected_dest_digest or info.digest
-        if dest_tag is not None and await self._dest_tag_digest(dest, dest_repo, dest_tag) == expected:
-            if not self.options.referrers:
-                return CopyOutcome(info.digest, expected, unchanged=True)
+        tag_current = dest_tag is not None and await self._dest_tag_digest(dest, dest_repo, dest_tag) == expected
+        if tag_current and not self.options.referrers:
+            return CopyOutcome(info.digest, expected, unchanged=True)
         stats = CopyStats()
-        manifest = await source.get_manifest(src_repo, str(info.digest))
-        written = await self._copy_manifest(source, src_repo, manifest, dest, dest_repo, stats, top=True)
-        if dest_tag is not None:
-            current = await self._dest_tag_digest(dest, dest_repo, dest_tag)
-            if current != written.digest:
-                await dest.put_manifest(dest_repo, dest_tag, written.body, written.media_type)
+        written_digest = expected
+        if not tag_current:  # with the tag current, only referrers can be new: the image is not read again
+            manifest = await source.get_manifest(src_repo, str(info.digest))
+            written = await self._copy_manifest(source, src_repo, manifest, dest, dest_repo, stats, top=True)
+            written_digest = written.digest
+            if dest_tag is not None:
+                current = await self._dest_tag_digest(dest, dest_repo, dest_tag)
+                if current != written.digest:
+                    await dest.put_manifest(dest_repo, dest_tag, written.body, written.media_type)
         if self.options.referrers:
             await self._copy_referrers(source, src_repo, info.digest, dest, dest_repo, stats, source_tags)
         unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
-        return CopyOutcome(info.digest, written.digest, unchanged=unchanged, stats=stats)
+        return CopyOutcome(info.digest, written_digest, unchanged=unchanged, stats=stats)
 
     # -- manifests ---------------------------------------------------------------------------------
     async def _dest_tag_digest(self, dest: Registry, repo: str, tag: str) -> Digest | None:
@@ -214,6 +217,9 @@ class Copier:
         except (Unsupported, NotImplementedError):
             found = []
         for descriptor in found:
+            if await self._dest_has_manifest(dest, dest_repo, descriptor.digest):
+                stats.manifests_present += 1  # asked at the destination first: no source GET for it
+                continue
             referrer = await source.get_manifest(src_repo, str(descriptor.digest))
             await self._copy_manifest(source, src_repo, referrer, dest, dest_repo, stats)
         for tag in cosign_tags(subject):
