@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+def pins_dir(storage_path: Path) -> Path:
+    """Where a data directory keeps its replication pins (`mirror serve` and `mirror sync` share it)."""
+    return storage_path / "replication" / "pins"
+
+
 class PinStore:
     """Which digests each rule pins: one empty file per (rule, digest). Blocking methods; callers on the
     event loop go through a thread. One lock per store makes "does another rule still pin it? then

@@ -484,6 +484,8 @@ class RemoteRegistry(Registry):
             await self._journal_forget(repo, digest)
             return None
         offset = int(match.group(2)) + 1 if match else 0
+        if offset == 1 and state.offset == 0:
+            offset = 0  # distribution says `0-0` for an upload holding nothing yet (and for one byte)
         return UploadState(self._path_of(response.headers["Location"], state.location), offset)
 
     async def _journal_save(self, repo: str, digest: Digest, state: UploadState) -> None:
