@@ -229,3 +229,19 @@ async def test_a_rerun_with_referrers_gets_no_manifest_or_blob_at_the_source(aio
     assert dest_log.upload_bytes == 0 and dest_log.count("PUT", "manifest") == 0
     async with dest.get(f"/v2/team/app/referrers/{digest}") as response:
         assert [entry["digest"] for entry in (await response.json(content_type=None))["manifests"]] == [digest_of(sbom)]
+
+
+async def test_repositories_copied_at_once_upload_a_shared_layer_once(aiohttp_client: Any, tmp_path: Path) -> None:
+    source, _ = await _mirror(aiohttp_client, tmp_path / "a")
+    dest, dest_log = await _mirror(aiohttp_client, tmp_path / "b")
+    base = os.urandom(300_000)
+    for number in range(4):
+        await push_image(source, f"team/app{number}", "1", layers=(base, f"app {number}".encode()))
+    async with open_remote(_spec(source), Metrics(), push=False) as src, open_remote(_spec(dest), Metrics()) as dst:
+        copier = Copier()
+        outcomes = await asyncio.gather(*(
+            copier.copy(src, f"team/app{number}", "1", dst, f"copy/app{number}", dest_tag="1") for number in range(4)
+        ))
+    mounted = sum(o.stats.blobs_mounted for o in outcomes)
+    assert mounted >= 3 + 3  # the base layer and the shared config: sent once each, mounted into the others
+    assert dest_log.upload_bytes < 2 * len(base)

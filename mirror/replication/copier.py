@@ -103,7 +103,7 @@ class Copier:
         self.on_bytes = on_bytes
         self._placed: dict[tuple[int, Digest], str] = {}  # (id(dest), digest) -> a dest repo holding it
         self._blob_slots = asyncio.Semaphore(options.blob_concurrency)
-        self._blob_locks: dict[tuple[int, str, Digest], asyncio.Lock] = {}
+        self._blob_locks: dict[tuple[int, Digest], asyncio.Lock] = {}
 
     async def copy(
         self,
@@ -242,8 +242,10 @@ class Copier:
         stats: CopyStats,
     ) -> None:
         digest = descriptor.digest
-        # Two manifests of one image (platforms sharing a layer) must not upload the same blob at once.
-        lock = self._blob_locks.setdefault((id(dest), dest_repo, digest), asyncio.Lock())
+        # One blob goes to one destination once at a time, whatever the repository: two platforms of an
+        # image sharing a layer, or images of several repositories copied at once sharing a base layer.
+        # The second waits for the first upload, then finds it (same repository) or mounts it (another).
+        lock = self._blob_locks.setdefault((id(dest), digest), asyncio.Lock())
         async with lock, self._blob_slots:
             try:
                 await dest.stat_blob(dest_repo, digest)
