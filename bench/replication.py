@@ -195,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{first_ratio:7.2f}  <= 0.6")
     print(f"{'no-change rerun, wall s':28} {median('mirror_rerun_s'):10.2f} {median('skopeo_rerun_s'):12.2f} "
           f"{rerun_ratio:7.2f}  <= 0.2")
-    print(f"{'  mirror without start-up':28} {median('mirror_first_inside_s'):10.2f} (first) "
-          f"{median('mirror_rerun_inside_s'):.2f} (rerun): ratios {median('mirror_first_inside_s') / median('skopeo_first_s'):.2f}"
-          f" / {median('mirror_rerun_inside_s') / median('skopeo_rerun_s'):.2f}")
+    inside_first, inside_rerun = median("mirror_first_inside_s"), median("mirror_rerun_inside_s")
+    print(f"{'  mirror without start-up':28} {inside_first:10.2f} (first) {inside_rerun:.2f} (rerun): ratios "
+          f"{inside_first / median('skopeo_first_s'):.2f} / {inside_rerun / median('skopeo_rerun_s'):.2f}")
     for label, key in (("rerun source requests", "requests"), ("rerun manifest/blob GETs", "manifest_blob_gets"),
                        ("rerun source HEADs", "heads")):
         print(f"{label:28} {last.mirror_rerun_source[key]:10d} {last.skopeo_rerun_source[key]:12d}"

@@ -37,7 +37,8 @@ async def _worker(source_url: str, dest_url: str, dest_prefix: str, repos: list[
             images += 1
 
         tag_lists = await asyncio.gather(*(source.list_tags(repo) for repo in repos))
-        await asyncio.gather(*(copy(source, repo, tag) for repo, tags in zip(repos, tag_lists) for tag in tags))
+        jobs = [(repo, tag) for repo, tags in zip(repos, tag_lists, strict=True) for tag in tags]
+        await asyncio.gather(*(copy(source, repo, tag) for repo, tag in jobs))
     return {"images": images, **asdict(totals)}
 
 

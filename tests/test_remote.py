@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import os
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ class Recorder:
         self.upload_bytes = 0
 
     @web.middleware
-    async def middleware(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         path = request.path
         kind = ("upload" if "/blobs/uploads" in path else "blob" if "/blobs/" in path
                 else "manifest" if "/manifests/" in path else "tags" if path.endswith("/tags/list") else "other")
@@ -118,7 +120,7 @@ async def test_a_large_blob_goes_in_chunks_and_a_cut_off_upload_resumes(aiohttp_
         class Dying(RemoteRegistry):
             """The first run: killed after four chunks of the layer were acknowledged."""
 
-            async def _patch(self, repo: str, digest: Digest, state: Any, data: bytes) -> Any:  # type: ignore[override]
+            async def _patch(self, repo: str, digest: Digest, state: Any, data: bytes) -> Any:
                 nonlocal sent
                 if sent == 4:
                     cut.set()
@@ -154,7 +156,8 @@ async def test_a_stale_upload_journal_starts_a_fresh_upload(aiohttp_client: Any,
     digest = Digest.parse("sha256:" + hashlib.sha256(layer).hexdigest())
     async with open_remote(_spec(source), Metrics(), push=False) as src, \
             open_remote(_spec(dest), Metrics(), journal=journal, chunk_bytes=64_000) as dst:
-        await journal.save(dst.client.config.url, "copy/big", digest, UploadState("/v2/copy/big/blobs/uploads/gone", 128_000))
+        stale = UploadState("/v2/copy/big/blobs/uploads/gone", 128_000)
+        await journal.save(dst.client.config.url, "copy/big", digest, stale)
         outcome = await Copier().copy(src, "team/big", "1", dst, "copy/big", dest_tag="1")
     assert outcome.stats.blobs_written == 2 and outcome.stats.bytes_written > len(layer)  # all of it, again
     async with dest.get(f"/v2/copy/big/blobs/{digest}") as response:
@@ -165,7 +168,7 @@ async def test_tags_are_read_page_by_page(aiohttp_client: Any, tmp_path: Path) -
     source, source_log = await _mirror(aiohttp_client, tmp_path / "a")
     digest, body = await push_image(source, "team/app", "t0")
     for number in range(1, 7):
-        assert (await put_manifest(source, "team/app", f"t{number}", body, "application/vnd.oci.image.manifest.v1+json")).status == 201
+        assert (await put_manifest(source, "team/app", f"t{number}", body, OCI_MANIFEST)).status == 201
     async with open_remote(_spec(source), Metrics(), push=False) as src:
         src.page_size = 2
         source_log.reset()
@@ -202,7 +205,9 @@ async def test_wrong_credentials_are_an_error_not_an_absent_image(aiohttp_server
             await dst.stat_manifest("team/app", "1")
 
 
-async def test_a_rerun_with_referrers_gets_no_manifest_or_blob_at_the_source(aiohttp_client: Any, tmp_path: Path) -> None:
+async def test_a_rerun_with_referrers_gets_no_manifest_or_blob_at_the_source(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
     source, source_log = await _mirror(aiohttp_client, tmp_path / "a")
     dest, dest_log = await _mirror(aiohttp_client, tmp_path / "b")
     digest, body = await push_image(source, "team/app", "1")
@@ -213,7 +218,8 @@ async def test_a_rerun_with_referrers_gets_no_manifest_or_blob_at_the_source(aio
     assert (await put_manifest(source, "team/app", digest_of(sbom), sbom, OCI_MANIFEST)).status == 201
     sig_tag = "sha256-" + digest.split(":")[1] + ".sig"
     await push_blob(source, "team/app", b"signature")
-    assert (await put_manifest(source, "team/app", sig_tag, image_manifest(b"{}", [b"signature"]), OCI_MANIFEST)).status == 201
+    signature = image_manifest(b"{}", [b"signature"])
+    assert (await put_manifest(source, "team/app", sig_tag, signature, OCI_MANIFEST)).status == 201
 
     async with open_remote(_spec(source), Metrics(), push=False) as src, open_remote(_spec(dest), Metrics()) as dst:
         tags = await src.list_tags("team/app")

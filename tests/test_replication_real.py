@@ -22,11 +22,10 @@ import pytest
 
 from mirror.config import load_config_data
 from mirror.metrics import Metrics
-from mirror.oci.digest import Digest
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.cache_dest import CacheDestination, PinStore, pins_dir
 from mirror.replication.copier import Copier, CopyOptions
-from mirror.replication.remote import RemoteRegistry, RemoteSpec, UploadJournal, open_remote
+from mirror.replication.remote import RemoteRegistry, RemoteSpec, open_remote
 from mirror.replication.standalone import open_app
 from mirror.state import ROUTER
 from tests.registry_helpers import OCI_MANIFEST, digest_of, image_manifest, push_blob, put_manifest
@@ -235,7 +234,7 @@ async def test_the_cache_destination_survives_an_eviction_storm_and_pulls_with_t
         assert str(outcome.dest_digest) == base.digest and outcome.stats.blobs_written == 3
 
     mirror = await asyncio.to_thread(mirror_factory, config)
-    for number, image in enumerate(storm):  # the storm: ~5 MB of pulls through a 3 MB cache
+    for number in range(len(storm)):  # the storm: ~5 MB of pulls through a 3 MB cache
         await skopeo.acopy(f"docker://{mirror.host}/library/storm{number}:1", f"oci:{tmp_path / 'storm'}:{number}")
     await asyncio.sleep(2.5)  # one background maintenance pass
     async with aiohttp.ClientSession() as session:

@@ -57,8 +57,8 @@ from mirror.storage.interface import (
     Manifest,
     ManifestInfo,
     PutManifestResult,
-    ReopenableBytes,
     Registry,
+    ReopenableBytes,
 )
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 
@@ -354,7 +354,7 @@ class RemoteRegistry(Registry):
                             continue
                         piece, skip = piece[skip:], 0
                     yield piece
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise UpstreamUnavailable(f"{self.name}: blob {digest} was cut short: {exc}") from exc
         finally:
             response.release()
@@ -573,7 +573,7 @@ async def _read_capped(response: aiohttp.ClientResponse, limit: int, name: str) 
             body += piece
             if len(body) > limit:
                 raise UpstreamInvalid(f"{name} sent a body larger than {limit} bytes")
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamUnavailable(f"{name}: body cut short: {exc}") from exc
     return bytes(body)
 

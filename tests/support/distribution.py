@@ -15,8 +15,8 @@ import asyncio
 import os
 import re
 import shutil
-import time
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Literal
 

@@ -15,16 +15,15 @@ import asyncio
 import json
 import logging
 import sys
-from pathlib import Path
-
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.oci.manifest import Descriptor
-from mirror.storage.interface import Manifest, ManifestInfo, Registry
 from mirror.replication.copier import Copier, CopyOptions, CopyStats
 from mirror.replication.remote import RemoteSpec, UploadJournal, open_remote
+from mirror.storage.interface import Manifest, ManifestInfo, Registry
 
 
 def _creds(value: str | None) -> tuple[str | None, str | None]:
@@ -55,7 +54,7 @@ class PacedSource(Registry):
     async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
         return await self.inner.referrers(repo, subject)
 
-    async def read_blob(self, repo: str, digest: Digest, *, start: int = 0) -> AsyncIterator[bytes]:  # type: ignore[override]
+    async def read_blob(self, repo: str, digest: Digest, *, start: int = 0) -> AsyncIterator[bytes]:
         async for piece in self.inner.read_blob(repo, digest, start=start):
             for offset in range(0, len(piece), PACE_PIECE_BYTES):
                 await asyncio.sleep(self.pace)
