@@ -23,7 +23,7 @@ import pytest
 from mirror.config import load_config_data
 from mirror.metrics import Metrics
 from mirror.proxy.registry import ProxyRegistry
-from mirror.replication.cache_dest import CacheDestination, PinStore, pins_dir
+from mirror.replication.cache_dest import cache_destination
 from mirror.replication.copier import Copier, CopyOptions
 from mirror.replication.remote import RemoteRegistry, RemoteSpec, open_remote
 from mirror.replication.standalone import open_app
@@ -228,7 +228,7 @@ async def test_the_cache_destination_survives_an_eviction_storm_and_pulls_with_t
     async with open_app(load_config_data(config)) as app:
         proxy = app[ROUTER].upstreams["docker.io"].registry
         assert isinstance(proxy, ProxyRegistry)
-        dest = CacheDestination(proxy, PinStore(pins_dir(data)), "base-images")
+        dest = cache_destination(app, "docker.io", "base-images")
         outcome = await Copier().copy(RemoteRegistry(proxy.client), "library/base", "1", dest, "library/base",
                                       dest_tag="1")
         assert str(outcome.dest_digest) == base.digest and outcome.stats.blobs_written == 3

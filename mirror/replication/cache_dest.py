@@ -26,6 +26,8 @@ import threading
 from collections.abc import AsyncIterable, Collection, Iterable
 from pathlib import Path
 
+from aiohttp import web
+
 from mirror.cache.index import CACHED, PINNED
 from mirror.errors import (
     BlobUnknown,
@@ -40,6 +42,7 @@ from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
 from mirror.proxy.registry import ProxyRegistry
+from mirror.state import CONFIG, ROUTER
 from mirror.storage.blobs import BlobWriter
 from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry
 from mirror.storage.repos import ManifestLink
@@ -332,3 +335,14 @@ class CacheDestination(Registry):
 
     async def list_repositories(self) -> list[str]:
         return await asyncio.to_thread(self.repos.repositories)
+
+
+def cache_destination(app: web.Application, upstream: str, rule: str, pins: PinStore | None = None) -> CacheDestination:
+    """The `cache` destination of `rule` for content of `upstream` (its name in the config), in the data
+    directory of `app` (a running server's, or `open_app`'s). Share one PinStore between the rules of one
+    process (its lock makes releasing a pin atomic against another rule adding it)."""
+    target = app[ROUTER].upstreams.get(upstream)
+    if target is None or not isinstance(target.registry, ProxyRegistry):
+        raise ValueError(f"no upstream named {upstream!r} is configured")
+    return CacheDestination(target.registry, pins or PinStore(pins_dir(app[CONFIG].storage.path)), rule)
+
