@@ -181,7 +181,17 @@ class Copier:
             child_manifest = await source.get_manifest(src_repo, str(child.digest))
             await self._copy_manifest(source, src_repo, child_manifest, dest, dest_repo, stats)
         blobs = [d for d in parsed.blobs if is_distributable(d)]
-        await asyncio.gather(*(self._copy_blob(source, src_repo, d, dest, dest_repo, stats) for d in blobs))
+        transfers = [asyncio.ensure_future(self._copy_blob(source, src_repo, d, dest, dest_repo, stats))
+                     for d in blobs]
+        try:
+            await asyncio.gather(*transfers)
+        except BaseException:
+            # One blob failed (or the run was cancelled): stop the others instead of letting them stream on
+            # unobserved, into sessions the caller is about to close. The first error is what the caller sees.
+            for transfer in transfers:
+                transfer.cancel()
+            await asyncio.gather(*transfers, return_exceptions=True)
+            raise
         await dest.put_manifest(dest_repo, str(manifest.digest), manifest.body, manifest.media_type)
         stats.manifests_written += 1
         return manifest
