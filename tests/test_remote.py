@@ -87,8 +87,10 @@ async def test_a_copy_over_http_is_byte_for_byte_and_a_rerun_gets_nothing(aiohtt
     async with open_remote(_spec(source), Metrics(), push=False, before_get=gate) as src, \
             open_remote(_spec(dest), Metrics()) as dst:
         source_log.reset()
+        dest_log.reset()
         outcome = await Copier().copy(src, "team/app", "1", dst, "copy/app", dest_tag="1")
         assert str(outcome.dest_digest) == digest and outcome.stats.blobs_written == 3
+        assert dest_log.count("PUT", "manifest") == 1  # by tag, once everything it references is there
         assert sorted(gets) == ["blob", "blob", "blob", "manifest"]  # the gate saw every GET, no HEAD
         async with dest.get("/v2/copy/app/manifests/1", headers={"Accept": DOCKER_MANIFEST}) as response:
             assert await response.read() == body and response.headers["Content-Type"] == DOCKER_MANIFEST

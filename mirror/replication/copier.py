@@ -133,11 +133,15 @@ class Copier:
         written_digest = expected
         if not tag_current:  # with the tag current, only referrers can be new: the image is not read again
             manifest = await source.get_manifest(src_repo, str(info.digest))
-            written = await self._copy_manifest(source, src_repo, manifest, dest, dest_repo, stats, top=True)
+            written, tagged = await self._copy_manifest(
+                source, src_repo, manifest, dest, dest_repo, stats, top=True, tag=dest_tag
+            )
             written_digest = written.digest
-            if dest_tag is not None:
-                current = await self._dest_tag_digest(dest, dest_repo, dest_tag)
-                if current != written.digest:
+            if dest_tag is not None and not tagged:
+                # The manifest was there already (untagged, or under another tag): only the tag is new. The
+                # tag was seen not to name `expected`; a filtered index has a digest of its own to check.
+                moved = written.digest == expected
+                if moved or await self._dest_tag_digest(dest, dest_repo, dest_tag) != written.digest:
                     await dest.put_manifest(dest_repo, dest_tag, written.body, written.media_type)
         if self.options.referrers:
             await self._copy_referrers(source, src_repo, info.digest, dest, dest_repo, stats, source_tags)
@@ -168,15 +172,17 @@ class Copier:
         stats: CopyStats,
         *,
         top: bool = False,
-    ) -> Manifest:
-        """Write `manifest` and everything below it; returns what was written (filtered, for an index)."""
+        tag: str | None = None,
+    ) -> tuple[Manifest, bool]:
+        """Write `manifest` and everything below it; returns what was written (filtered, for an index) and
+        whether it was written under `tag` (one PUT by tag, after everything it references: the tag last)."""
         parsed = parse_manifest(manifest.body, manifest.media_type)
         if parsed.is_index and top and self.options.platforms is not None:
             manifest = self._filter_index(manifest)
             parsed = parse_manifest(manifest.body, manifest.media_type)
         if await self._dest_has_manifest(dest, dest_repo, manifest.digest):
             stats.manifests_present += 1
-            return manifest
+            return manifest, False
         for child in parsed.manifests:
             child_manifest = await source.get_manifest(src_repo, str(child.digest))
             await self._copy_manifest(source, src_repo, child_manifest, dest, dest_repo, stats)
@@ -192,9 +198,9 @@ class Copier:
                 transfer.cancel()
             await asyncio.gather(*transfers, return_exceptions=True)
             raise
-        await dest.put_manifest(dest_repo, str(manifest.digest), manifest.body, manifest.media_type)
+        await dest.put_manifest(dest_repo, tag or str(manifest.digest), manifest.body, manifest.media_type)
         stats.manifests_written += 1
-        return manifest
+        return manifest, tag is not None
 
     def _filter_index(self, index: Manifest) -> Manifest:
         wanted = self.options.platforms or frozenset()
@@ -243,8 +249,9 @@ class Copier:
                 stats.manifests_present += 1
                 continue
             attached = await source.get_manifest(src_repo, str(info.digest))
-            written = await self._copy_manifest(source, src_repo, attached, dest, dest_repo, stats)
-            await dest.put_manifest(dest_repo, tag, written.body, written.media_type)
+            written, tagged = await self._copy_manifest(source, src_repo, attached, dest, dest_repo, stats, tag=tag)
+            if not tagged:
+                await dest.put_manifest(dest_repo, tag, written.body, written.media_type)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def _copy_blob(
