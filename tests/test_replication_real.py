@@ -10,6 +10,7 @@ cache destination), so they prove the wire protocol and the pinning, not tag sel
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import sys
@@ -131,23 +132,42 @@ async def test_a_sync_killed_halfway_does_not_send_completed_blobs_again(
     await _push(source, image, "library/big:1")
     dest = await asyncio.to_thread(registry_factory.htpasswd)
     user, password = dest.default_creds or ("", "")
+    chunk = 512 << 10  # each 1.5 MB layer: two PATCHes and a PUT
     argv = [sys.executable, "-m", "tests.support.sync_once", "--source", source.url, "--dest", dest.url,
             "--dest-creds", f"{user}:{password}", "--journal", str(tmp_path / "journal"),
-            "--chunk-bytes", str(512 << 10)]
+            "--chunk-bytes", str(chunk)]
     env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}
 
     mark = dest.log_mark()
-    first = ManagedProcess([*argv, "--pace", "0.08", "library/big:1=dc2/big"], name="sync-first",
+    first = ManagedProcess([*argv, "--pace", "0.1", "library/big:1=dc2/big"], name="sync-first",
                            log_dir=tmp_path, env=env, cwd=REPO_ROOT).start()
+    journal = tmp_path / "journal"
     try:
-        for _ in range(600):  # until three blobs are complete and a chunk of the next one is in
-            seen = await asyncio.to_thread(dest.requests, mark, settle=0.02)
-            done = [i for i, r in enumerate(seen) if r[0] == "PUT" and "/blobs/uploads/" in r[1] and r[2] == 201]
-            if len(done) >= 3 and any(r[0] == "PATCH" and r[2] == 202 for r in seen[done[-1]:]):
+        for _ in range(600):  # until three blobs are complete at the destination
+            if len(_uploaded_digests(await asyncio.to_thread(dest.requests, mark, settle=0.02))) >= 3:
                 break
             first.check_alive()
         else:
-            raise AssertionError("the first sync never got halfway")
+            raise AssertionError("the first sync never completed three blobs")
+        # Then the moment a chunk of the next blob was acknowledged and journaled: the process is reading
+        # the next chunk from the (paced) source, between two PATCHes. A kill in the middle of a PATCH
+        # would leave distribution 2.8 an upload it refuses to resume (the copier then starts it afresh).
+        def first_chunks() -> set[tuple[str, int]]:
+            # *.json only: a journal entry is written to a temp file first, then renamed into place.
+            found = set()
+            for entry in journal.glob("*.json") if journal.is_dir() else ():
+                with contextlib.suppress(FileNotFoundError):  # a completed blob's entry goes meanwhile
+                    found.add((entry.name, json.loads(entry.read_text()).get("offset", 0)))
+            return {(name, offset) for name, offset in found if offset == chunk}
+
+        already = first_chunks()  # seen late, maybe with the next chunk already on its way: not this one
+        for _ in range(3000):
+            if first_chunks() - already:
+                break
+            first.check_alive()
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("no chunk of a fourth blob was ever acknowledged")
         first.kill()
     finally:
         first.stop()
