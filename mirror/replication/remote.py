@@ -42,6 +42,7 @@ from mirror.errors import (
     ManifestUnknown,
     NameUnknown,
     RegistryError,
+    TooManyRequests,
     Unauthorized,
     Unsupported,
     UpstreamInvalid,
@@ -407,7 +408,8 @@ class RemoteRegistry(Registry):
                     del buffer[: self.chunk_bytes]
             # The last chunk travels with the PUT that closes the upload: one request fewer per blob.
             final = await self._finish(repo, digest, state, bytes(buffer))
-        except DigestInvalid:
+        except (DigestInvalid, BlobUploadInvalid, UpstreamInvalid, Unsupported):
+            # Refused, not interrupted: resuming this upload would be refused again, run after run.
             await self._journal_forget(repo, digest)
             raise
         await self._journal_forget(repo, digest)
@@ -478,6 +480,8 @@ class RemoteRegistry(Registry):
             return None
         try:
             response = await self._request("GET", state.location, repo)
+        except (UpstreamUnavailable, TooManyRequests):
+            raise  # the registry is away for now: the upload may still be there when it is back
         except RegistryError:
             await self._journal_forget(repo, digest)
             return None
