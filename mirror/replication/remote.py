@@ -186,12 +186,14 @@ class RemoteRegistry(Registry):
         header = response.headers.get("Docker-Content-Digest")
         media_type = _media_type(response.headers.get("Content-Type"))
         size = response.content_length or 0
-        if header and media_type:
+        if header:
             try:
-                return ManifestInfo(Digest.parse(header), media_type, size)
+                # The digest is what the copier compares; a HEAD without Content-Type still says it.
+                return ManifestInfo(Digest.parse(header), media_type or "", size)
             except RegistryError:
                 pass
-        # A registry whose HEAD names no digest: the only way to know is the manifest itself.
+        # A registry whose HEAD names no digest: the only way to know is the manifest itself (a GET, so
+        # through the before_get gate like any other).
         return (await self.get_manifest(repo, reference)).info
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
