@@ -3,6 +3,7 @@ upstream gone, and unpinned (back to ordinary LRU cache) when no rule selects it
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -69,35 +70,56 @@ async def test_a_digest_stays_pinned_while_any_rule_selects_it(aiohttp_client: A
     upstream, mirror, proxy = await _setup(aiohttp_client, tmp_path)
     digest, _ = await push_image(upstream, "team/base", "1")
     pins = PinStore(tmp_path / "pins")
-    first = CacheDestination(proxy, pins, "first")
-    second = CacheDestination(proxy, pins, "second")
     source = RemoteRegistry(proxy.client)
-    await Copier().copy(source, "team/base", "1", first, "team/base", dest_tag="1")
+    await Copier().copy(source, "team/base", "1", CacheDestination(proxy, pins, "first"), "team/base", dest_tag="1")
+    second = CacheDestination(proxy, pins, "second", repository="team/base")
     unchanged = await Copier().copy(source, "team/base", "1", second, "team/base", dest_tag="1")
-    assert unchanged.unchanged  # nothing written, yet the second rule pins it too (through the tag)
+    assert unchanged.unchanged  # nothing written: the second rule pins it when its run is complete
+    assert await second.unpin_except("second", [Digest.parse(digest)]) == 0
     layer = str(Digest.of(b"layer one"))
 
-    assert await first.settle([]) == 0  # the second rule still pins everything
+    # Next runs (a destination per run, as the engine opens them) in which neither rule selects it any more.
+    assert await CacheDestination(proxy, pins, "first").settle() == 0  # the second rule still pins it all
     assert PINNED in _holders(mirror, digest) and PINNED in _holders(mirror, layer)
-    assert await second.settle([]) == 4  # manifest, config, two layers
+    assert await CacheDestination(proxy, pins, "second").settle() == 4  # manifest, config, two layers
     assert _holders(mirror, digest) == frozenset({CACHED}) and _holders(mirror, layer) == frozenset({CACHED})
     result = await mirror.app[CACHE].evict_to(0)
     assert result.evicted == 4  # ordinary cache content once unpinned
 
 
+async def test_an_image_pulled_through_before_the_rule_existed_is_pinned_by_its_run(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    upstream, mirror, proxy = await _setup(aiohttp_client, tmp_path)
+    digest, _ = await push_image(upstream, "team/base", "1")
+    async with mirror.get("/v2/team/base/manifests/1") as response:  # a client pulls it first
+        assert response.status == 200
+    async with mirror.get(f"/v2/team/base/blobs/{Digest.of(b'layer one')}") as response:
+        assert response.status == 200 and await response.read() == b"layer one"
+    for _ in range(100):  # the fill links and holds the blob just after its last byte went out
+        if _holders(mirror, str(Digest.of(b"layer one"))):
+            break
+        await asyncio.sleep(0.02)
+    dest = CacheDestination(proxy, PinStore(tmp_path / "pins"), "base", repository="team/base")
+    outcome = await Copier().copy(RemoteRegistry(proxy.client), "team/base", "1", dest, "team/base", dest_tag="1")
+    assert outcome.unchanged  # the tag was there already: nothing written...
+    await dest.unpin_except("base", [Digest.parse(digest)])  # ...and the complete run pins it
+    assert PINNED in _holders(mirror, digest) and PINNED in _holders(mirror, str(Digest.of(b"layer one")))
+
+
 async def test_a_settled_rule_keeps_what_it_selects(aiohttp_client: Any, tmp_path: Path) -> None:
     upstream, mirror, proxy = await _setup(aiohttp_client, tmp_path)
     old, _ = await push_image(upstream, "team/base", "1", layers=(b"old",))
-    new, _ = await push_image(upstream, "team/base", "2", layers=(b"new",))
     pins = PinStore(tmp_path / "pins")
-    dest = CacheDestination(proxy, pins, "base")
     source = RemoteRegistry(proxy.client)
-    for tag in ("1", "2"):
-        await Copier().copy(source, "team/base", tag, dest, "team/base", dest_tag=tag)
-    # The rule now selects only tag 2: tag 1's own blobs lose the pin, the shared config keeps it.
-    await dest.settle([("team/base", Digest.parse(new))])
+    await Copier().copy(source, "team/base", "1", CacheDestination(proxy, pins, "base"), "team/base", dest_tag="1")
+    # Next run: tag 1 moved upstream. The copier sees the old target, then writes the new one.
+    new, _ = await push_image(upstream, "team/base", "1", layers=(b"new",))
+    dest = CacheDestination(proxy, pins, "base", repository="team/base")
+    await Copier().copy(source, "team/base", "1", dest, "team/base", dest_tag="1")
+    await dest.unpin_except("base", [Digest.parse(new)])
     assert PINNED not in _holders(mirror, old) and PINNED not in _holders(mirror, str(Digest.of(b"old")))
     assert PINNED in _holders(mirror, new) and PINNED in _holders(mirror, str(Digest.of(b"new")))
-    assert PINNED in _holders(mirror, str(Digest.of(b'{"architecture":"amd64","os":"linux"}')))
+    assert PINNED in _holders(mirror, str(Digest.of(b'{"architecture":"amd64","os":"linux"}')))  # shared config
     async with open_remote(RemoteSpec(url=str(mirror.make_url("")).rstrip("/")), Metrics(), push=False) as served:
-        assert (await served.stat_manifest("team/base", "2")).digest == Digest.parse(new)
+        assert (await served.stat_manifest("team/base", "1")).digest == Digest.parse(new)

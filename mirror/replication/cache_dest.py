@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import os
 import re
-import threading
-from collections.abc import AsyncIterable, Collection, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Iterable
 from pathlib import Path
 
 from aiohttp import web
@@ -37,11 +37,13 @@ from mirror.errors import (
     ManifestUnknown,
     RegistryError,
     SizeInvalid,
+    Unsupported,
 )
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
 from mirror.proxy.registry import ProxyRegistry
+from mirror.replication.rules import Destination
 from mirror.state import CONFIG, ROUTER
 from mirror.storage.blobs import BlobWriter
 from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry
@@ -52,6 +54,17 @@ log = logging.getLogger(__name__)
 _RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
+LOCK_POLL_SECONDS = 0.005
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 def pins_dir(storage_path: Path) -> Path:
     """Where a data directory keeps its replication pins (`mirror serve` and `mirror sync` share it)."""
     return storage_path / "replication" / "pins"
@@ -59,12 +72,27 @@ def pins_dir(storage_path: Path) -> Path:
 
 class PinStore:
     """Which digests each rule pins: one empty file per (rule, digest). Blocking methods; callers on the
-    event loop go through a thread. One lock per store makes "does another rule still pin it? then
-    release" atomic against a pin being added in this process."""
+    event loop go through a thread, changes that involve other rules under `locked()`."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.lock = threading.Lock()
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Exclusive across processes (`mirror sync` beside `mirror serve`) and tasks: "does another rule
+        still pin it? then release" must not interleave with another rule adding its pin. Polled without
+        blocking, so no worker thread ever waits for it (the holder needs threads for its own work)."""
+        fd = await asyncio.to_thread(self._open_lock)
+        try:
+            while not await asyncio.to_thread(_try_lock, fd):
+                await asyncio.sleep(LOCK_POLL_SECONDS)
+            yield
+        finally:
+            await asyncio.to_thread(os.close, fd)  # closing the descriptor releases the lock
+
+    def _open_lock(self) -> int:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     def _rule_dir(self, rule: str) -> Path:
         if not _RULE_NAME.fullmatch(rule):
@@ -114,8 +142,12 @@ class CacheDestination(Registry):
     """One rule's writes into `proxy`'s cache. Reads answer from the cache alone (never the upstream):
     they are the copier asking what the destination already holds."""
 
-    def __init__(self, proxy: ProxyRegistry, pins: PinStore, rule: str) -> None:
+    def __init__(self, proxy: ProxyRegistry, pins: PinStore, rule: str, *, repository: str | None = None) -> None:
+        """`repository`: where the rule writes (what `unpin_except`'s bare digests are looked up in)."""
         self.proxy = proxy
+        self.repository = repository
+        # What each tag asked or written in this run names at its end: the images the rule selects now.
+        self._tag_targets: dict[tuple[str, str], Digest] = {}
         self.blobs = proxy.blobs
         self.repos = proxy.repos
         self.cache = proxy.cache
@@ -127,9 +159,10 @@ class CacheDestination(Registry):
     # -- pins --------------------------------------------------------------------------------------
     async def _pin(self, digest: Digest, size: int) -> None:
         """Hold as cached and pinned, and record the pin under this rule (caller keeps it in use)."""
-        await asyncio.to_thread(self.pins.add_sync, self.rule, digest)
-        await self.cache.hold(digest, size, CACHED)
-        await self.cache.hold(digest, size, PINNED)
+        async with self.pins.locked():
+            await asyncio.to_thread(self.pins.add_sync, self.rule, digest)
+            await self.cache.hold(digest, size, CACHED)
+            await self.cache.hold(digest, size, PINNED)
 
     def _closure_sync(self, repo: str, top: Digest) -> dict[Digest, int]:
         """Blocking: every digest under the manifest `top` in the cache (children, config, layers, and the
@@ -166,20 +199,29 @@ class CacheDestination(Registry):
                     await self._pin(digest, size)
         return set(closure)
 
-    async def settle(self, selected: Collection[tuple[str, Digest]]) -> int:
-        """After a complete run: pin what the rule selects now ((repository, manifest digest) pairs, the
-        images and the tags' targets) and let go of what it pinned before and no longer selects. Returns
-        how many digests lost this rule's pin. Content another rule still pins stays pinned."""
+    async def settle(self, selected: Collection[tuple[str, Digest]] = ()) -> int:
+        """After a complete run: pin what the rule selects now and let go of what it pinned before and no
+        longer selects. Selected are the `(repository, manifest digest)` pairs given, and what every tag the
+        copier asked for or wrote in this run names at its end (so a platform-filtered index, an unchanged
+        image pulled through before the rule existed, and cosign tags all count). Returns how many digests
+        lost this rule's pin; content another rule still pins stays pinned."""
         keep: set[Digest] = set()
-        for repo, top in selected:
+        for repo, top in {*selected, *((repo, digest) for (repo, _tag), digest in self._tag_targets.items())}:
             keep |= await self.pin_image(repo, top)
-        return await self.unpin_except(keep)
+        return await self._release_all_but(keep)
 
-    async def unpin_except(self, keep: Iterable[Digest]) -> int:
-        kept = set(keep)
+    async def unpin_except(self, rule: str, digests: Iterable[Digest]) -> int:
+        """The engine's word after a complete run: `digests` are the images `rule` selects now (source
+        digests, in this destination's repository)."""
+        if rule != self.rule:
+            raise ValueError(f"this cache destination belongs to rule {self.rule}, not {rule}")
+        repository = self.repository
+        return await self.settle([(repository, digest) for digest in digests] if repository else [])
 
-        def release_list() -> list[Digest]:
-            with self.pins.lock:
+    async def _release_all_but(self, kept: set[Digest]) -> int:
+        async with self.pins.locked():
+
+            def release_list() -> list[Digest]:
                 released: list[Digest] = []
                 for digest in self.pins.pins_sync(self.rule) - kept:
                     self.pins.remove_sync(self.rule, digest)
@@ -187,9 +229,9 @@ class CacheDestination(Registry):
                         released.append(digest)
                 return released
 
-        released = await asyncio.to_thread(release_list)
-        for digest in released:
-            await self.cache.release(digest, PINNED)
+            released = await asyncio.to_thread(release_list)
+            for digest in released:
+                await self.cache.release(digest, PINNED)
         if released:
             log.info("rule %s no longer pins %d digests: they are ordinary cache content now", self.rule,
                      len(released))
@@ -259,9 +301,11 @@ class CacheDestination(Registry):
     async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
         link = await self._link(repo, reference)
         if not looks_like_digest(reference):
-            # The copier asks for a tag the rule selects; when it is already there (a client pulled it
-            # through before the rule existed) nothing would be written, so nothing pinned, without this.
-            await self.pin_image(repo, link.digest)
+            # The copier asks only for tags the rule selects. What such a tag names at the end of the run
+            # is pinned by `settle` (an unchanged image, maybe pulled through before the rule existed, is
+            # written nothing and would otherwise never be pinned); a tag the copier then moves is
+            # recorded again by put_manifest.
+            self._tag_targets[(repo, reference)] = link.digest
         return ManifestInfo(link.digest, link.media_type, link.size)
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
@@ -314,6 +358,7 @@ class CacheDestination(Registry):
             await self._pin(digest, len(body))
         if tag is not None:
             self.proxy.forget_tag(repo, tag)
+            self._tag_targets[(repo, tag)] = digest
             await self.pin_image(repo, digest)  # what was already there (skipped by the copier) too
         return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
 
@@ -324,6 +369,7 @@ class CacheDestination(Registry):
         tag = validate_tag(reference)
         if not await asyncio.to_thread(self.repos.delete_tag, repo, tag):
             raise ManifestUnknown(detail={"reference": reference})
+        self._tag_targets.pop((repo, tag), None)
         self.proxy.forget_tag(repo, tag)
 
     # -- discovery ---------------------------------------------------------------------------------
@@ -337,12 +383,25 @@ class CacheDestination(Registry):
         return await asyncio.to_thread(self.repos.repositories)
 
 
-def cache_destination(app: web.Application, upstream: str, rule: str, pins: PinStore | None = None) -> CacheDestination:
+def cache_destination(
+    app: web.Application, upstream: str, rule: str, *, repository: str | None = None, pins: PinStore | None = None
+) -> CacheDestination:
     """The `cache` destination of `rule` for content of `upstream` (its name in the config), in the data
-    directory of `app` (a running server's, or `open_app`'s). Share one PinStore between the rules of one
-    process (its lock makes releasing a pin atomic against another rule adding it)."""
+    directory of `app` (a running server's, or `open_app`'s)."""
     target = app[ROUTER].upstreams.get(upstream)
     if target is None or not isinstance(target.registry, ProxyRegistry):
         raise ValueError(f"no upstream named {upstream!r} is configured")
-    return CacheDestination(target.registry, pins or PinStore(pins_dir(app[CONFIG].storage.path)), rule)
+    pins = pins or PinStore(pins_dir(app[CONFIG].storage.path))
+    return CacheDestination(target.registry, pins, rule, repository=repository)
 
+
+async def open_cache_destination(
+    spec: Destination, app: web.Application, stack: contextlib.AsyncExitStack, *, rule: str
+) -> CacheDestination:
+    """destinations.open_destination's `cache` kind: the rule's source upstream's cache, its repository
+    (the spec's, or the source's own name). Nothing to close."""
+    found = next((r for r in app[CONFIG].replication if r.name == rule), None)
+    if found is None or found.source.upstream is None:
+        raise Unsupported(f"rule {rule}: the cache destination holds an upstream's content; its source is not one")
+    return cache_destination(app, found.source.upstream, rule,
+                             repository=spec.repository or found.source.repository)

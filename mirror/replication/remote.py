@@ -25,8 +25,9 @@ import logging
 import re
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -62,6 +63,9 @@ from mirror.storage.interface import (
     ReopenableBytes,
 )
 from mirror.upstream.client import USER_AGENT, UpstreamClient
+
+if TYPE_CHECKING:
+    from mirror.replication.rules import Destination
 
 log = logging.getLogger(__name__)
 
@@ -596,7 +600,7 @@ class RemoteSpec:
 
     url: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in a log line or a traceback
     ca_file: Path | None = None
     tls_verify: bool = True
     timeout: float = 30.0
@@ -646,3 +650,18 @@ async def open_remote(
             yield RemoteRegistry(client, before_get=before_get, journal=journal, push=push, chunk_bytes=chunk_bytes)
         finally:
             client.close()
+
+
+async def open_registry_destination(
+    spec: Destination, stack: contextlib.AsyncExitStack, *, state_dir: Path
+) -> RemoteRegistry:
+    """destinations.open_destination's `registry` kind: a session of its own (closed by `stack`), pull+push
+    tokens, and the journal of its partial uploads in the destination's state folder."""
+    if not spec.url:
+        raise Unsupported("a registry destination needs a url")
+    remote = RemoteSpec(spec.url, spec.username, spec.password, spec.ca_file, spec.tls_verify)
+    # A registry of the rule's, not an upstream: its request counts stay out of the upstream metrics.
+    return await stack.enter_async_context(
+        open_remote(remote, Metrics(), journal=UploadJournal(state_dir / "uploads"))
+    )
+
