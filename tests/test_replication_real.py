@@ -2,9 +2,9 @@
 
 A distribution registry with token auth plays Docker Hub; a second distribution registry with htpasswd
 plays the other data centre. skopeo reads both sides; both access logs count what the copier asked for.
-The rule engine (rules, planner, scheduler) is built on another branch: these tests drive the copier
-directly with the pieces a rule uses (RemoteRegistry source and destination, the upload journal, the
-cache destination), so they prove the wire protocol and the pinning, not tag selection.
+Most tests drive the copier directly with the pieces a rule uses (RemoteRegistry source and destination,
+the upload journal, the cache destination), to see the wire protocol and the pinning up close; the last
+one runs `mirror sync --config` with a rule, the whole path a user runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 import pytest
+import yaml
 
 from mirror.config import load_config_data
 from mirror.metrics import Metrics
@@ -270,3 +273,58 @@ async def test_the_cache_destination_survives_an_eviction_storm_and_pulls_with_t
     await skopeo.acopy(f"docker://{mirror.host}/library/base:1", f"oci:{tmp_path / 'pulled'}:1")
     with pytest.raises(skopeo.SkopeoError):  # an image that was not pinned is gone with the upstream
         await skopeo.acopy(f"docker://{mirror.host}/library/storm0:1", f"oci:{tmp_path / 'gone'}:1")
+
+
+async def test_mirror_sync_replicates_a_rule_registry_to_registry_and_a_rerun_costs_nothing(
+    upstream_registry: DistributionRegistry,
+    registry_factory: RegistryFactory,
+    multiarch_image: BuiltImage,
+    image_factory: ImageFactory,
+    unique_repo: Any,
+    tmp_path: Path,
+) -> None:
+    """The whole path a user runs: `mirror sync --config` with a rule (tag filters, referrers) whose source
+    is an upstream with token auth and whose destination is an htpasswd registry."""
+    repo = unique_repo("library/sync")
+    old = await asyncio.to_thread(image_factory.busybox, seed=51, media="docker")
+    for tag, image in (("3.17", old), ("3.18", old), ("3.19", multiarch_image), ("edge", old)):
+        await _push(upstream_registry, image, f"{repo}:{tag}")
+    signature = await asyncio.to_thread(image_factory.busybox, seed=52)
+    sig_tag = f"sha256-{multiarch_image.digest.split(':')[1]}.sig"
+    await _push(upstream_registry, signature, f"{repo}:{sig_tag}")
+    dc2 = await asyncio.to_thread(registry_factory.htpasswd)
+    user, password = dc2.default_creds or ("", "")
+    config = {
+        "storage": {"path": str(tmp_path / "data")},
+        "upstreams": [{"name": "docker.io", "url": upstream_registry.url, "library_prefix": True}],
+        "replication": [{
+            "name": "base", "source": f"docker.io/{repo}",
+            "tags": {"include": r"^3\.\d+$", "semver": ">=3.18"},
+            "destinations": [{"registry": dc2.url, "repository": "mirror/base", "username": user,
+                              "password": password}],
+        }],
+    }
+    config_path = tmp_path / "mirror.yml"
+    config_path.write_text(yaml.safe_dump(config))
+
+    async def sync() -> None:
+        result = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "mirror", "sync", "--config", str(config_path)],
+            capture_output=True, cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=300,
+        )
+        assert result.returncode == 0, result.stdout.decode()[-3000:] + result.stderr.decode()[-3000:]
+
+    await sync()
+    assert sorted(await asyncio.to_thread(skopeo.list_tags, f"docker://{dc2.host}/mirror/base", dc2.default_creds)) \
+        == sorted(["3.18", "3.19", sig_tag])  # the regex and the range chose; the signature came along
+    for tag in ("3.18", "3.19", sig_tag):
+        at_source = await skopeo.ainspect_raw(upstream_registry.ref(f"{repo}:{tag}"))
+        assert await skopeo.ainspect_raw(dc2.ref(f"mirror/base:{tag}"), dc2.default_creds) == at_source, tag
+
+    source_mark, dest_mark = upstream_registry.log_mark(), dc2.log_mark()
+    await sync()
+    source_requests = await asyncio.to_thread(upstream_registry.requests, source_mark)
+    dest_requests = await asyncio.to_thread(dc2.requests, dest_mark)
+    assert source_requests and dest_requests
+    assert _reads(source_requests) == [], _reads(source_requests)
+    assert _writes(dest_requests) == [] and _reads(dest_requests) == [], dest_requests
