@@ -8,12 +8,14 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.api.errors import add_api_version, registry_errors
+from mirror.api.errors import CLIENT_CLOSED_STATUS, add_api_version, client_closed, registry_errors
+from mirror.api.protocol_log import handler_args as protocol_handler_args
 from mirror.api.routes import api_dispatcher
 from mirror.config import Config
 from mirror.metrics import Metrics
@@ -39,10 +41,17 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        # A client that left before its response was complete is counted as such, not by the status line
+        # it never read whole (a streamed 200 cut short, a PUT whose body stopped coming).
+        status = CLIENT_CLOSED_STATUS if client_closed(request) else response.status
         return response
     except web.HTTPException as http_error:
         status = http_error.status
+        raise
+    except asyncio.CancelledError:
+        # Handlers are cancelled only when their connection is gone for good (shutdown, or aiohttp's
+        # handler cancellation): no status was sent.
+        status = CLIENT_CLOSED_STATUS
         raise
     finally:
         endpoint = request.get("endpoint", "other")
@@ -59,9 +68,15 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[count_requests, registry_errors])
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[count_requests, registry_errors],
+        # What aiohttp's connection handler logs (requests it cannot parse, clients gone mid-response)
+        # goes through a logger of this app's, not aiohttp's module-level one.
+        handler_args=protocol_handler_args(metrics.http_malformed.inc),
+    )
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
     dispatcher = api_dispatcher()

@@ -37,8 +37,13 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(
-            "mirror_http_requests", "Requests served, by endpoint, method and status.",
+            "mirror_http_requests", "Requests served, by endpoint, method and status (499: the client's "
+            "connection closed before its response was complete).",
             ["endpoint", "method", "status"], registry=r,
+        )
+        self.http_malformed = Counter(
+            "mirror_http_malformed_requests", "Requests HTTP itself could not parse (answered 400 by aiohttp; "
+            "logged as one rate-limited WARNING line each).", registry=r,
         )
         self.http_seconds = Histogram(
             "mirror_http_request_duration_seconds", "Time to the end of the handler (streamed bodies excluded).",
