@@ -115,6 +115,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     fills = FillManager(metrics)
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:
             # One session per upstream: its own connection pool and limits. Bytes are passed through

@@ -837,3 +837,36 @@ async def test_every_response_carries_the_api_version(registry: TestClient) -> N
         assert response.headers.get(API_VERSION[0]) == API_VERSION[1], (method, path)
         if response.status >= 400 and method != "HEAD" and response.status != 416:
             assert "errors" in json.loads(body), (method, path, body)
+
+
+# -- large manifests never hold other clients -------------------------------------------------------------
+@pytest.mark.slow
+async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: ClientFactory) -> None:
+    """Eight 25,000-layer manifests (about 4 MB each) pushed at once: validating them used to hold the event
+    loop for about half a second each, so `GET /v2/` waited for seconds. It must answer as usual meanwhile
+    (a generous bound: it catches that stall, not a slow machine; unloaded, the worst wait is tens of ms)."""
+    import asyncio
+    import time
+
+    client = await make_registry(limits={"manifest_bytes": "8MiB"})
+    config, layer = b'{"architecture":"amd64","os":"linux"}', b"one layer, used many times"
+    await push_blob(client, "team/big", config)
+    await push_blob(client, "team/big", layer)
+    body = image_manifest(config, [layer] * 25_000)
+    assert len(body) > 3_500_000
+
+    async def push(tag: str) -> int:
+        response = await put_manifest(client, "team/big", tag, body, OCI_MANIFEST)
+        return response.status
+
+    pushes = [asyncio.create_task(push(f"v{i}")) for i in range(8)]
+    worst = 0.0
+    while not all(task.done() for task in pushes):
+        started = time.perf_counter()
+        response = await client.get("/v2/")
+        assert response.status == 200
+        worst = max(worst, time.perf_counter() - started)
+        await asyncio.sleep(0.01)
+    assert [task.result() for task in pushes] == [201] * 8
+    assert worst < 1.5, f"GET /v2/ waited {worst:.2f} s behind manifest validation"
+
