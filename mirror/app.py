@@ -156,10 +156,22 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         stack.callback(index.close)
         await stack.enter_async_context(cache.running())
         stack.push_async_callback(fills.close)
+        await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
         yield
+
+
+def _expiring_uploads(uploads: UploadStore, config: Config, metrics: Metrics) -> AbstractAsyncContextManager[None]:
+    """Abandoned push sessions are removed after `uploads.expire` while the server runs, not at its next start."""
+    metrics.uploads_open_bytes.set_function(lambda: uploads.open_bytes)
+
+    def expired(sessions: int, freed: int) -> None:
+        metrics.uploads_expired.inc(sessions)
+        log.info("removed %d upload sessions idle for more than %.0f s (%d bytes)", sessions, config.uploads.expire, freed)
+
+    return uploads.expiring(config.uploads.expire, expired)
 
 
 def _open_stores(config: Config) -> tuple[BlobStore, RepoStore, UploadStore]:
     root = config.storage.path
     blobs = BlobStore(root)
-    return blobs, RepoStore(root / "repositories"), UploadStore(root, blobs)
+    return blobs, RepoStore(root / "repositories"), UploadStore(root, blobs, max_bytes=config.uploads.max_bytes)

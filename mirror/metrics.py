@@ -80,6 +80,13 @@ class Metrics:
             "mirror_fill_joins", "Requests that joined a download already running instead of starting one.",
             registry=r,
         )
+        self.uploads_open_bytes = Gauge(
+            "mirror_uploads_open_bytes", "Bytes held by upload sessions not finished yet (bounded by "
+            "uploads.max_bytes).", registry=r,
+        )
+        self.uploads_expired = Counter(
+            "mirror_uploads_expired", "Upload sessions removed after uploads.expire without activity.", registry=r,
+        )
         self.fills = Counter(
             "mirror_fills", "Finished upstream blob downloads by result (ok, failed, invalid).",
             ["upstream", "result"], registry=r,

@@ -870,3 +870,62 @@ async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: C
     assert [task.result() for task in pushes] == [201] * 8
     assert worst < 1.5, f"GET /v2/ waited {worst:.2f} s behind manifest validation"
 
+
+# -- abandoned and oversized uploads ---------------------------------------------------------------------
+async def test_abandoned_uploads_expire_while_the_server_runs(make_registry: ClientFactory, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.proxy_helpers import metric_value, metrics_text
+
+    client = await make_registry(uploads={"expire": "1s"})
+    abandoned = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    assert (await client.patch(abandoned, data=b"x" * 50_000)).status == 202
+    active = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    sessions = tmp_path / "data" / "uploads"
+    assert len(list(sessions.iterdir())) == 2
+    received = b""
+    for _ in range(12):  # 2.4 s: the active session keeps receiving bytes, the other gets nothing
+        await asyncio.sleep(0.2)
+        chunk = b"y" * 1000
+        response = await client.patch(active, data=chunk)
+        assert response.status == 202, await response.text()
+        received += chunk
+    await expect_error(await client.get(abandoned), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert [p.name for p in sessions.iterdir()] == [active.rsplit("/", 1)[1]]  # files freed, the other kept
+    text = await metrics_text(client)
+    assert metric_value(text, "mirror_uploads_expired_total") == 1
+    assert metric_value(text, "mirror_uploads_open_bytes") == len(received)
+    response = await client.put(active, params={"digest": digest_of(received)})
+    assert response.status == 201, await response.text()
+    assert metric_value(await metrics_text(client), "mirror_uploads_open_bytes") == 0
+
+
+async def test_open_uploads_have_a_byte_bound_of_their_own(make_registry: ClientFactory, tmp_path: Path) -> None:
+    from tests.proxy_helpers import metric_value, metrics_text
+
+    client = await make_registry(uploads={"max_bytes": "1MiB"})
+    first_bytes, second_bytes = b"a" * 700_000, b"b" * 500_000
+    first = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    assert (await client.patch(first, data=first_bytes, headers={"Content-Range": "0-699999"})).status == 202
+    second = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+
+    # Together they would pass the bound: refused for now (503, retry later), and refused whole.
+    response = await client.patch(second, data=second_bytes)
+    await expect_error(response, 503, "UNAVAILABLE")
+    assert int(response.headers["Retry-After"]) > 0
+    assert (await client.get(second)).headers["Range"] == "0-0"
+
+    # One upload larger than the whole bound can never fit: 413, and no session is left of it.
+    huge = b"c" * (2 << 20)
+    before = {p.name for p in (tmp_path / "data" / "uploads").iterdir()}
+    response = await client.post("/v2/team/app/blobs/uploads/", params={"digest": digest_of(huge)}, data=huge)
+    await expect_error(response, 413, "BLOB_UPLOAD_INVALID")
+    assert {p.name for p in (tmp_path / "data" / "uploads").iterdir()} == before
+    assert metric_value(await metrics_text(client), "mirror_uploads_open_bytes") == len(first_bytes)
+
+    # Once the first finishes, the room is back.
+    assert (await client.put(first, params={"digest": digest_of(first_bytes)})).status == 201
+    assert (await client.patch(second, data=second_bytes)).status == 202
+    response = await client.put(second, params={"digest": digest_of(second_bytes)})
+    assert response.status == 201, await response.text()
+    assert await (await client.get(f"/v2/team/app/blobs/{digest_of(second_bytes)}")).read() == second_bytes
