@@ -54,7 +54,7 @@ class Upload:
 @dataclass(slots=True)
 class _HashState:
     size: int
-    hasher: "hashlib._Hash"
+    hasher: hashlib._Hash
 
 
 class UploadStore:
