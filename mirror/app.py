@@ -166,7 +166,9 @@ def _expiring_uploads(uploads: UploadStore, config: Config, metrics: Metrics) ->
 
     def expired(sessions: int, freed: int) -> None:
         metrics.uploads_expired.inc(sessions)
-        log.info("removed %d upload sessions idle for more than %.0f s (%d bytes)", sessions, config.uploads.expire, freed)
+        log.info(
+            "removed %d upload sessions idle for more than %.0f s (%d bytes)", sessions, config.uploads.expire, freed
+        )
 
     return uploads.expiring(config.uploads.expire, expired)
 

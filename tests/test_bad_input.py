@@ -13,6 +13,7 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -396,7 +397,7 @@ async def test_a_range_in_an_unknown_unit_is_ignored_and_a_bad_byte_range_is_a_r
 
 
 async def test_ranges_of_a_blob_still_being_filled_follow_the_same_rules(aiohttp_server, make_registry) -> None:
-    from tests.fake_upstream import Fault, FakeUpstream, upstream_config
+    from tests.fake_upstream import FakeUpstream, Fault, upstream_config
 
     fake = FakeUpstream()
     layer = bytes(range(256)) * 4096  # 1 MiB, sent in 64 KiB pieces 50 ms apart: the fill runs ~0.8 s
@@ -488,8 +489,10 @@ async def test_a_client_that_hangs_up_is_counted_as_499_and_logged_quietly(
         b"PUT /v2/team/app/manifests/v9 HTTP/1.1\r\nHost: x\r\nContent-Type: " + OCI_MANIFEST.encode()
         + b"\r\nContent-Length: 1000\r\n\r\n{\"schemaVersion\"",
     )
-    await _send_and_hang_up(registry, f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode() + b"x" * 1000)
-    await _send_and_hang_up(registry, f"GET /v2/team/app/blobs/{digest_of(big)} HTTP/1.1\r\nHost: x\r\n\r\n".encode(), read_head=True)
+    patch = f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode() + b"x" * 1000
+    await _send_and_hang_up(registry, patch)  # a chunk cut short
+    get = f"GET /v2/team/app/blobs/{digest_of(big)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    await _send_and_hang_up(registry, get, read_head=True)  # a blob abandoned mid-body
 
     def counted(endpoint: str, method: str) -> float:
         return metric_value(text, "mirror_http_requests_total", endpoint=endpoint, method=method, status="499")
@@ -542,7 +545,9 @@ async def test_malformed_requests_log_one_rate_limited_warning_line_not_a_traceb
     assert (await registry.get("/v2/")).status == 200
 
 
-def test_requests_http_cannot_parse_get_the_registry_error_shape_from_mirror_serve(mirror_factory, tmp_path: Path) -> None:
+def test_requests_http_cannot_parse_get_the_registry_error_shape_from_mirror_serve(
+    mirror_factory: Any, tmp_path: Path
+) -> None:
     """`PUT *`, a NUL in a header, a bad request line: aiohttp answers these before any application code
     runs; `mirror serve` still answers them as a registry (JSON error body, API version header), and the
     server goes on serving."""

@@ -239,7 +239,8 @@ async def test_metadata_writes_on_a_full_disk_are_a_clean_503_and_leave_nothing_
     before = sorted(str(p.relative_to(data)) for p in data.rglob("*") if "index" not in p.parts)
 
     # The manifest body is stored already: only its link and the new tag need writing.
-    async with client.put("/v2/team/app/manifests/v2", data=image.manifest, headers={"Content-Type": OCI_MANIFEST}) as r:
+    retag = {"data": image.manifest, "headers": {"Content-Type": OCI_MANIFEST}}
+    async with client.put("/v2/team/app/manifests/v2", **retag) as r:
         assert r.status == 503 and "UNAVAILABLE" in await r.text(), (r.status, await r.text())
     async with client.post("/v2/team/app/blobs/uploads/") as r:  # a session needs its info file
         assert r.status == 503 and "UNAVAILABLE" in await r.text(), (r.status, await r.text())
@@ -251,7 +252,7 @@ async def test_metadata_writes_on_a_full_disk_are_a_clean_503_and_leave_nothing_
         assert r.status == 200 and await r.read() == image.manifest
 
     filler.unlink()  # room again: the same requests succeed
-    async with client.put("/v2/team/app/manifests/v2", data=image.manifest, headers={"Content-Type": OCI_MANIFEST}) as r:
+    async with client.put("/v2/team/app/manifests/v2", **retag) as r:
         assert r.status == 201, await r.text()
     async with client.post("/v2/team/app/blobs/uploads/") as r:
         assert r.status == 202

@@ -103,6 +103,7 @@ def requested_range(request: web.Request, digest: Digest, size: int) -> tuple[in
     try:
         return parse_range(header, size)
     except ValueError as exc:
+        assert header is not None  # no header is no range, never an error
         raise BlobRangeInvalid(
             f"cannot serve Range {header[:100]!r} of a {size}-byte blob: {exc}; ask for one range within it",
             detail={"range": header[:100], "size": size},

@@ -44,7 +44,7 @@ class RateLimit:
         return False
 
 
-class ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+class ProtocolLog(logging.LoggerAdapter[logging.Logger]):
     def __init__(
         self,
         on_malformed: Callable[[], None],
