@@ -91,6 +91,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise ValueError("empty suffix range")
         return max(size - length, 0), size
     start = int(first)
+    if last and int(last) < start:
+        raise ValueError("the last byte is before the first")
     end = min(int(last) + 1, size) if last else size
     if start >= size or end <= start:
         raise ValueError("range outside the blob")
