@@ -850,10 +850,14 @@ async def test_every_response_carries_the_api_version(registry: TestClient) -> N
 @pytest.mark.slow
 async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: ClientFactory) -> None:
     """Eight 25,000-layer manifests (about 4 MB each) pushed at once: validating them used to hold the event
-    loop for about half a second each, so `GET /v2/` waited for seconds. It must answer as usual meanwhile
-    (a generous bound: it catches that stall, not a slow machine; unloaded, the worst wait is tens of ms)."""
+    loop for about half a second each, so `GET /v2/` waited for seconds (all eight, back to back). It must
+    answer as usual meanwhile. The bound is generous and scales with the machine: twice the time one such
+    manifest takes to parse right now (at least 1.5 s). What remains is the interpreter's full garbage
+    collections over the parsed manifests, which hold every thread, well under one parse."""
     import asyncio
     import time
+
+    from mirror.oci.manifest import parse_manifest
 
     client = await make_registry(limits={"manifest_bytes": "8MiB"})
     config, layer = b'{"architecture":"amd64","os":"linux"}', b"one layer, used many times"
@@ -861,6 +865,9 @@ async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: C
     await push_blob(client, "team/big", layer)
     body = image_manifest(config, [layer] * 25_000)
     assert len(body) > 3_500_000
+    started = time.perf_counter()
+    parse_manifest(body, OCI_MANIFEST)
+    bound = max(1.5, 2 * (time.perf_counter() - started))
 
     async def push(tag: str) -> int:
         response = await put_manifest(client, "team/big", tag, body, OCI_MANIFEST)
@@ -875,7 +882,7 @@ async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: C
         worst = max(worst, time.perf_counter() - started)
         await asyncio.sleep(0.01)
     assert [task.result() for task in pushes] == [201] * 8
-    assert worst < 1.5, f"GET /v2/ waited {worst:.2f} s behind manifest validation"
+    assert worst < bound, f"GET /v2/ waited {worst:.2f} s behind manifest validation (bound {bound:.2f} s)"
 
 
 # -- abandoned and oversized uploads ---------------------------------------------------------------------
