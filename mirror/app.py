@@ -16,6 +16,7 @@ from aiohttp.typedefs import Handler
 
 from mirror.api.errors import CLIENT_CLOSED_STATUS, add_api_version, client_closed, registry_errors
 from mirror.api.protocol_log import handler_args as protocol_handler_args
+from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
@@ -24,6 +25,7 @@ from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
+from mirror.replication.engine import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CONFIG, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
@@ -79,8 +81,10 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = metrics
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(replication_context)  # after the stores it copies between, closed before them
     dispatcher = api_dispatcher()
     app.router.add_get("/metrics", serve_metrics)
+    add_replication_routes(app)
     app.router.add_route("*", "/v2{tail:.*}", dispatcher.handle)
     return app
 

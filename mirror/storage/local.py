@@ -24,6 +24,7 @@ from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import validate_tag
 from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.events import PushFeed
 from mirror.storage.interface import (
     BlobFile,
     BlobInfo,
@@ -61,6 +62,7 @@ class LocalRegistry(Registry):
         # One thread: the work is pure Python and holds the GIL, so a second one would not finish it sooner,
         # only make the event loop wait longer each time it needs the GIL back.
         self._manifest_checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest-check")
+        self.pushes = PushFeed()  # tag pushes, for on_push replication rules
 
     # -- blobs -------------------------------------------------------------------------------------
     async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
@@ -232,6 +234,8 @@ class LocalRegistry(Registry):
 
         await asyncio.to_thread(link)
         await self.cache.hold(digest, len(body), LOCAL)
+        if tag is not None:
+            self.pushes.publish(repo, tag)
         return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
 
     async def _parse_and_hash(
