@@ -81,11 +81,6 @@ _RANGE = re.compile(r"^(?:bytes=)?(\d+)-(\d+)$")
 
 
 # -- the journal of interrupted uploads ------------------------------------------------------------
-def uploads_dir(storage_path: Path) -> Path:
-    """Where a data directory keeps the journal of chunked uploads to remote destinations."""
-    return storage_path / "replication" / "uploads"
-
-
 @dataclass(frozen=True, slots=True)
 class UploadState:
     location: str  # path (with query) of the upload at the registry, as its last answer gave it
