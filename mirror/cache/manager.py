@@ -109,6 +109,7 @@ class CacheManager:
         self._reconciled = asyncio.Event()
         if reconciled:
             self._reconciled.set()
+            metrics.index_reconciled.set(1)
         self.reconcile_report: ReconcileReport | None = None
         # Written by the index thread only; the loop reads whole values (a dict swapped in, an int).
         self._index_totals: dict[str, int] = dict.fromkeys(HOLDERS, 0)
@@ -495,6 +496,7 @@ class CacheManager:
             except Exception:  # noqa: BLE001 - serving goes on; the next start-up tries again
                 log.exception("start-up reconciliation of the blob index failed")
                 self._reconciled.set()
+                self.metrics.index_reconciled.set(1)
         while True:
             await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
             try:
@@ -543,6 +545,8 @@ class CacheManager:
             report.seconds = time.monotonic() - started
             self.reconcile_report = report
             self._reconciled.set()
+            self.metrics.index_reconciled.set(1)
+            self.metrics.index_reconcile_seconds.set(report.seconds)
         log.info(
             "start-up reconciliation: %d files, %d index rows in %.2f s (scan %.2f s); merged %d old rows, "
             "dropped %d rows without files, indexed %d files, removed %d unlinked files, corrected %d sizes",
