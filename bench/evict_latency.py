@@ -29,7 +29,7 @@ from typing import Any
 
 from bench.checkout import THIS_CHECKOUT, CheckoutMirror
 from tests.cache_helpers import ThreadedServer
-from tests.fake_upstream import FakeUpstream, digest_of, upstream_config
+from tests.fake_upstream import FakeUpstream, upstream_config
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -161,7 +161,8 @@ def run(checkout: Path, *, quiet_seconds: float, load_seconds: float) -> dict[st
         filled, gc_runs, holds = [0], [], [0]
         workers = [threading.Thread(target=missing_pulls, args=(mirror.port, cold, stop, filled), daemon=True)
                    for _ in range(6)]
-        workers.append(threading.Thread(target=gc_loop, args=(checkout, mirror.config_path, stop, gc_runs), daemon=True))
+        workers.append(threading.Thread(target=gc_loop, args=(checkout, mirror.config_path, stop, gc_runs),
+                                        daemon=True))
         workers.append(threading.Thread(target=hold_database, args=(data / "index", stop, holds), daemon=True))
         for worker in workers:
             worker.start()

@@ -137,7 +137,7 @@ async def clients(url: str, work: Workload, tally: Tally) -> None:
                         await pull(session, url, image or zipf_pick(rng, work.popular), tally, slow=False)
                     else:
                         await push(session, url, rng, next(pushes), tally)
-                except (aiohttp.ClientError, asyncio.TimeoutError):
+                except (aiohttp.ClientError, TimeoutError):
                     tally.errors += 1
                 tally.pulls_by_kind[kind] = tally.pulls_by_kind.get(kind, 0) + 1
                 tally.seconds_by_kind[kind] = tally.seconds_by_kind.get(kind, 0.0) + time.monotonic() - began

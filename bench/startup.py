@@ -84,6 +84,10 @@ def start_once(checkout: Path, config: dict[str, Any], workdir: Path) -> dict[st
     }
 
 
+def _or(value: object, otherwise: str) -> str:
+    return otherwise if value is None else str(value)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkout", type=Path, action="append", help="checkout(s), in order (default: this one)")
@@ -106,12 +110,12 @@ def main() -> int:
                       **start_once(checkout, config, workdir / f"run-{len(rows)}")}
             rows.append(result)
             print(json.dumps(result), flush=True)
-    print(f"{'checkout':32} {'start':12} {'ready (s)':>9} {'import (s)':>10} {'reconcile (s)':>13} {'file scan (s)':>13} "
-          f"{'indexed ok':>10}")
+    print(f"{'checkout':32} {'start':12} {'ready (s)':>9} {'import (s)':>10} {'reconcile (s)':>13} "
+          f"{'file scan (s)':>13} {'indexed ok':>10}")
     for r in rows:
         print(f"{r['checkout'][-32:]:32} {r['start']:12} {r['ready_seconds']:>9} {r['python_import_seconds']:>10} "
-              f"{r['background_reconcile_seconds'] if r['background_reconcile_seconds'] is not None else 'before listening':>13} "
-              f"{r['of_which_file_scan_seconds'] if r['of_which_file_scan_seconds'] is not None else '-':>13} "
+              f"{_or(r['background_reconcile_seconds'], 'before listening'):>13} "
+              f"{_or(r['of_which_file_scan_seconds'], '-'):>13} "
               f"{r['cached_bytes_indexed'] == expected_bytes!s:>10}")
     shutil.rmtree(data, ignore_errors=True)  # the mirrors' logs stay in run-*/ for a look
     print(f"logs: {workdir}/run-*/mirror.log")

@@ -55,7 +55,9 @@ def cached_bytes_on_disk(root: Path, exclude: set[str]) -> int:
 
 
 @pytest.mark.slow
-async def test_pulls_several_times_the_bound_stay_under_it_evicting_blobs_used_once_first(aiohttp_server, make_registry):
+async def test_pulls_several_times_the_bound_stay_under_it_evicting_blobs_used_once_first(
+    aiohttp_server, make_registry
+):
     fake = FakeUpstream()
     images = [make_image(f"library/img{i}", "1", [os.urandom(LAYER), os.urandom(LAYER)]) for i in range(15)]
     for image in images:
