@@ -53,7 +53,8 @@ class UpstreamConfig:
     url: str
     default: bool = False
     username: str | None = None
-    password: str | None = None
+    # Never in a repr (a config logged or printed in a traceback); to_dict() masks it.
+    password: str | None = field(default=None, repr=False)
     tag_ttl: float = 60.0
     auth_hosts: tuple[str, ...] = ()
     offline: bool = False
@@ -250,7 +251,7 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         url=(url or "").rstrip("/"),
         default=section.boolean("default", False),
         username=section.string("username") or None,
-        password=section.string("password") or None,
+        password=_secret(section, "password"),
         tag_ttl=parse_duration(section.get("tag_ttl", 60), section.path("tag_ttl")),
         auth_hosts=tuple(auth_hosts),
         offline=section.boolean("offline", False),
@@ -260,6 +261,14 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
     )
     section.finish()
     return upstream
+
+
+def _secret(section: _Section, name: str) -> str | None:
+    """A string whose value an error message must not repeat (it is printed and logged)."""
+    value = section.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{section.path(name)}: expected a string, got a {type(value).__name__} (value not shown)")
+    return value or None
 
 
 def _parse_local_patterns(section: _Section) -> tuple[str, ...]:

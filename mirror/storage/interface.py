@@ -4,12 +4,14 @@ OCI layouts and remote registries for the copier. HTTP handlers see only this.
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from mirror.errors import Unsupported
+from mirror.errors import BlobUnknown, Unsupported
 from mirror.oci.digest import Digest
 from mirror.oci.manifest import Descriptor
 
@@ -90,6 +92,12 @@ class Registry:
     async def open_blob(self, repo: str, digest: Digest) -> BlobBody:
         raise NotImplementedError
 
+    def read_blob(self, repo: str, digest: Digest, *, start: int = 0) -> AsyncIterator[bytes]:
+        """The blob's bytes from `start` on, as an async stream: the read path of the copier, which must
+        work the same for a local store, a remote registry, an OCI layout and (later) S3, so it never sees
+        a file path. The default goes through `open_blob`; a backend without files overrides it."""
+        return _stream_body(self, repo, digest, start)
+
     async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
         raise NotImplementedError
 
@@ -109,7 +117,11 @@ class Registry:
     def _unsupported(self) -> Unsupported:
         return Unsupported(self.read_only_message)
 
-    async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterable[bytes]) -> BlobInfo:
+    async def put_blob(
+        self, repo: str, digest: Digest, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> BlobInfo:
+        """Store a streamed blob under `digest` (verified before it becomes visible). `size`, when the
+        caller knows it, lets a remote destination choose a monolithic or a chunked upload."""
         raise self._unsupported()
 
     async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
@@ -128,15 +140,15 @@ class Registry:
 
 
     # -- upload sessions (only writable sources have them) ------------------------------------------
-    async def start_upload(self, repo: str) -> "Upload":
+    async def start_upload(self, repo: str) -> Upload:
         raise self._unsupported()
 
-    async def upload_status(self, repo: str, upload_id: str) -> "Upload":
+    async def upload_status(self, repo: str, upload_id: str) -> Upload:
         raise self._unsupported()
 
     async def append_upload(
         self, repo: str, upload_id: str, chunks: AsyncIterable[bytes], *, start: int | None, length: int | None
-    ) -> "Upload":
+    ) -> Upload:
         raise self._unsupported()
 
     async def finish_upload(
@@ -153,3 +165,25 @@ class Registry:
 
     async def cancel_upload(self, repo: str, upload_id: str) -> None:
         raise self._unsupported()
+
+
+STREAM_PIECE_BYTES = 1 << 20
+
+
+async def _stream_body(registry: Registry, repo: str, digest: Digest, start: int) -> AsyncIterator[bytes]:
+    body = await registry.open_blob(repo, digest)
+    if not isinstance(body, BlobFile):
+        async for piece in body.iter_range(start, body.size):
+            yield piece
+        return
+    handle = await asyncio.to_thread(open, body.path, "rb", buffering=0)
+    try:
+        offset = start
+        while offset < body.size:
+            piece = await asyncio.to_thread(os.pread, handle.fileno(), STREAM_PIECE_BYTES, offset)
+            if not piece:
+                raise BlobUnknown(f"blob {digest} is shorter than its recorded size")
+            offset += len(piece)
+            yield piece
+    finally:
+        await asyncio.to_thread(handle.close)

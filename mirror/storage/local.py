@@ -15,6 +15,7 @@ from mirror.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     NameUnknown,
+    SizeInvalid,
     Unsupported,
 )
 from mirror.oci.digest import Digest, looks_like_digest
@@ -63,7 +64,9 @@ class LocalRegistry(Registry):
             raise BlobUnknown(detail={"digest": str(digest)})
         return BlobFile(stored.digest, stored.size, stored.path)
 
-    async def put_blob(self, repo: str, digest: Digest, chunks: AsyncIterable[bytes]) -> BlobInfo:
+    async def put_blob(
+        self, repo: str, digest: Digest, chunks: AsyncIterable[bytes], *, size: int | None = None
+    ) -> BlobInfo:
         """Store a streamed blob (the copier's write path) without an upload session."""
         # In use from the existence check until held as local: a cached copy found here must not be
         # evicted before it is held (the cache manager skips digests in use).
@@ -76,6 +79,8 @@ class LocalRegistry(Registry):
                     async for chunk in chunks:
                         await writer.write(chunk)
                     await writer.close()
+                    if size is not None and writer.size != size:
+                        raise SizeInvalid(f"blob is {writer.size} bytes, expected {size}")
                     stored = await asyncio.to_thread(
                         self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
                     )

@@ -1,0 +1,25 @@
+"""The application's resources without a listener, for commands that run outside `mirror serve`
+(`mirror sync`, `mirror export`, `mirror import`): the same stores, upstream clients, cache and router the
+server builds, opened and closed by the same cleanup context, so a command can never disagree with the
+server about where or how content is stored."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from mirror.app import create_app
+from mirror.config import Config
+
+
+@contextlib.asynccontextmanager
+async def open_app(config: Config) -> AsyncIterator[web.Application]:
+    """An application whose resources are open (app[ROUTER], app[CACHE], ...) until the block ends."""
+    runner = web.AppRunner(create_app(config), handle_signals=False)
+    await runner.setup()
+    try:
+        yield runner.app
+    finally:
+        await runner.cleanup()
