@@ -20,9 +20,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 CACHED = "cached"
 LOCAL = "local"
@@ -272,7 +273,7 @@ class BlobIndex:
         return merged
 
 
-def _record(row: tuple[int, float, str, int] | list[object]) -> BlobRecord:
+def _record(row: Sequence[Any]) -> BlobRecord:
     size, last_access, holders, protected = row
-    return BlobRecord(int(size), float(last_access),  # type: ignore[arg-type]
-                      frozenset(h for h in str(holders).split(",") if h), bool(protected))
+    return BlobRecord(int(size), float(last_access), frozenset(h for h in str(holders).split(",") if h),
+                      bool(protected))
