@@ -307,11 +307,15 @@ def test_gc_is_safe_against_a_live_mirror_during_a_push(mirror_factory: Any, tmp
     backdate(data, 2 * HOUR)
 
     errors: list[BaseException] = []
+    # The manifest goes up only after a gc run has finished while the blobs were uploaded: the push then
+    # spans at least two gc runs however slow this machine is at starting the CLI.
+    first_gc_done = threading.Event()
 
     def push_incoming() -> None:
         try:
             for blob in (incoming.config, *incoming.layers):
                 chunked_push(client, incoming.repo, blob, delay=0.01)
+            assert first_gc_done.wait(120), "no gc run finished"
             status, _, body = client.request("PUT", f"/v2/{incoming.repo}/manifests/{incoming.tag}",
                                              incoming.manifest, {"Content-Type": OCI_MANIFEST})
             assert status == 201, body
@@ -325,6 +329,7 @@ def test_gc_is_safe_against_a_live_mirror_during_a_push(mirror_factory: Any, tmp
         result = run_cli("gc", "--config", str(config), "--grace", "10m")
         assert result.returncode == 0, result.stderr
         runs.append(cli_json(result))
+        first_gc_done.set()
     pusher.join()
     assert not errors, errors
     assert len(runs) >= 2, "gc did not run while the push was under way"
