@@ -15,6 +15,8 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -187,6 +189,92 @@ async def test_pushing_a_cached_blob_makes_it_local_for_good(aiohttp_server, mak
     assert fake.count("GET", digest_of(shared)) == 1
     rows = check_store(client.server.app[CONFIG].storage.path)
     assert rows[digest_of(shared)].holders == {CACHED, LOCAL}
+
+
+async def read_blob(client: Any, repo: str, digest: str) -> bytes:
+    async with client.get(f"/v2/{repo}/blobs/{digest}") as response:
+        assert response.status == 200, response.status
+        return await response.read()
+
+
+def hold_index_database(index_dir: Path, seconds: float, locked: threading.Event) -> None:
+    """What a long `mirror gc` transaction (or a backup, or a slow disk) does: another connection holds the
+    index's write lock. Both file names: the SQLite table, and the diskcache store of older versions."""
+    connections = [sqlite3.connect(str(path), timeout=30, isolation_level=None)
+                   for path in (index_dir / "blobs.sqlite3", index_dir / "cache.db") if path.exists()]
+    for db in connections:
+        db.execute("BEGIN IMMEDIATE")
+    locked.set()
+    time.sleep(seconds)
+    for db in connections:
+        db.execute("COMMIT")
+        db.close()
+
+
+async def test_warm_reads_do_not_wait_while_an_eviction_waits_for_a_locked_index(aiohttp_server, make_registry):
+    """The loop must never wait on SQLite: with the index held by another process for 3 s while a fill
+    evicts, a cached blob is still served at once (it used to wait until the lock went: the eviction held
+    the in-use lock, which every GET takes on the loop, across its index write)."""
+    fake = FakeUpstream()
+    warm = make_image("library/warm", "1", [os.urandom(1 * MiB)])
+    fillers = [make_image(f"library/filler{i}", "1", [os.urandom(4 * MiB)]) for i in range(3)]
+    for image in (warm, *fillers):
+        add_to_upstream(fake, image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=10 * MiB)
+    cache: CacheManager = client.server.app[CACHE]
+    root = client.server.app[CONFIG].storage.path
+    await pull(client, warm)
+    await pull(client, warm)
+    await pull(client, fillers[0])
+    await pull(client, fillers[1])
+    await cache.flush_accesses()  # nothing left to flush: the eviction goes straight to its victims
+
+    locked = threading.Event()
+    holder = threading.Thread(target=hold_index_database, args=(root / "index", 3.0, locked))
+    holder.start()
+    try:
+        assert locked.wait(10)
+        # A miss that needs room (evicting filler 0); straight to the blob: a manifest's hold would only wait.
+        filling = asyncio.create_task(read_blob(client, fillers[2].repo, fillers[2].layer_digests[0]))
+        await asyncio.sleep(0.5)  # the eviction is waiting for the index now
+        started = time.monotonic()
+        async with client.get(f"/v2/{warm.repo}/blobs/{warm.layer_digests[0]}") as response:
+            assert response.status == 200 and await response.read() == warm.layers[0]
+        waited = time.monotonic() - started
+        assert waited < 1.5, f"a cached blob took {waited:.1f} s while the index was locked"
+    finally:
+        holder.join()
+    assert await filling == fillers[2].layers[0]
+    await pull(client, fillers[2])
+    check_store(root)
+
+
+async def test_a_one_time_pull_never_flushes_blobs_many_clients_keep_pulling(aiohttp_server, make_registry):
+    """Scan resistance: a large image pulled once, needing room that only hot blobs could give, is streamed
+    through to its client and not kept; the hot blobs stay, and are not fetched again."""
+    fake = FakeUpstream()
+    hot = [make_image(f"library/hot{i}", "1", [os.urandom(2 * MiB)]) for i in range(4)]
+    once = make_image("library/once", "1", [os.urandom(6 * MiB)])
+    for image in (*hot, once):
+        add_to_upstream(fake, image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=10 * MiB)
+    root = client.server.app[CONFIG].storage.path
+    for _ in range(3):
+        for image in hot:
+            await pull(client, image)
+    await pull(client, once)  # every byte arrives (pull checks them) ...
+    files = blob_files(root)
+    assert once.layer_digests[0] not in files  # ... but it is not kept: room would cost hotter blobs
+    for image in hot:
+        await pull(client, image)
+        assert fake.count("GET", image.layer_digests[0]) == 1, "a hot blob was evicted and fetched again"
+    # Asked for again and again, the large blob becomes worth keeping: what it evicts is no hotter than it.
+    for _ in range(5):
+        await pull(client, once)
+    assert once.layer_digests[0] in blob_files(root)
+    assert metric_value(await metrics_text(client), "mirror_fills_total", upstream="fake.io",
+                        result="passed_through") >= 1
+    check_store(root)
 
 
 class FlakyIndex(BlobIndex):

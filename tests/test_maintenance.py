@@ -456,14 +456,12 @@ async def test_the_mirror_serves_at_once_after_a_restart_and_reconciles_in_the_b
         await pull(client, upstream_image)
         await pull(client, local_image)
         assert sum(fake.requests.values()) == requests_before, "cached content was fetched again"
-        eviction = asyncio.create_task(cache.evict_to(0))
-        await asyncio.sleep(0.2)
-        assert not eviction.done(), "evicted before the index was checked against the files"
+        assert (await cache.evict_to(0)).evicted == 0, "evicted before the index was checked against the files"
         assert set(upstream_image.all_digests) <= set(blob_files(data_dir(client)))
     finally:
         scan_may_finish.set()
     await cache.wait_reconciled()
-    result = await eviction
+    result = await cache.evict_to(0)
     assert result.evicted == len(upstream_image.all_digests)
     await pull(client, local_image)  # never evicted
     check_store(data_dir(client))

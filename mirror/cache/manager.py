@@ -314,8 +314,10 @@ class CacheManager:
 
     async def evict_to(self, target: int, *, force_bytes: int = 0) -> EvictionResult:
         """Evict `cached` blobs in eviction order until their total is at most `target` (and at least
-        `force_bytes` are freed, for a full disk). Waits for start-up reconciliation."""
-        await self._reconciled.wait()
+        `force_bytes` are freed, for a full disk). Before start-up reconciliation is done nothing is
+        evicted (a fill that needed the room answers a clean 503 rather than waiting for the scan)."""
+        if not self._reconciled.is_set():
+            return EvictionResult(0, 0, self.cached_bytes)
         async with self._eviction_lock:
             await self.flush_accesses()
             need = max(self.cached_bytes - target, force_bytes)
