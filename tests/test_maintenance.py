@@ -3,7 +3,6 @@ the data directory of a mirror that keeps serving (in-process here, a real proce
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import threading
