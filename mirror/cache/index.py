@@ -132,7 +132,16 @@ class BlobIndex:
         self._db.close()
 
     @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Several changes in one transaction (one commit instead of one each)."""
+        with self._transaction():
+            yield
+
+    @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self._db.in_transaction:  # inside batch(): part of that one
+            yield self._db
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db

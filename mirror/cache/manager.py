@@ -113,7 +113,9 @@ class CacheManager:
         self.reconcile_report: ReconcileReport | None = None
         # Written by the index thread only; the loop reads whole values (a dict swapped in, an int).
         self._index_totals: dict[str, int] = dict.fromkeys(HOLDERS, 0)
-        self._pending_forgets: dict[str, int] = {}  # evicted, row removal not written yet: key -> size
+        # Evicted, row removal not written yet: key -> size. Replaced whole by the index thread, never changed
+        # in place, so the loop can read it.
+        self._pending_forgets: dict[str, int] = {}
         self._unsaved: list[_Change] = []  # index changes that failed (full disk), retried in order
         self._incoming = 0  # bytes of fills that asked for room and are not in the index yet
         self._admitted = 0  # ... of which the free-space check let these in
@@ -188,7 +190,8 @@ class CacheManager:
                     self.index.remove_holder(change.key, change.holder)
                 else:  # "forget": an evicted blob's row (its file is gone already)
                     self.index.remove(change.key)
-                    self._pending_forgets.pop(change.key, None)
+                    # Replaced, never changed in place: the loop reads it (`totals`) while this thread runs.
+                    self._pending_forgets = {k: v for k, v in self._pending_forgets.items() if k != change.key}
                 self._unsaved.pop(0)
                 written = True
         except INDEX_ERRORS as exc:
@@ -440,7 +443,7 @@ class CacheManager:
                     continue
             except INDEX_ERRORS:
                 self._unsaved.append(_Change("forget", victim.digest, 0, ""))
-                self._pending_forgets[victim.digest] = victim.size
+                self._pending_forgets = {**self._pending_forgets, victim.digest: victim.size}
             if trash is not None:
                 doomed.append(trash)
             evicted += 1
@@ -560,6 +563,16 @@ class CacheManager:
     def _reconcile_chunk_sync(
         self, keys: list[str], rows: dict[str, BlobRecord], scan: _Scan, started_at: float, report: ReconcileReport
     ) -> None:
+        try:
+            with self.index.batch():  # one commit per chunk: 100,000 files without rows are 50 commits
+                self._reconcile_keys_sync(keys, rows, scan, started_at, report)
+        except INDEX_ERRORS as exc:
+            log.warning("start-up recovery: could not write index fixes (%s); the next start-up tries again", exc)
+        self._refresh_totals_sync()
+
+    def _reconcile_keys_sync(
+        self, keys: list[str], rows: dict[str, BlobRecord], scan: _Scan, started_at: float, report: ReconcileReport
+    ) -> None:
         now = time.time()
         for key in keys:
             on_disk = scan.files.get(key)
@@ -596,7 +609,6 @@ class CacheManager:
                     self.index.add_holder(key, size, LOCAL, now)
             except INDEX_ERRORS as exc:
                 log.warning("start-up recovery: could not fix the index row of %s (%s)", key, exc)
-        self._refresh_totals_sync()
 
     def _exists(self, key: str) -> bool:
         try:
