@@ -1,4 +1,4 @@
-"""Command line: `mirror serve`, `mirror check-config`."""
+"""Command line: `mirror serve`, `mirror check-config`, `mirror verify`, `mirror gc`, `mirror sync`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from aiohttp import web
 
 from mirror import __version__
 from mirror.cache.maintenance import gc, report_json, verify
@@ -43,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
         "--grace", default=None,
         help="leave anything younger than this alone (a push may be in flight); default storage.temp_grace",
     )
+
+    sync = commands.add_parser("sync", help="run replication rules once now (exit 1 unless everything was copied)")
+    sync.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+    sync.add_argument("--rule", help="only this rule (default: every rule)")
+    sync.add_argument("--dry-run", action="store_true", help="show what would be copied; write nothing")
     return parser
 
 
@@ -63,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         config = _load(args.config)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from mirror.api.server import run_app
         from mirror.app import create_app
 
-        web.run_app(
+        # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
+        run_app(
             create_app(config),
             host=config.listen.host,
             port=config.listen.port,
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
             # the bytes it received and the client resumes it (tests/test_real_registry.py).
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-            print=lambda text: print(text, flush=True),
+            print_line=lambda text: print(text, flush=True),
         )
         return 0
     if args.command == "verify":
@@ -98,4 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report_json(gc(config.storage.path, dry_run=args.dry_run, grace_seconds=grace)))
         return 0
+    if args.command == "sync":
+        config = _load(args.config)
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+        from mirror.replication.sync_cli import run_sync
+
+        return run_sync(config, args.rule, args.dry_run)
     return 2

@@ -10,12 +10,15 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from mirror.oci.names import is_valid_name
+
+if TYPE_CHECKING:
+    from mirror.replication.rules import Rule
 
 
 class ConfigError(ValueError):
@@ -48,6 +51,12 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadsConfig:
+    expire: float = 86400.0  # seconds without a byte received before a push session is removed
+    max_bytes: int = 20 * 2**30  # bytes all unfinished push sessions may hold together
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: str
@@ -63,6 +72,9 @@ class UpstreamConfig:
     library_prefix: bool = False
     # PEM bundle of CAs to trust for this upstream instead of the system's (a registry behind a private CA).
     ca_file: Path | None = None
+    # Replication's GETs pause while this upstream announces this many pulls left or fewer
+    # (`ratelimit-remaining`): what remains of the budget is kept for pull-through clients.
+    ratelimit_floor: int = 5
 
     @property
     def host(self) -> str:
@@ -79,8 +91,10 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -89,6 +103,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective config as plain data (for `check-config`); passwords are masked."""
         data = asdict(self)
+        data["replication"] = [rule.to_dict() for rule in self.replication]
         data["listen"] = str(self.listen)
         data["storage"]["path"] = str(self.storage.path)
         for upstream in data["upstreams"]:
@@ -258,9 +273,16 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         timeout=timeout,
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
         ca_file=ca_file,
+        ratelimit_floor=_non_negative_int(section.get("ratelimit_floor", 5), section.path("ratelimit_floor")),
     )
     section.finish()
     return upstream
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected a whole number, 0 or more, got {value!r}")
+    return value
 
 
 def _secret(section: _Section, name: str) -> str | None:
@@ -276,6 +298,18 @@ def _parse_local_patterns(section: _Section) -> tuple[str, ...]:
     if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
         raise ConfigError(f"{section.path('repositories')}: expected a list of name patterns like team/**")
     return tuple(patterns)
+
+
+def _parse_uploads(section: _Section) -> UploadsConfig:
+    defaults = UploadsConfig()
+    expire = parse_duration(section.get("expire", defaults.expire), section.path("expire"))
+    if expire <= 0:
+        raise ConfigError(f"{section.path('expire')}: must be more than 0")
+    max_bytes = parse_size(section.get("max_bytes", defaults.max_bytes), section.path("max_bytes"))
+    if max_bytes < 1:
+        raise ConfigError(f"{section.path('max_bytes')}: must be at least 1 byte")
+    section.finish()
+    return UploadsConfig(expire=expire, max_bytes=max_bytes)
 
 
 def load_config_data(data: Any) -> Config:
@@ -309,6 +343,8 @@ def load_config_data(data: Any) -> Config:
     limits = LimitsConfig(manifest_bytes=manifest_bytes, page_size_max=page_size_max)
     limits_section.finish()
 
+    uploads = _parse_uploads(root.section("uploads"))
+
     raw_upstreams = root.get("upstreams", [])
     if raw_upstreams is None:
         raw_upstreams = []
@@ -325,8 +361,14 @@ def load_config_data(data: Any) -> Config:
     local_section = root.section("local")
     local = LocalConfig(repositories=_parse_local_patterns(local_section))
     local_section.finish()
+    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
+
+    replication = parse_rules(root.get("replication"), upstreams)
     root.finish()
-    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local)
+    return Config(
+        listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
+        replication=replication,
+    )
 
 
 def load_config(path: Path | None) -> Config:

@@ -37,8 +37,13 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(
-            "mirror_http_requests", "Requests served, by endpoint, method and status.",
+            "mirror_http_requests", "Requests served, by endpoint, method and status (499: the client's "
+            "connection closed before its response was complete).",
             ["endpoint", "method", "status"], registry=r,
+        )
+        self.http_malformed = Counter(
+            "mirror_http_malformed_requests", "Requests HTTP itself could not parse (answered 400 by aiohttp; "
+            "logged as one rate-limited WARNING line each).", registry=r,
         )
         self.http_seconds = Histogram(
             "mirror_http_request_duration_seconds", "Time to the end of the handler (streamed bodies excluded).",
@@ -75,6 +80,13 @@ class Metrics:
             "mirror_fill_joins", "Requests that joined a download already running instead of starting one.",
             registry=r,
         )
+        self.uploads_open_bytes = Gauge(
+            "mirror_uploads_open_bytes", "Bytes held by upload sessions not finished yet (bounded by "
+            "uploads.max_bytes).", registry=r,
+        )
+        self.uploads_expired = Counter(
+            "mirror_uploads_expired", "Upload sessions removed after uploads.expire without activity.", registry=r,
+        )
         self.fills = Counter(
             "mirror_fills", "Finished upstream blob downloads by result (ok, failed, invalid).",
             ["upstream", "result"], registry=r,
@@ -93,6 +105,34 @@ class Metrics:
         )
         self.index_reconcile_seconds = Gauge(
             "mirror_index_reconcile_seconds", "How long the start-up check of the blob index took.", registry=r,
+        )
+
+        self.replication_runs = Counter(
+            "mirror_replication_runs", "Finished replication runs by rule and result (ok, partial, failed).",
+            ["rule", "result"], registry=r,
+        )
+        self.replication_failures = Counter(
+            "mirror_replication_failures", "Replication runs that did not copy everything (partial or failed).",
+            ["rule"], registry=r,
+        )
+        self.replication_bytes = Counter(
+            "mirror_replication_bytes", "Blob bytes replication wrote to destinations.", ["rule"], registry=r,
+        )
+        self.replication_images = Counter(
+            "mirror_replication_images", "Images replication handled, by outcome (copied, unchanged, failed).",
+            ["rule", "outcome"], registry=r,
+        )
+        self.replication_last_success = Gauge(
+            "mirror_replication_last_success_timestamp_seconds", "When a rule last finished with everything copied.",
+            ["rule"], registry=r,
+        )
+        self.replication_running = Gauge(
+            "mirror_replication_running", "1 while a rule is running.", ["rule"], registry=r,
+        )
+        self.replication_paused = Gauge(
+            "mirror_replication_paused", "1 while a rule's GETs wait for an upstream's rate limit "
+            "(reason: ratelimit = at ratelimit_floor, retry-after = after a 429).",
+            ["rule", "reason"], registry=r,
         )
 
     def add_maintenance_stats(self, read_stats: Callable[[], dict[str, int]]) -> None:
