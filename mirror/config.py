@@ -58,6 +58,12 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadsConfig:
+    expire: float = 86400.0  # seconds without a byte received before a push session is removed
+    max_bytes: int = 20 * 2**30  # bytes all unfinished push sessions may hold together
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: str
@@ -92,6 +98,7 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
@@ -459,6 +466,28 @@ def _parse_replication(root: _Section, upstreams: tuple[UpstreamConfig, ...]) ->
     return root.value("replication", (), lambda value, key: parse_rules(value, upstreams))
 
 
+def _parse_upload_expiry(value: Any, key: str) -> float:
+    expire = parse_duration(value, key)
+    if expire <= 0:
+        raise ConfigError(f"{key}: must be more than 0")
+    return expire
+
+
+def _parse_upload_bytes(value: Any, key: str) -> int:
+    max_bytes = parse_size(value, key)
+    if max_bytes < 1:
+        raise ConfigError(f"{key}: must be at least 1 byte")
+    return max_bytes
+
+
+def _parse_uploads(section: _Section) -> UploadsConfig:
+    defaults = UploadsConfig()
+    return UploadsConfig(
+        expire=section.value("expire", defaults.expire, _parse_upload_expiry),
+        max_bytes=section.value("max_bytes", defaults.max_bytes, _parse_upload_bytes),
+    )
+
+
 def load_config_data(data: Any) -> Config:
     """Build a Config from parsed YAML (after ${ENV} expansion).
 
@@ -472,6 +501,7 @@ def load_config_data(data: Any) -> Config:
         listen = root.value("listen", Listen(), _parse_listen)
         storage = root.section("storage", _parse_storage, StorageConfig())
         limits = root.section("limits", _parse_limits, LimitsConfig())
+        uploads = root.section("uploads", _parse_uploads, UploadsConfig())
         upstreams = _parse_upstreams(root)
         local = root.section("local", _parse_local, LocalConfig())
         replication = _parse_replication(root, upstreams)
@@ -481,7 +511,8 @@ def load_config_data(data: Any) -> Config:
     if errors.messages:
         raise ConfigError(*errors.messages)
     return Config(
-        listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local, replication=replication
+        listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
+        replication=replication,
     )
 
 
