@@ -17,6 +17,9 @@ from mirror.api.errors import add_api_version, registry_errors
 from mirror.api.routes import api_dispatcher
 from mirror.config import Config
 from mirror.metrics import Metrics
+from mirror.observe.health import HealthChecks, livez, readyz_handler
+from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
+from mirror.observe.status import StatusPage
 from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
 from mirror.routing import Router, Upstream
@@ -59,12 +62,19 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[count_requests, registry_errors])
+    app = web.Application(middlewares=[count_requests, observe_requests, registry_errors])
     app[CONFIG] = config
     app[METRICS] = Metrics()
+    app[PULL_STATS] = PullStats()
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
     dispatcher = api_dispatcher()
+    health = HealthChecks(app)
+    # Health and the status page come before the registry routes, and (with access control) before auth:
+    # a load balancer or an operator must reach them without credentials.
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz_handler(health))
+    app.router.add_get("/", StatusPage(health).handle)
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_route("*", "/v2{tail:.*}", dispatcher.handle)
     return app

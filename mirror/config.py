@@ -73,6 +73,27 @@ class LocalConfig:
     repositories: tuple[str, ...] = ()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("plain", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "plain"  # plain or json (one object per line)
+
+
+def _parse_log(section: _Section) -> LogConfig:
+    level = str(section.get("level", "INFO")).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log.level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    fmt = str(section.get("format", "plain")).lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"log.format: expected one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    section.finish()
+    return LogConfig(level=level, format=fmt)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
@@ -80,6 +101,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -316,8 +338,9 @@ def load_config_data(data: Any) -> Config:
     local_section = root.section("local")
     local = LocalConfig(repositories=_parse_local_patterns(local_section))
     local_section.finish()
+    log_config = _parse_log(root.section("log"))
     root.finish()
-    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local)
+    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local, log=log_config)
 
 
 def load_config(path: Path | None) -> Config:

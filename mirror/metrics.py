@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from mirror import __version__
 
 
 class MaintenanceCollector(Collector):
@@ -33,9 +36,16 @@ class MaintenanceCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, created_series: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # `_created` samples double the series count and no dashboard uses them; off unless asked for.
+        self.created_series = created_series
         r = self.registry
+        self.build_info = Gauge(
+            "mirror_build_info", "Always 1; the labels say which version and Python serve.",
+            ["version", "python"], registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         self.http_requests = Counter(
             "mirror_http_requests", "Requests served, by endpoint, method and status.",
             ["endpoint", "method", "status"], registry=r,
@@ -51,8 +61,19 @@ class Metrics:
             ["upstream", "kind", "result"], registry=r,
         )
         self.upstream_requests = Counter(
-            "mirror_upstream_requests", "Requests sent to upstream registries, by method and status.",
-            ["upstream", "method", "status"], registry=r,
+            "mirror_upstream_requests", "Requests sent to upstream registries, by method, kind (manifest, blob, "
+            "tags, referrers, base, token) and status. Docker Hub counts GETs of kind manifest as pulls.",
+            ["upstream", "method", "kind", "status"], registry=r,
+        )
+        self.pulls = Counter(
+            "mirror_pulls", "Pulls answered to clients, counted as Docker Hub counts them (manifest GETs answered "
+            "200), by upstream (`local` for pushed repositories).",
+            ["upstream"], registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes", "Blob bytes sent to clients, by where they came from: cache (stored before the "
+            "request), upstream (streamed from a download the request started or joined), local (pushed).",
+            ["source"], registry=r,
         )
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes", "Blob bytes downloaded from upstreams.", ["upstream"], registry=r,
@@ -93,4 +114,18 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         """Blocking (collectors may read files): call it from a thread."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        source = self.registry if self.created_series else _WithoutCreated(self.registry)
+        return generate_latest(source), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
+
+
+class _WithoutCreated:
+    """The registry's metrics minus their `_created` samples (what prometheus-client's global
+    `disable_created_metrics()` would do, without touching process-wide state)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [sample for sample in metric.samples if not sample.name.endswith("_created")]
+            yield metric
