@@ -55,6 +55,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def serve_metrics(request: web.Request) -> web.Response:
+    request["endpoint"] = "metrics"
     body, content_type = await asyncio.to_thread(request.app[METRICS].render)
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
@@ -66,6 +67,9 @@ def create_app(config: Config) -> web.Application:
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[PULL_STATS] = PullStats()
+    if config.storage.max_size is not None:
+        app[METRICS].cache_max_bytes.set(config.storage.max_size)
+    app[METRICS].add_filesystem(config.storage.path)
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
     dispatcher = api_dispatcher()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
@@ -33,6 +35,26 @@ class MaintenanceCollector(Collector):
             family = CounterMetricFamily(name, documentation)
             family.add_metric([], stats.get(key, 0))
             yield family
+
+
+class FilesystemCollector(Collector):
+    """Free and total bytes of the filesystem holding the data directory, read at every scrape: a disk
+    filled by something else is what the cache bound cannot see."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = os.statvfs(self.path)
+        except OSError:
+            return
+        free = GaugeMetricFamily("mirror_storage_free_bytes", "Bytes free for the mirror on its data filesystem.")
+        free.add_metric([], stats.f_bavail * stats.f_frsize)
+        total = GaugeMetricFamily("mirror_storage_size_bytes", "Size of the data filesystem in bytes.")
+        total.add_metric([], stats.f_blocks * stats.f_frsize)
+        yield free
+        yield total
 
 
 class Metrics:
@@ -106,11 +128,23 @@ class Metrics:
             "pinned: kept by replication).",
             ["holder"], registry=r,
         )
+        self.cache_max_bytes = Gauge(
+            "mirror_cache_max_bytes", "storage.max_size: the bound on cached upstream content (absent when unbounded).",
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "mirror_upstream_up", "1 when the upstream's last request got an HTTP answer below 500, 0 when it "
+            "failed (refused, timed out, 5xx after retries).",
+            ["upstream"], registry=r,
+        )
         self.evictions = Counter("mirror_evictions", "Blobs evicted from the cache.", registry=r)
         self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the cache.", registry=r)
 
     def add_maintenance_stats(self, read_stats: Callable[[], dict[str, int]]) -> None:
         self.registry.register(MaintenanceCollector(read_stats))
+
+    def add_filesystem(self, path: Path) -> None:
+        self.registry.register(FilesystemCollector(path))
 
     def render(self) -> tuple[bytes, str]:
         """Blocking (collectors may read files): call it from a thread."""

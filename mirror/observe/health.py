@@ -134,12 +134,14 @@ class HealthChecks:
         return list(await asyncio.gather(*(_timed(name, make()) for name, make in checks)))
 
 
-async def livez(_request: web.Request) -> web.Response:
+async def livez(request: web.Request) -> web.Response:
+    request["endpoint"] = "livez"
     return web.json_response({"status": "ok"})
 
 
 def readyz_handler(checks: HealthChecks) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def readyz(_request: web.Request) -> web.Response:
+    async def readyz(request: web.Request) -> web.Response:
+        request["endpoint"] = "readyz"
         results = await checks.run()
         healthy = all(result.ok for result in results)
         body = {

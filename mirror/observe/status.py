@@ -136,6 +136,7 @@ class StatusPage:
         self.health = health
 
     async def handle(self, request: web.Request) -> web.Response:
+        request["endpoint"] = "status"
         app = request.app
         samples = await asyncio.to_thread(Samples, app[METRICS].registry)
         checks = {result.name: result for result in await self.health.run()}

@@ -32,6 +32,7 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.metrics import Metrics
+from mirror.observe.requests import note_cache_result
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
@@ -92,6 +93,7 @@ class ProxyRegistry(Registry):
 
     def _count(self, kind: str, result: str) -> None:
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
+        note_cache_result(result)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def _find(self, repo: str, digest: Digest) -> tuple[BlobFile | None, StoredBlob | None]:

@@ -145,6 +145,7 @@ class UpstreamClient:
                     return await self._open_once(method, path, scope, dict(headers or {}), send)
         except _Retryable as exc:
             self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
+            self.metrics.upstream_up.labels(self.name).set(0)
             raise UpstreamUnavailable(f"upstream {self.name} unavailable: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -303,6 +304,7 @@ class UpstreamClient:
 
     def _record(self, method: str, path: str, response: _Response) -> None:
         self.metrics.upstream_requests.labels(self.name, method, request_kind(path), str(response.status)).inc()
+        self.metrics.upstream_up.labels(self.name).set(1 if response.status < 500 else 0)
         for header, gauge in (
             ("ratelimit-remaining", self.metrics.ratelimit_remaining),
             ("ratelimit-limit", self.metrics.ratelimit_limit),
