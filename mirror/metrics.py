@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -149,7 +149,7 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """Blocking (collectors may read files): call it from a thread."""
         source = self.registry if self.created_series else _WithoutCreated(self.registry)
-        return generate_latest(source), CONTENT_TYPE_LATEST  # type: ignore[arg-type]
+        return generate_latest(source), CONTENT_TYPE_LATEST
 
 
 class _WithoutCreated:

@@ -141,7 +141,8 @@ async def test_every_panel_and_alert_returns_data_and_the_status_page_agrees_wit
         await _traffic(mirror, upstream, tmp_path)
         await asyncio.to_thread(prometheus.wait_for_scrapes, "mirror_upstream_up{upstream='docker.io'} == 0")
         await asyncio.to_thread(_fill_disk, small_fs)
-        await asyncio.to_thread(prometheus.wait_for_scrapes, "mirror_storage_free_bytes / mirror_storage_size_bytes < 0.05")
+        nearly_full = "mirror_storage_free_bytes / mirror_storage_size_bytes < 0.05"
+        await asyncio.to_thread(prometheus.wait_for_scrapes, nearly_full)
         await asyncio.sleep(3)  # a few more scrapes, so every rate() window holds two samples
 
         empty = []

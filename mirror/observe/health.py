@@ -65,7 +65,7 @@ class UpstreamProbe:
                 if response.status >= 500:
                     return CheckResult(name, False, f"{self.url} answered {response.status}")
                 return CheckResult(name, True)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return CheckResult(name, False, f"{self.url}: {type(exc).__name__} {exc}".strip())
 
 
@@ -88,7 +88,7 @@ async def _storage_writable(root: str) -> CheckResult:
 async def _timed(name: str, check: Awaitable[CheckResult]) -> CheckResult:
     try:
         return await asyncio.wait_for(check, CHECK_TIMEOUT_SECONDS)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return CheckResult(name, False, f"no answer within {CHECK_TIMEOUT_SECONDS:.0f} s")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,7 +89,7 @@ def until(when: float | None, now: float) -> str:
 class Table:
     title: str
     head: tuple[str, ...]
-    rows: list[tuple[str, ...]]
+    rows: Sequence[Sequence[str]]
     empty: str = "nothing yet"
 
     def render(self) -> str:
@@ -107,7 +107,10 @@ def _badge(ok: bool | None, text: str) -> str:
 
 def _card(label: str, value: str, detail: str = "") -> str:
     extra = f"<div class=detail>{html.escape(detail)}</div>" if detail else ""
-    return f"<div class=card><div class=label>{html.escape(label)}</div><div class=value>{html.escape(value)}</div>{extra}</div>"
+    return (
+        f"<div class=card><div class=label>{html.escape(label)}</div>"
+        f"<div class=value>{html.escape(value)}</div>{extra}</div>"
+    )
 
 
 STYLE = """
@@ -158,7 +161,8 @@ class StatusPage:
         cached_bytes = float(cache.cached_bytes) if cache is not None else None
         bound = cache.max_size if cache is not None else None
         cards = [
-            _card("blob hit ratio", ratio(blob_hits, blob_hits + blob_misses), f"{blob_hits:.0f} hits, {blob_misses:.0f} misses"),
+            _card("blob hit ratio", ratio(blob_hits, blob_hits + blob_misses),
+                  f"{blob_hits:.0f} hits, {blob_misses:.0f} misses"),
             _card("all lookups served from cache", ratio(lookups_hit, lookups_all), f"{lookups_all:.0f} lookups"),
             _card("bytes served from cache", size(served_cache), f"{size(fetched)} fetched from upstreams"),
             _card("upstream pulls saved", f"{max(client_pulls - upstream_pulls, 0):.0f}",
@@ -173,7 +177,8 @@ class StatusPage:
             Table("Top repositories by pulls (since start)", ("repository", "pulls"),
                   [(f"<code>{html.escape(name)}</code>", f"{count}") for name, count in stats.top(10)]).render(),
             Table("Recent fills", ("when", "upstream", "repository", "digest", "size", "time", "result"),
-                  [(ago(fill.finished_at, now), html.escape(fill.upstream), f"<code>{html.escape(fill.repository)}</code>",
+                  [(ago(fill.finished_at, now), html.escape(fill.upstream),
+                    f"<code>{html.escape(fill.repository)}</code>",
                     f"<code>{html.escape(fill.digest[:19])}…</code>", size(fill.size), f"{fill.seconds:.2f} s",
                     _badge(fill.result == "ok", fill.result)) for fill in stats.recent_fills]).render(),
             self._replication(app, now),
@@ -184,7 +189,8 @@ class StatusPage:
             "<meta name=viewport content='width=device-width,initial-scale=1'>"
             "<meta http-equiv=refresh content=15><title>mirror status</title>"
             f"<style>{STYLE}</style></head><body><header><h1>mirror</h1>"
-            f"<span>version {html.escape(__version__)}</span><span>listening on {html.escape(str(config.listen))}</span>"
+            f"<span>version {html.escape(__version__)}</span>"
+            f"<span>listening on {html.escape(str(config.listen))}</span>"
             f"<span>up {html.escape(started)}</span><span><a style='color:#9cc2ff' href='/metrics'>/metrics</a></span>"
             f"</header><main><div class=cards>{''.join(cards)}</div>{''.join(sections)}</main></body></html>"
         )
