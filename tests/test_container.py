@@ -86,7 +86,8 @@ def test_the_image_builds_runs_healthy_as_non_root_serves_a_pull_and_drains_on_s
 ) -> None:
     builder = docker_daemon_factory()
     import_base(builder)
-    env = {**builder.client_env(), "PATH": os.environ["PATH"]}
+    # The host's own environment (pip must reach the package index for the wheels), with this daemon.
+    env = {**os.environ, "DOCKER_HOST": builder.host}
     run([str(ROOT / "scripts" / "build-image"), IMAGE], env=env, timeout=1200, what="scripts/build-image")
 
     upstream = registry_factory.token_auth(token_server)

@@ -245,3 +245,43 @@ def _check_status_page(mirror: MirrorProcess) -> None:
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     _chromium(f"--screenshot={SCREENSHOT}", f"{mirror.url}/")
     assert SCREENSHOT.stat().st_size > 10_000
+
+
+@pytest.mark.needs_tools("skopeo", "docker-registry")
+def test_request_lines_are_json_and_no_credential_or_token_reaches_the_log(
+    upstream_registry: Any,
+    fresh_token_server: TokenServer,
+    mirror_factory: MirrorFactory,
+    busybox_image: Any,
+    unique_repo: Any,
+    tmp_path: Path,
+) -> None:
+    import base64
+
+    user, password = fresh_token_server.creds
+    repo = unique_repo("private/logged")
+    upstream_registry.push(busybox_image, f"{repo}:1")
+    mirror = mirror_factory(
+        {
+            "storage": {"path": str(tmp_path / "data")},
+            "upstreams": [{"name": "docker.io", "url": upstream_registry.url, "default": True,
+                           "username": user, "password": password}],
+            "log": {"format": "json", "level": "debug"},
+        }
+    )
+    skopeo.copy(f"docker://{mirror.host}/{repo}:1", f"oci:{tmp_path / 'out'}:pulled")
+    skopeo.copy(f"docker://{mirror.host}/{repo}:1", f"oci:{tmp_path / 'again'}:pulled")
+    mirror.stop()
+    log = mirror.log_text(tail=None)
+    secrets = [password, base64.b64encode(f"{user}:{password}".encode()).decode(), "eyJ"]  # eyJ: any JWT
+    leaked = [secret for secret in secrets if secret in log]
+    assert not leaked, f"found {leaked} in the mirror's log"
+
+    entries = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    requests = [entry["http"] for entry in entries if entry["logger"] == "mirror.access"]
+    manifest_gets = [r for r in requests if r["route"] == "manifest" and r["method"] == "GET" and r["status"] == 200]
+    assert manifest_gets and all(r["repository"] == f"docker.io/{repo}" for r in manifest_gets)
+    blob_gets = [r for r in requests if r["route"] == "blob" and r["method"] == "GET"]
+    assert {r["cache"] for r in blob_gets} == {"miss", "hit"}  # the first copy filled, the second hit
+    assert all(r["upstream"] == "docker.io" and r["bytes"] > 0 and r["duration_ms"] >= 0 for r in blob_gets)
+    assert any(entry["message"].startswith("filled ") for entry in entries)
