@@ -148,6 +148,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                     f"push to a local namespace ({local_hint})"
                 ),
             )
+            proxy.on_fill = app[PULL_STATS].record_fill
             stack.push_async_callback(proxy.close)
             upstreams[upstream_config.name] = Upstream(upstream_config.name, proxy, upstream_config.library_prefix)
         default = config.default_upstream

@@ -132,14 +132,24 @@ async def test_every_panel_and_alert_returns_data_and_the_status_page_agrees_wit
                 {"name": "hub.test", "url": f"http://127.0.0.1:{hub_server.port}", "library_prefix": True},
             ],
             "local": {"repositories": ["team/**"]},
+            # One rule that copies a pushed image, one whose source never exists: both states on the dashboard.
+            "replication": [
+                {"name": "team-copy", "source": "team/app", "destinations": [{"local": "team/copy"}],
+                 "interval": "2s"},
+                {"name": "broken", "source": "team/missing", "destinations": [{"local": "team/nowhere"}],
+                 "interval": "2s"},
+            ],
         },
         start=False,
     )
     await mirror.astart()
+    pushed = image_factory.busybox(tag="1", seed=3)
+    await asyncio.to_thread(skopeo.copy, pushed.ref, f"docker://{mirror.host}/team/app:1")
     prometheus = Prometheus(tmp_path / "prom", mirror.host, rule_files=[ALERTS]).start()
     try:
         await _traffic(mirror, upstream, tmp_path)
         await asyncio.to_thread(prometheus.wait_for_scrapes, "mirror_upstream_up{upstream='docker.io'} == 0")
+        await asyncio.to_thread(prometheus.wait_for_scrapes, "mirror_replication_last_success_timestamp_seconds > 0")
         await asyncio.to_thread(_fill_disk, small_fs)
         nearly_full = "mirror_storage_free_bytes / mirror_storage_size_bytes < 0.05"
         await asyncio.to_thread(prometheus.wait_for_scrapes, nearly_full)
@@ -242,6 +252,10 @@ def _check_status_page(mirror: MirrorProcess) -> None:
     assert re.search(r"<b>docker\.io</b>.*?badge bad[\"']>down", dom, re.S)
     assert re.search(r"<b>hub\.test</b>.*?badge ok[\"']>up.*?3 / 100", dom, re.S)
     assert "of 6.0 MiB" in dom
+    assert re.search(r"<b>team-copy</b>.*?badge ok[\"']>ok", dom, re.S)
+    assert re.search(r"<b>broken</b>.*?badge bad[\"']>failed", dom, re.S)
+    # Recent fills: the misses of the first image, with their upstream and repository.
+    assert re.search(r"<td>docker\.io</td><td><code>library/first</code></td>", dom)
     SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
     _chromium(f"--screenshot={SCREENSHOT}", f"{mirror.url}/")
     assert SCREENSHOT.stat().st_size > 10_000

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from mirror import __version__
 from mirror.observe.health import HealthChecks
 from mirror.observe.requests import PULL_STATS, PullStats
+from mirror.replication.engine import REPLICATION
 from mirror.state import CACHE, CONFIG, METRICS, ROUTER
 
 HIT_RESULTS = ("hit", "revalidated")
@@ -251,23 +252,27 @@ class StatusPage:
 
     @staticmethod
     def _replication(app: web.Application, now: float) -> str:
-        rules = replication_rows(app)
-        rows = [
-            (f"<b>{html.escape(rule['name'])}</b>", _badge(rule.get("ok"), rule.get("result") or "not run"),
-             ago(rule.get("last_run"), now), until(rule.get("next_run"), now),
-             f"{rule.get('images', 0)}", size(rule.get("bytes", 0)), html.escape(rule.get("note") or ""))
-            for rule in rules
-        ]
-        return Table("Replication", ("rule", "last result", "last run", "next run", "images", "bytes", "note"),
-                     rows, "no replication rules configured").render()
-
-
-def replication_rows(app: web.Application) -> list[dict[str, Any]]:
-    """The replication engine's per-rule state, when the app has one (a plain dict per rule)."""
-    engine = app.get(REPLICATION_STATE)
-    return engine() if engine is not None else []
-
-
-# The replication engine registers a callable returning its rules' state, so this page depends on no
-# particular engine class.
-REPLICATION_STATE: web.AppKey[Any] = web.AppKey("replication_state")
+        engine = app.get(REPLICATION)
+        rules = engine.status() if engine is not None else []
+        rows = []
+        for rule in rules:
+            result = "running" if rule.get("running") else rule.get("result") or "never"
+            ok = True if result == "ok" else False if result in ("failed", "partial") else None
+            note = ""
+            if rule.get("paused"):
+                paused = rule["paused"]
+                note = f"paused: {paused.get('reason', '')} at {paused.get('upstream', '')}"
+            elif rule.get("errors"):
+                note = rule["errors"][-1]
+            schedule = rule.get("schedule") or (f"every {rule['interval']:.0f} s" if rule.get("interval") else "")
+            if rule.get("on_push"):
+                schedule = (schedule + ", " if schedule else "") + "on push"
+            rows.append((
+                f"<b>{html.escape(rule['name'])}</b><div class=muted>{html.escape(str(rule.get('source', '')))}"
+                f" → {html.escape(', '.join(rule.get('destinations', [])))}</div>",
+                _badge(ok, result), html.escape(schedule or "manual"),
+                ago(rule.get("last_run_finished"), now), until(rule.get("next_run"), now),
+                f"{rule.get('images', 0)}", size(rule.get("bytes", 0)), html.escape(note[:160]),
+            ))
+        return Table("Replication", ("rule", "last result", "schedule", "last run", "next run", "images", "bytes",
+                                     "note"), rows, "no replication rules configured").render()
