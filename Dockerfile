@@ -2,23 +2,24 @@
 # (wheels built on the host first, for machines whose containers cannot reach the package index).
 FROM debian:bookworm-slim
 
-# Debian's Python: one interpreter the distribution patches, no second toolchain in the image.
+# Debian's Python: one interpreter the distribution patches, no second toolchain in the image. This layer
+# does not depend on the project, so rebuilds after a code change start below it.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
- && rm -rf /var/lib/apt/lists/*
+ && rm -rf /var/lib/apt/lists/* \
+ && python3 -m venv /opt/mirror \
+ && useradd --system --uid 10001 --home-dir /var/lib/mirror --create-home mirror \
+ && mkdir -p /var/lib/mirror/data /etc/mirror \
+ && chown -R mirror:mirror /var/lib/mirror
 
 # The build context: the project, and optionally wheels/ made by `pip wheel` on the host.
 COPY . /src
-RUN python3 -m venv /opt/mirror \
- && if ls /src/wheels/*.whl >/dev/null 2>&1; then \
+RUN if ls /src/wheels/*.whl >/dev/null 2>&1; then \
         /opt/mirror/bin/pip install --no-cache-dir --no-index --find-links /src/wheels mirror; \
     else \
         /opt/mirror/bin/pip install --no-cache-dir /src; \
     fi \
- && rm -rf /src \
- && useradd --system --uid 10001 --home-dir /var/lib/mirror --create-home mirror \
- && mkdir -p /var/lib/mirror/data /etc/mirror \
- && chown -R mirror:mirror /var/lib/mirror
+ && rm -rf /src
 
 ENV PATH=/opt/mirror/bin:$PATH \
     PYTHONUNBUFFERED=1

@@ -11,7 +11,6 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from aiohttp import web
 
 from mirror import __version__
 from mirror.cache.maintenance import gc, report_json, verify
@@ -82,9 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         config = _load(args.config)
         configure_logging(args.log_level or config.log.level, config.log.format)
+        from mirror.api.server import run_app
         from mirror.app import create_app
 
-        web.run_app(
+        # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
+        run_app(
             create_app(config),
             host=config.listen.host,
             port=config.listen.port,
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
             # the bytes it received and the client resumes it (tests/test_real_registry.py).
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-            print=lambda text: print(text, flush=True),
+            print_line=lambda text: print(text, flush=True),
         )
         return 0
     if args.command == "healthcheck":

@@ -2,8 +2,9 @@
 through its HEALTHCHECK, serves a pull to a real Docker daemon, and drains on SIGTERM.
 
 No registry is needed for the base: `debootstrap --variant=minbase bookworm` from the Debian mirror apt
-already uses, then `docker import` as debian:bookworm-slim. The tarball is cached between runs
-(MIRROR_TEST_CACHE, default /var/cache/mirror-tests), so only the first run pays the ~30 s.
+already uses, then `docker import` as debian:bookworm-slim. The tarball and the building daemon's images
+(the base and the layer with Debian's Python) are cached between runs (MIRROR_TEST_CACHE, default
+/var/cache/mirror-tests), so only the first run pays for debootstrap and apt.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def test_the_image_builds_runs_healthy_as_non_root_serves_a_pull_and_drains_on_s
     busybox_image: BuiltImage,
     tmp_path: Path,
 ) -> None:
-    builder = docker_daemon_factory()
+    # The builder keeps its images in the cache folder: the base and the apt layer are reused by later runs.
+    builder = docker_daemon_factory(data_root=CACHE / "dockerd-root")
     import_base(builder)
     # The host's own environment (pip must reach the package index for the wheels), with this daemon.
     env = {**os.environ, "DOCKER_HOST": builder.host}
@@ -137,3 +139,4 @@ def test_the_image_builds_runs_healthy_as_non_root_serves_a_pull_and_drains_on_s
         assert state["ExitCode"] == 0, builder.docker("logs", container).stderr.decode()[-3000:]
     finally:
         builder.docker("rm", "-f", container, check=False)
+        builder.docker("image", "prune", "-f", check=False)  # earlier builds' layers, kept in the cache
