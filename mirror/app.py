@@ -23,7 +23,7 @@ from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager, reconcile_sync
 from mirror.config import Config
 from mirror.metrics import Metrics
-from mirror.observe.health import HealthChecks, livez, readyz_handler
+from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
 from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
 from mirror.observe.status import StatusPage
 from mirror.proxy.fills import FillManager
@@ -91,7 +91,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(replication_context)  # after the stores it copies between, closed before them
     dispatcher = api_dispatcher()
-    health = HealthChecks(app)
+    health = app[HEALTH] = HealthChecks(app)
     # Health and the status page come before the registry routes, and (with access control) before auth:
     # a load balancer or an operator must reach them without credentials.
     app.router.add_get("/livez", livez)

@@ -41,8 +41,9 @@ class CheckResult:
 class UpstreamProbe:
     """The last answer of one upstream's `/v2/` (any HTTP answer, 401 included, means it is reachable)."""
 
-    def __init__(self, name: str, url: str, session: aiohttp.ClientSession) -> None:
+    def __init__(self, name: str, url: str, session: aiohttp.ClientSession, ttl: float) -> None:
         self.name = name
+        self.ttl = ttl
         self.url = url.rstrip("/") + "/v2/"
         self.session = session
         self._checked_at = 0.0
@@ -51,7 +52,7 @@ class UpstreamProbe:
 
     async def check(self) -> CheckResult:
         async with self._lock:
-            if self._result is not None and time.monotonic() - self._checked_at < UPSTREAM_PROBE_TTL_SECONDS:
+            if self._result is not None and time.monotonic() - self._checked_at < self.ttl:
                 return self._result
             self._result = await self._probe()
             self._checked_at = time.monotonic()
@@ -92,11 +93,15 @@ async def _timed(name: str, check: Awaitable[CheckResult]) -> CheckResult:
         return CheckResult(name, False, f"no answer within {CHECK_TIMEOUT_SECONDS:.0f} s")
 
 
+HEALTH: web.AppKey["HealthChecks"] = web.AppKey("health")
+
+
 class HealthChecks:
     """App-owned: the probes of the upstreams, and the checks `/readyz` runs."""
 
-    def __init__(self, app: web.Application) -> None:
+    def __init__(self, app: web.Application, *, upstream_ttl: float = UPSTREAM_PROBE_TTL_SECONDS) -> None:
         self.app = app
+        self.upstream_ttl = upstream_ttl
         self._probes: dict[str, UpstreamProbe] = {}
 
     def _upstream_probes(self) -> list[UpstreamProbe]:
@@ -110,7 +115,7 @@ class HealthChecks:
                 continue  # an offline upstream is never contacted, so it cannot be "down"
             probe = self._probes.get(name)
             if probe is None:
-                probe = self._probes[name] = UpstreamProbe(name, client.config.url, client.session)
+                probe = self._probes[name] = UpstreamProbe(name, client.config.url, client.session, self.upstream_ttl)
             probes.append(probe)
         return probes
 
