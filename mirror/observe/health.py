@@ -93,7 +93,7 @@ async def _timed(name: str, check: Awaitable[CheckResult]) -> CheckResult:
         return CheckResult(name, False, f"no answer within {CHECK_TIMEOUT_SECONDS:.0f} s")
 
 
-HEALTH: web.AppKey["HealthChecks"] = web.AppKey("health")
+HEALTH: web.AppKey[HealthChecks] = web.AppKey("health")
 
 
 class HealthChecks:
