@@ -95,7 +95,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     blobs, local_repos, uploads = await asyncio.to_thread(_open_stores, config)
     removed_temps = await asyncio.to_thread(blobs.remove_stale_temps_sync, config.storage.temp_grace)
-    removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.storage.temp_grace)
+    # The same age as the run-time expiry: a restart must not end a push session `uploads.expire` still allows.
+    removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.uploads.expire)
     # Opening the index is quick whatever its size; checking it against the files is not (a scan of every
     # blob and link): that runs in the background while requests are served (CacheManager.reconcile).
     index = await asyncio.to_thread(BlobIndex, config.storage.path / "index", migrate=False)
