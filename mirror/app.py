@@ -20,7 +20,7 @@ from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
-from mirror.cache.manager import CacheManager, reconcile_sync
+from mirror.cache.manager import CacheManager
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
@@ -109,17 +109,15 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     blobs, local_repos, uploads = await asyncio.to_thread(_open_stores, config)
     removed_temps = await asyncio.to_thread(blobs.remove_stale_temps_sync, config.storage.temp_grace)
-    removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.storage.temp_grace)
-    index = await asyncio.to_thread(BlobIndex, config.storage.path / "index")
-    dropped, indexed = await asyncio.to_thread(reconcile_sync, index, blobs, local_repos)
-    if removed_temps or removed_uploads or dropped or indexed:
-        log.info(
-            "start-up recovery: removed %d stale temp files and %d stale uploads; index: dropped %d rows "
-            "without files, indexed %d files without rows",
-            removed_temps, removed_uploads, dropped, indexed,
-        )
+    # The same age as the run-time expiry: a restart must not end a push session `uploads.expire` still allows.
+    removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.uploads.expire)
+    # Opening the index is quick whatever its size; checking it against the files is not (a scan of every
+    # blob and link): that runs in the background while requests are served (CacheManager.reconcile).
+    index = await asyncio.to_thread(BlobIndex, config.storage.path / "index", migrate=False)
+    if removed_temps or removed_uploads:
+        log.info("start-up recovery: removed %d stale temp files and %d stale uploads", removed_temps, removed_uploads)
     metrics.add_maintenance_stats(functools.partial(read_stats, config.storage.path))
-    cache = CacheManager(index, blobs, config.storage, metrics)
+    cache = CacheManager(index, blobs, config.storage, metrics, reconciled=False)
     await cache.refresh_totals()
     app[CACHE] = cache
     local = LocalRegistry(
@@ -173,7 +171,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         # Closed in reverse: running fills first, then cache maintenance (which saves last-access times),
         # the index, and last the upstream sessions the fills were using.
         stack.callback(index.close)
-        await stack.enter_async_context(cache.running())
+        await stack.enter_async_context(cache.running(local_repos))
         stack.push_async_callback(fills.close)
         await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
         yield

@@ -151,6 +151,13 @@ class Metrics:
         )
         self.evictions = Counter("mirror_evictions", "Blobs evicted from the cache.", registry=r)
         self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the cache.", registry=r)
+        self.index_reconciled = Gauge(
+            "mirror_index_reconciled", "1 once the start-up check of the blob index against the files is done "
+            "(it runs while requests are served; nothing is evicted before).", registry=r,
+        )
+        self.index_reconcile_seconds = Gauge(
+            "mirror_index_reconcile_seconds", "How long the start-up check of the blob index took.", registry=r,
+        )
 
         self.replication_runs = Counter(
             "mirror_replication_runs", "Finished replication runs by rule and result (ok, partial, failed).",
