@@ -93,6 +93,37 @@ class LocalConfig:
     repositories: tuple[str, ...] = ()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("plain", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "plain"  # plain or json (one object per line)
+
+
+def _parse_log_level(value: Any, key: str) -> str:
+    level = str(value).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def _parse_log_format(value: Any, key: str) -> str:
+    fmt = str(value).lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def _parse_log(section: _Section) -> LogConfig:
+    return LogConfig(
+        level=section.value("level", "INFO", _parse_log_level),
+        format=section.value("format", "plain", _parse_log_format),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
@@ -101,6 +132,7 @@ class Config:
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
 
     @property
@@ -504,6 +536,7 @@ def load_config_data(data: Any) -> Config:
         uploads = root.section("uploads", _parse_uploads, UploadsConfig())
         upstreams = _parse_upstreams(root)
         local = root.section("local", _parse_local, LocalConfig())
+        log = root.section("log", _parse_log, LogConfig())
         replication = _parse_replication(root, upstreams)
         root.finish()
     except ConfigError as exc:  # a check that raises instead of recording: still shown with the others
@@ -512,7 +545,7 @@ def load_config_data(data: Any) -> Config:
         raise ConfigError(*errors.messages)
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        replication=replication,
+        log=log, replication=replication,
     )
 
 

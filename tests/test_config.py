@@ -282,8 +282,9 @@ def test_every_error_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
          ["storage.pth", "storage.size", "colour", "zzz"]),
         # A bad watermark is reported once, without a made-up comparison against its default.
         ({"storage": {"high_watermark": 1.5, "low_watermark": 0.96}}, ["storage.high_watermark"]),
-        ({"uploads": {"expire": "0s", "max_bytes": "lots", "extra": 1}, "limits": {"page_size_max": 0}},
-         ["limits.page_size_max", "uploads.expire", "uploads.max_bytes", "uploads.extra"]),
+        ({"uploads": {"expire": "0s", "max_bytes": "lots", "extra": 1}, "limits": {"page_size_max": 0},
+          "log": {"level": "loud", "format": "xml"}},
+         ["limits.page_size_max", "uploads.expire", "uploads.max_bytes", "uploads.extra", "log.level", "log.format"]),
         # Sections parsed elsewhere (replication rules) and secrets are collected with the rest.
         ({"listen": "x", "upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "password": 5,
                                         "ratelimit_floor": -1}], "replication": "nope"},
