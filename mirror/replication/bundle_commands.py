@@ -58,7 +58,7 @@ def run_export(args: argparse.Namespace, config: Config) -> int:
     except ConfigError as exc:
         print(f"mirror: {exc}", file=sys.stderr)
         return 2
-    if split is not None and split < 1 << 20:
+    if split is not None and split < 10**6:
         print("mirror: --split: pieces must be at least 1MB", file=sys.stderr)
         return 2
 
