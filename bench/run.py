@@ -58,7 +58,9 @@ class Result:
 _UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30, "TB": 1 << 40}
 
 
-def _wrk(url: str, *, threads: int, connections: int, seconds: float, headers: dict[str, str] | None = None) -> dict[str, float]:
+def _wrk(
+    url: str, *, threads: int, connections: int, seconds: float, headers: dict[str, str] | None = None
+) -> dict[str, float]:
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--latency", "--timeout", "30s"]
     for key, value in (headers or {}).items():
         argv += ["-H", f"{key}: {value}"]
@@ -75,7 +77,8 @@ def _wrk(url: str, *, threads: int, connections: int, seconds: float, headers: d
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
     if errors:
         raise RuntimeError(f"wrk saw {errors.group(1)} error responses from {url}")
-    return {"rps": rps, "bytes_per_second": bytes_per_second, "p50": latency.get("50", 0.0), "p99": latency.get("99", 0.0)}
+    return {"rps": rps, "bytes_per_second": bytes_per_second,
+            "p50": latency.get("50", 0.0), "p99": latency.get("99", 0.0)}
 
 
 def _curl(url: str) -> dict[str, float]:
@@ -119,7 +122,8 @@ def warm_blob(servers: list[Server], image: BigImage, seconds: float, rounds: in
         for _ in range(rounds):
             for server in servers:  # alternate, so drift on a noisy machine hits both
                 url = f"{server.url}/v2/{image.repo}/blobs/{image.blob_digest}"
-                samples[server.name].append(blobload.run(url, connections=connections, seconds=seconds).bytes_per_second)
+                run = blobload.run(url, connections=connections, seconds=seconds)
+                samples[server.name].append(run.bytes_per_second)
         wrk_mbps = {
             server.name: _wrk(f"{server.url}/v2/{image.repo}/blobs/{image.blob_digest}", threads=min(connections, 2),
                               connections=connections, seconds=seconds)["bytes_per_second"] / 1e6
@@ -145,9 +149,9 @@ def cold_many(servers: list[Server], upstream: DistributionRegistry, image: BigI
         lock = threading.Lock()
 
         def one() -> None:
-            outcome = _curl(url)
-            with lock:
-                outcomes.append(outcome)
+            outcome = _curl(url)  # noqa: B023 - every thread is joined before the loop moves on
+            with lock:  # noqa: B023 - as above
+                outcomes.append(outcome)  # noqa: B023 - as above
 
         started = time.perf_counter()
         threads = [threading.Thread(target=one) for _ in range(clients)]
@@ -237,7 +241,7 @@ def manifests(servers: list[Server], image: BigImage, seconds: float, rounds: in
                                               headers={"Accept": ACCEPT_MANIFEST}))
 
         def med(name: str, key: str) -> float:
-            return statistics.median(r[key] for r in runs[name])
+            return statistics.median(r[key] for r in runs[name])  # noqa: B023 - only called in this iteration
 
         results.append(Result(f"4 manifest {label}", "requests/s", "req/s", med("mirror", "rps"), med("peer", "rps"),
                               True, target))
@@ -277,7 +281,8 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         target = "" if r.target is None else (f">={r.target:g}x" if r.higher_is_better else f"<={r.target:g}x")
         ok = {True: "yes", False: "NO", None: ""}[r.meets_target]
-        print(f"{r.scenario:34} {r.metric:26} {r.mirror:12.2f} {r.peer:12.2f} {r.unit:>6} {r.ratio:7.2f} {target:>8}  {ok}")
+        print(f"{r.scenario:34} {r.metric:26} {r.mirror:12.2f} {r.peer:12.2f} {r.unit:>6} {r.ratio:7.2f} "
+              f"{target:>8}  {ok}")
         for key, value in r.extra.items():
             print(f"{'':34}   {key}: {value:.3f}" if isinstance(value, float) else f"{'':34}   {key}: {value}")
 

@@ -74,8 +74,10 @@ def seed_big_image(base_url: str, workdir: Path, size_mb: int, repo: str = "benc
         {
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
-            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob_digest, "size": size_mb << 20}],
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                       "size": len(config)},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": blob_digest,
+                        "size": size_mb << 20}],
         }
     ).encode()
     conn = _connection(base_url)

@@ -15,14 +15,14 @@ from aiohttp.typedefs import Handler
 
 from mirror.api.errors import add_api_version, registry_errors
 from mirror.api.routes import api_dispatcher
+from mirror.cache.index import BlobIndex
+from mirror.cache.maintenance import read_stats
+from mirror.cache.manager import CacheManager, reconcile_sync
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
 from mirror.routing import Router, Upstream
-from mirror.cache.index import BlobIndex
-from mirror.cache.maintenance import read_stats
-from mirror.cache.manager import CacheManager, reconcile_sync
 from mirror.state import CACHE, CONFIG, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry

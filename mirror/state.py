@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from mirror.metrics import Metrics
     from mirror.routing import Router
 
-CONFIG: web.AppKey["Config"] = web.AppKey("config")
-ROUTER: web.AppKey["Router"] = web.AppKey("router")
-METRICS: web.AppKey["Metrics"] = web.AppKey("metrics")
-CACHE: web.AppKey["CacheManager"] = web.AppKey("cache")
+CONFIG: web.AppKey[Config] = web.AppKey("config")
+ROUTER: web.AppKey[Router] = web.AppKey("router")
+METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
+CACHE: web.AppKey[CacheManager] = web.AppKey("cache")

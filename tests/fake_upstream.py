@@ -79,9 +79,11 @@ class FakeUpstream:
             {
                 "schemaVersion": 2,
                 "mediaType": OCI_MANIFEST,
-                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": len(config)},
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest,
+                           "size": len(config)},
                 "layers": [
-                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": self.add_blob(layer), "size": len(layer)}
+                    {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": self.add_blob(layer),
+                     "size": len(layer)}
                     for layer in layers
                 ],
             }
@@ -101,7 +103,9 @@ class FakeUpstream:
                 "manifests": [
                     {"mediaType": OCI_MANIFEST, "digest": child_digest, "size": len(body),
                      "platform": {"architecture": arch, "os": "linux"}}
-                    for (child_digest, body), arch in zip(children, ("amd64", "arm64", "s390x", "ppc64le"))
+                    for (child_digest, body), arch in zip(
+                        children, ("amd64", "arm64", "s390x", "ppc64le"), strict=False
+                    )
                 ],
             }
         ).encode()
@@ -223,7 +227,9 @@ class FakeUpstream:
             return web.json_response({"name": repo, "tags": sorted(self.tags[repo])})
         return web.json_response({"errors": [{"code": "NOT_FOUND"}]}, status=404)
 
-    async def _blob(self, request: web.Request, digest: str, fault: Fault | None, headers: dict[str, str]) -> web.StreamResponse:
+    async def _blob(
+        self, request: web.Request, digest: str, fault: Fault | None, headers: dict[str, str]
+    ) -> web.StreamResponse:
         data = self.blobs.get(digest)
         if data is None:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)

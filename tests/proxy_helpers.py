@@ -91,7 +91,9 @@ async def fills_settled(client: TestClient | ClientSession, timeout: float = 10.
         await asyncio.sleep(0.01)
 
 
-async def assert_stopping_mid_download_is_prompt(client: TestClient, fake: FakeUpstream, digest: str, size: int) -> None:
+async def assert_stopping_mid_download_is_prompt(
+    client: TestClient, fake: FakeUpstream, digest: str, size: int
+) -> None:
     """With a download of `digest` stalled halfway upstream, stopping the server takes seconds, not the
     socket timeout, and leaves no temp file behind."""
     await eventually(lambda: fake.bytes_sent[digest] >= size // 2, what="half the blob sent")

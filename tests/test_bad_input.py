@@ -16,10 +16,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from tests.registry_helpers import (
-    ClientFactory,
     API_VERSION,
     DOCKER_MANIFEST,
     OCI_MANIFEST,
+    ClientFactory,
     digest_of,
     error_codes,
     files_under,
@@ -44,7 +44,9 @@ class RawResponse:
         return json.loads(self.body)
 
 
-async def raw_request(client: TestClient, method: str, target: str, body: bytes = b"", headers: str = "") -> RawResponse:
+async def raw_request(
+    client: TestClient, method: str, target: str, body: bytes = b"", headers: str = ""
+) -> RawResponse:
     """Send `target` byte for byte; return the parsed answer."""
     port = client.server.port
     assert port is not None
@@ -331,7 +333,8 @@ async def test_manifest_rows(make_registry: ClientFactory) -> None:
     await error_codes(response)
     # A Content-Length that lies about a huge body is refused before reading it.
     response = await raw_request(
-        client, "PUT", "/v2/team/app/manifests/big", b"", headers=f"Content-Type: {OCI_MANIFEST}\r\nContent-Length: 999999999\r\n"
+        client, "PUT", "/v2/team/app/manifests/big", b"",
+        headers=f"Content-Type: {OCI_MANIFEST}\r\nContent-Length: 999999999\r\n",
     )
     assert response.status == 413
     assert_clean(response.body)
@@ -354,7 +357,9 @@ async def test_bad_tags(seeded: TestClient, tmp_path: Path) -> None:
     before = snapshot(tmp_path)
     body = image_manifest(b"{}", [])
     for tag in ("..", ".hidden", "-x", "a" * 129, "%2e%2e", "a%2Fb"):
-        response = await raw_request(seeded, "PUT", f"/v2/team/app/manifests/{tag}", body, headers=f"Content-Type: {OCI_MANIFEST}\r\n")
+        response = await raw_request(
+            seeded, "PUT", f"/v2/team/app/manifests/{tag}", body, headers=f"Content-Type: {OCI_MANIFEST}\r\n"
+        )
         assert_registry_error(response, 400, "TAG_INVALID")
         response = await raw_request(seeded, "GET", f"/v2/team/app/manifests/{tag}")
         assert_registry_error(response, 400, "TAG_INVALID")
@@ -385,7 +390,8 @@ async def test_bad_and_huge_n(seeded: TestClient) -> None:
 async def test_deletes_where_not_allowed(make_registry: ClientFactory) -> None:
     client = await make_registry(storage={"delete": False})
     digest, _ = await push_image(client, "team/app", "v1")
-    for target in ("/v2/team/app/manifests/v1", f"/v2/team/app/manifests/{digest}", f"/v2/team/app/blobs/{digest_of(b'layer one')}"):
+    layer = digest_of(b"layer one")
+    for target in ("/v2/team/app/manifests/v1", f"/v2/team/app/manifests/{digest}", f"/v2/team/app/blobs/{layer}"):
         response = await raw_request(client, "DELETE", target)
         assert_registry_error(response, 405, "UNSUPPORTED")
 

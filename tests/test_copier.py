@@ -38,7 +38,9 @@ def _local(client: TestClient) -> Registry:
 
 async def test_an_image_arrives_byte_for_byte_and_a_rerun_changes_nothing(aiohttp_client: Any, tmp_path: Path) -> None:
     source, dest = await _two_registries(aiohttp_client, tmp_path)
-    digest, body = await push_image(source, "team/app", "1", layers=(b"a" * 3_000_000, b"b"), media_type=DOCKER_MANIFEST)
+    digest, body = await push_image(
+        source, "team/app", "1", layers=(b"a" * 3_000_000, b"b"), media_type=DOCKER_MANIFEST
+    )
     copier = Copier()
     outcome = await copier.copy(_local(source), "team/app", "1", _local(dest), "mirror/app", dest_tag="1")
     assert str(outcome.dest_digest) == digest and not outcome.unchanged
@@ -102,9 +104,11 @@ async def test_referrers_and_cosign_tags_come_along(aiohttp_client: Any, tmp_pat
     await push_blob(source, "team/app", b"signature")
     sig = image_manifest(b"{}", [b"signature"])
     sig_tag = "sha256-" + digest.split(":")[1] + ".sig"
-    assert (await put_manifest(source, "team/app", sig_tag, sig, "application/vnd.oci.image.manifest.v1+json")).status == 201
+    response = await put_manifest(source, "team/app", sig_tag, sig, "application/vnd.oci.image.manifest.v1+json")
+    assert response.status == 201
 
-    await Copier(CopyOptions(referrers=True)).copy(_local(source), "team/app", "1", _local(dest), "team/app", dest_tag="1")
+    copier = Copier(CopyOptions(referrers=True))
+    await copier.copy(_local(source), "team/app", "1", _local(dest), "team/app", dest_tag="1")
     async with dest.get(f"/v2/team/app/referrers/{digest}") as response:
         listed = (await response.json(content_type=None))["manifests"]
     assert [entry["digest"] for entry in listed] == [digest_of(sbom)]

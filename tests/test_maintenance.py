@@ -18,8 +18,8 @@ from mirror.oci.digest import Digest
 from mirror.state import CACHE, CONFIG
 from tests.cache_helpers import (
     Http,
-    MiB,
     Image,
+    MiB,
     add_to_upstream,
     backdate,
     blob_files,

@@ -242,7 +242,9 @@ def test_artifact_type_defaults_to_config_media_type() -> None:
 def test_index_with_subject_and_artifact_type() -> None:
     subject = image_manifest(CONFIG, LAYERS)
     body = index_manifest(
-        [(OCI_MANIFEST, subject)], artifactType="application/vnd.example.bundle", subject=descriptor(OCI_MANIFEST, subject)
+        [(OCI_MANIFEST, subject)],
+        artifactType="application/vnd.example.bundle",
+        subject=descriptor(OCI_MANIFEST, subject),
     )
     parsed = parse_manifest(body, OCI_INDEX)
     assert parsed.artifact_type == "application/vnd.example.bundle"

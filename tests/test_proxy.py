@@ -13,7 +13,7 @@ import os
 
 import aiohttp
 
-from tests.fake_upstream import Fault, FakeUpstream
+from tests.fake_upstream import FakeUpstream, Fault
 from tests.proxy_helpers import (
     blob_files,
     eventually,

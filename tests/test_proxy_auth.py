@@ -11,7 +11,7 @@ import os
 import pytest
 
 from mirror.upstream.auth import RealmPolicy, RealmRefused, parse_challenge
-from tests.fake_upstream import Fault, FakeUpstream, upstream_config
+from tests.fake_upstream import FakeUpstream, Fault, upstream_config
 from tests.proxy_helpers import base_url, metric_value, metrics_text, start_mirror
 
 USER, PASSWORD = "mirror-bot", "s3cret"

@@ -13,7 +13,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.fake_upstream import Fault, FakeUpstream, digest_of, upstream_config
+from tests.fake_upstream import FakeUpstream, Fault, digest_of, upstream_config
 from tests.proxy_helpers import (
     blob_files,
     fills_settled,
@@ -282,7 +282,8 @@ async def test_garbled_manifest_on_revalidation_serves_the_cached_copy(aiohttp_s
 
 
 async def test_a_blob_without_content_length_is_served_whole_once_verified(aiohttp_server, make_registry):
-    client, fake, layer, url = await _mirror_with_a_faulty_layer(aiohttp_server, make_registry, Fault("chunked", times=1))
+    fault = Fault("chunked", times=1)
+    client, fake, layer, url = await _mirror_with_a_faulty_layer(aiohttp_server, make_registry, fault)
     async with client.get(url) as response:
         assert response.status == 200
         assert response.content_length == len(layer)  # known by the time the client is answered

@@ -11,13 +11,13 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 
 from tests.registry_helpers import (
-    ClientFactory,
     API_VERSION,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     OCI_EMPTY,
     OCI_INDEX,
     OCI_MANIFEST,
+    ClientFactory,
     descriptor,
     digest_of,
     error_codes,
@@ -294,7 +294,8 @@ async def test_cancel_upload(registry: TestClient) -> None:
     assert response.headers[API_VERSION[0]] == API_VERSION[1]
     await expect_error(await registry.get(location), 404, "BLOB_UPLOAD_UNKNOWN")
     await expect_error(await registry.patch(location, data=b"more"), 404, "BLOB_UPLOAD_UNKNOWN")
-    await expect_error(await registry.put(location, params={"digest": digest_of(b"partial")}), 404, "BLOB_UPLOAD_UNKNOWN")
+    finish = await registry.put(location, params={"digest": digest_of(b"partial")})
+    await expect_error(finish, 404, "BLOB_UPLOAD_UNKNOWN")
     await expect_error(await registry.delete(location), 404, "BLOB_UPLOAD_UNKNOWN")
 
 
@@ -307,7 +308,8 @@ async def test_unknown_or_malformed_upload_ids(registry: TestClient, upload_id: 
     path = f"/v2/team/app/blobs/uploads/{upload_id}"
     await expect_error(await registry.get(path), 404, "BLOB_UPLOAD_UNKNOWN")
     await expect_error(await registry.patch(path, data=b"x"), 404, "BLOB_UPLOAD_UNKNOWN")
-    await expect_error(await registry.put(path, params={"digest": digest_of(b"x")}, data=b"x"), 404, "BLOB_UPLOAD_UNKNOWN")
+    finish = await registry.put(path, params={"digest": digest_of(b"x")}, data=b"x")
+    await expect_error(finish, 404, "BLOB_UPLOAD_UNKNOWN")
     await expect_error(await registry.delete(path), 404, "BLOB_UPLOAD_UNKNOWN")
 
 
@@ -433,7 +435,9 @@ async def test_image_manifest_round_trip(registry: TestClient, media_type: str) 
     await check_manifest_served(registry, "team/app", digest, body, media_type)
 
 
-@pytest.mark.parametrize(("index_type", "child_type"), [(OCI_INDEX, OCI_MANIFEST), (DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)])
+@pytest.mark.parametrize(
+    ("index_type", "child_type"), [(OCI_INDEX, OCI_MANIFEST), (DOCKER_MANIFEST_LIST, DOCKER_MANIFEST)]
+)
 async def test_index_round_trip(registry: TestClient, index_type: str, child_type: str) -> None:
     children = []
     for arch in ("amd64", "arm64"):
@@ -515,7 +519,8 @@ async def test_index_referencing_a_missing_manifest(registry: TestClient) -> Non
     assert (await put_manifest(registry, "team/app", digest_of(present), present, OCI_MANIFEST)).status == 201
     absent = image_manifest(config, layers, annotations={"never": "pushed"})
     body = index_manifest([(OCI_MANIFEST, present), (OCI_MANIFEST, absent)])
-    await expect_error(await put_manifest(registry, "team/app", "latest", body, OCI_INDEX), 400, "MANIFEST_BLOB_UNKNOWN")
+    response = await put_manifest(registry, "team/app", "latest", body, OCI_INDEX)
+    await expect_error(response, 400, "MANIFEST_BLOB_UNKNOWN")
 
 
 async def test_manifest_over_the_limit_is_413(make_registry: ClientFactory) -> None:
@@ -553,7 +558,8 @@ async def test_manifest_at_the_limit_is_accepted(make_registry: ClientFactory) -
         (image_manifest(b"{}", []), OCI_INDEX),
         (json.dumps({"schemaVersion": 1, "name": "team/app", "tag": "v1", "fsLayers": []}).encode(),
          "application/vnd.docker.distribution.manifest.v1+prettyjws"),
-        (json.dumps({"schemaVersion": 1, "name": "team/app", "tag": "v1", "fsLayers": []}).encode(), "application/json"),
+        (json.dumps({"schemaVersion": 1, "name": "team/app", "tag": "v1", "fsLayers": []}).encode(),
+         "application/json"),
     ],
     ids=["garbage", "empty", "deep", "conflict-docker", "conflict-index", "schema1-signed", "schema1-json"],
 )
@@ -602,7 +608,8 @@ async def test_retag_moves_the_tag(registry: TestClient) -> None:
 
 async def test_delete_manifest_by_digest_removes_its_tags(registry: TestClient) -> None:
     digest, _ = await push_image(registry, "team/app", "v1")
-    await put_manifest(registry, "team/app", "also", (await (await registry.get(f"/v2/team/app/manifests/{digest}")).read()), OCI_MANIFEST)
+    body = await (await registry.get(f"/v2/team/app/manifests/{digest}")).read()
+    await put_manifest(registry, "team/app", "also", body, OCI_MANIFEST)
     other, _ = await push_image(registry, "team/app", "other", layers=(b"different",))
     response = await registry.delete(f"/v2/team/app/manifests/{digest}")
     assert response.status == 202

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 import aiohttp
 import pytest
 
-from mirror.upstream.blocking import BlockingPool
-from tests.fake_upstream import Fault, FakeUpstream
 from mirror.state import ROUTER
+from mirror.upstream.blocking import BlockingPool
+from tests.fake_upstream import FakeUpstream, Fault
 from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, fills_settled, start_mirror
 
 

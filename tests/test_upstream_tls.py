@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fake_upstream import Fault, FakeUpstream, upstream_config
+from tests.fake_upstream import FakeUpstream, Fault, upstream_config
 from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, fills_settled, metric_value, metrics_text
 from tests.support.tls import PrivateCA, make_private_ca
 

@@ -40,7 +40,7 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
             body = {"errors": [{"code": code, "message": http_error.reason}]}
             return web.json_response(body, status=http_error.status, headers=_passthrough_headers(http_error))
         raise
-    except (ConnectionResetError, web.HTTPException):
+    except ConnectionResetError:
         raise
     except Exception:  # noqa: BLE001 - the catch-all that keeps tracebacks in the log, not on the wire
         log.exception("unhandled error serving %s %s", request.method, request.path)

@@ -155,7 +155,8 @@ def gc(root: Path, *, dry_run: bool = False, grace_seconds: float = 3600.0) -> G
         local_linked, cache_linked = _all_links(root, local)
         if dry_run:
             # What a real run would have unlinked by now no longer holds its blob.
-            still = {d for repo in local.repositories() for d in (*local.linked_blobs(repo), *local.linked_manifests(repo))
+            still = {d for repo in local.repositories()
+                     for d in (*local.linked_blobs(repo), *local.linked_manifests(repo))
                      if (repo, d) not in unlinked}
             local_linked = still
         linked = local_linked | cache_linked

@@ -32,7 +32,7 @@ class Digest:
     def of(cls, data: bytes, algorithm: str = "sha256") -> Digest:
         return cls(algorithm, hashlib.new(algorithm, data).hexdigest())
 
-    def hasher(self) -> "hashlib._Hash":
+    def hasher(self) -> hashlib._Hash:
         return hashlib.new(self.algorithm)
 
 

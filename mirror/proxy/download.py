@@ -28,7 +28,7 @@ QUEUE_PIECES = 16
 class BodyDownload:
     """One response body on its way to `fd` and `hasher`. `on_written` runs in the event loop."""
 
-    def __init__(self, response: BlockingResponse, fd: int, hasher: "hashlib._Hash",
+    def __init__(self, response: BlockingResponse, fd: int, hasher: hashlib._Hash,
                  on_written: Callable[[int], None], *, upstream: str) -> None:
         self._response = response
         self._fd = fd

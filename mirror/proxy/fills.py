@@ -17,8 +17,8 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 from mirror.errors import RegistryError, UpstreamUnavailable
 from mirror.metrics import Metrics

@@ -384,7 +384,7 @@ class ProxyRegistry(Registry):
                     if not more:
                         break
                     body += more
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiohttp.ClientError) as exc:
                 raise UpstreamUnavailable(f"upstream {self.name} manifest body broke: {exc}") from exc
             if len(body) > self.manifest_limit:
                 raise UpstreamInvalid(f"upstream manifest is larger than {self.manifest_limit} bytes")
@@ -454,7 +454,7 @@ class ProxyRegistry(Registry):
             if response.status != 200:
                 raise UpstreamUnavailable(f"upstream {self.name} answered {response.status}")
             body = await response.content.read(8 << 20)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamUnavailable(str(exc)) from exc
         finally:
             response.release()

@@ -13,9 +13,9 @@ import hashlib
 import os
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import BinaryIO
 
 from mirror.errors import DigestInvalid, SizeInvalid, StorageFull
@@ -246,7 +246,7 @@ class BlobWriter:
     (Upstream fills do not come through here: their bodies are read in threads, see proxy/download.py.)
     """
 
-    def __init__(self, path: Path, handle: BinaryIO, hasher: "hashlib._Hash", size: int) -> None:
+    def __init__(self, path: Path, handle: BinaryIO, hasher: hashlib._Hash, size: int) -> None:
         self.path = path
         self.hasher = hasher
         self._base = size
@@ -259,7 +259,7 @@ class BlobWriter:
 
     @classmethod
     async def open(
-        cls, path: Path, algorithm: str, *, append_to: int = 0, hasher: "hashlib._Hash | None" = None
+        cls, path: Path, algorithm: str, *, append_to: int = 0, hasher: hashlib._Hash | None = None
     ) -> BlobWriter:
         """Open `path` for writing; with `append_to`, keep its first bytes (an upload being resumed)."""
 

@@ -140,15 +140,15 @@ class Registry:
 
 
     # -- upload sessions (only writable sources have them) ------------------------------------------
-    async def start_upload(self, repo: str) -> "Upload":
+    async def start_upload(self, repo: str) -> Upload:
         raise self._unsupported()
 
-    async def upload_status(self, repo: str, upload_id: str) -> "Upload":
+    async def upload_status(self, repo: str, upload_id: str) -> Upload:
         raise self._unsupported()
 
     async def append_upload(
         self, repo: str, upload_id: str, chunks: AsyncIterable[bytes], *, start: int | None, length: int | None
-    ) -> "Upload":
+    ) -> Upload:
         raise self._unsupported()
 
     async def finish_upload(

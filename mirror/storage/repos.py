@@ -154,7 +154,8 @@ class RepoStore:
         atomic_write(path, json.dumps(referrer.to_json()).encode())
 
     def remove_referrer(self, name: str, subject: Digest, referrer: Digest) -> None:
-        path = self._repo(name) / "_referrers" / subject.algorithm / subject.hex / f"{referrer.algorithm}-{referrer.hex}"
+        directory = self._repo(name) / "_referrers" / subject.algorithm / subject.hex
+        path = directory / f"{referrer.algorithm}-{referrer.hex}"
         path.unlink(missing_ok=True)
 
     def referrers(self, name: str, subject: Digest) -> list[Descriptor]:

@@ -38,7 +38,7 @@ class Upload:
 @dataclass(slots=True)
 class _HashState:
     size: int
-    hasher: "hashlib._Hash"
+    hasher: hashlib._Hash
 
 
 class UploadStore:
@@ -67,7 +67,8 @@ class UploadStore:
         def create_sync() -> None:
             directory.mkdir(parents=True)
             (directory / "data").touch()
-            atomic_write(directory / "info.json", json.dumps({"repository": repository, "started": time.time()}).encode())
+            info = {"repository": repository, "started": time.time()}
+            atomic_write(directory / "info.json", json.dumps(info).encode())
 
         await asyncio.to_thread(create_sync)
         self._hash_states[upload_id] = _HashState(0, hashlib.sha256())

@@ -198,13 +198,13 @@ class BlockingPool:
                     return connection, True
                 self._discard_locked(connection)
         scheme, host, port = key
-        connection: http.client.HTTPConnection  # not connected until its first request
+        fresh: http.client.HTTPConnection  # not connected until its first request
         if scheme == "https":
-            connection = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls)
+            fresh = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls)
         else:
-            connection = http.client.HTTPConnection(host, port, timeout=self.timeout)
-        self._admit(connection)
-        return connection, False
+            fresh = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        self._admit(fresh)
+        return fresh, False
 
     def _admit(self, connection: http.client.HTTPConnection) -> None:
         """Count a new connection as open once there is room: an idle one (to any host) is closed to
@@ -216,7 +216,9 @@ class BlockingPool:
                     idle_connection, _ = self._idle[oldest[1]].pop(0)
                     self._discard_locked(idle_connection)
             if not self._room.wait_for(lambda: len(self._open) < self.max_connections, timeout=self.timeout):
-                raise TimeoutError(f"all {self.max_connections} upstream connections stayed busy for {self.timeout:g} s")
+                raise TimeoutError(
+                    f"all {self.max_connections} upstream connections stayed busy for {self.timeout:g} s"
+                )
             self._open.add(connection)
 
     def give_back(self, key: _HostKey, connection: http.client.HTTPConnection) -> None:

@@ -195,7 +195,7 @@ class UpstreamClient:
         )
         try:
             return await self.session.request(method, url, headers=headers, allow_redirects=False, timeout=timeout)
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, aiohttp.ClientPayloadError) as exc:
+        except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
     async def _send_blocking(self, method: str, url: str, headers: dict[str, str]) -> BlockingResponse:
@@ -273,7 +273,7 @@ class UpstreamClient:
                     log.warning("upstream %s: token endpoint answered %d", self.name, token_response.status)
                     return None
                 data = json.loads(await token_response.read())
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise _Retryable(f"token endpoint: {exc}") from exc
         token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token:

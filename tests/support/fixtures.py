@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 
 from .distribution import DistributionRegistry
-from .token_server import Creds, TokenServer
 from .dockerd import DockerDaemon
 from .images import BuiltImage, build_busybox_image, build_multiarch_image
 from .mirror_proc import MirrorProcess
 from .procs import free_port, require_tool
+from .token_server import Creds, TokenServer
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -378,7 +378,7 @@ def _image_manifest(
         "schemaVersion": 2,
         "mediaType": media.manifest,
         "config": {"mediaType": media.config, "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": l.media_type, "digest": l.digest, "size": l.size} for l in layers],
+        "layers": [{"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size} for layer in layers],
     }
     digest, size = writer.json_manifest(manifest, top=top)
     return ManifestInfo(

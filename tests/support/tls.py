@@ -31,7 +31,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def make_private_ca(directory: Path) -> PrivateCA:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     valid = (now - datetime.timedelta(hours=1), now + datetime.timedelta(days=1))
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_cert = (

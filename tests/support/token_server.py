@@ -164,7 +164,7 @@ class TokenServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mirror-test-token-signer")])
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -360,7 +360,7 @@ def _handler_for(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             granted = server.grant(wanted, authenticated=user is not None)
             token = server.issue(user or "", granted, service)
             record(200, granted)
-            now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+            now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
             self._reply(
                 200, {"token": token, "access_token": token, "expires_in": server.expires_in, "issued_at": now}
             )
