@@ -155,7 +155,8 @@ async def test_a_split_archive_is_pieces_with_checksums_and_imports_whole(aiohtt
     assert all(p.stat().st_size == 1 << 20 for p in result.files[:-1])
     sums = (tmp_path / "out" / "bundle.tar.sha256").read_text().splitlines()
     assert [line.split("  ")[1] for line in sums] == [p.name for p in result.files]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [*[p.name for p in result.files], "bundle.tar.sha256"]
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == [*[p.name for p in result.files], "bundle.tar.sha256"]
 
     dest = await _airgapped(aiohttp_client, tmp_path)
     await import_bundles(dest.app[ROUTER], [tmp_path / "out" / "bundle.tar"])

@@ -71,7 +71,9 @@ def run_export(args: argparse.Namespace, config: Config) -> int:
             )
         for image in result.bundle.images:
             print(f"{image.name}\t{image.digest}")
-        base = f", a delta of {result.bundle.base['id']} ({result.blobs_left_out} left out)" if result.bundle.base else ""
+        base = ""
+        if result.bundle.base:
+            base = f", a delta of {result.bundle.base['id']} ({result.blobs_left_out} left out)"
         print(f"bundle {result.bundle.id}: {len(result.bundle.images)} image(s), {result.blobs_written} blob(s), "
               f"{_human(result.bytes_written)}{base} -> {', '.join(str(p) for p in result.files)}")
         return 0

@@ -218,7 +218,7 @@ async def export_bundle(
         raise BundleError(exc.message) from exc
     bundle = BundleManifest(
         id=uuid.uuid4().hex,
-        created=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        created=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         base={"id": base.id, "created": base.created} if base else None,
     )
     # An archive is written front to back: one blob at a time.

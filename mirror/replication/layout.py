@@ -181,7 +181,7 @@ def _index_archive(pieces: _Pieces, where: Path) -> dict[str, _Member]:
     """Blocking: every regular file of the tar and where its bytes are; only headers are read."""
     members: dict[str, _Member] = {}
     try:
-        with tarfile.open(fileobj=io.BufferedReader(pieces, 1 << 16), mode="r:") as tar:  # type: ignore[arg-type]
+        with tarfile.open(fileobj=io.BufferedReader(pieces, 1 << 16), mode="r:") as tar:
             for info in tar:
                 if not info.isfile():
                     continue
@@ -476,7 +476,8 @@ class _ArchiveSink(_Sink):
                 target = self.final.with_name(path.name)
                 os.replace(path, target)
                 final_paths.append(target)
-            lines = "".join(f"{digest}  {path.name}\n" for digest, path in zip(self._out.digests, final_paths))
+            pairs = zip(self._out.digests, final_paths, strict=True)
+            lines = "".join(f"{digest}  {path.name}\n" for digest, path in pairs)
             checksums = self.final.with_name(self.final.name + CHECKSUM_SUFFIX)
             checksums.write_text(lines)
             shutil.rmtree(self.work, ignore_errors=True)
@@ -868,14 +869,17 @@ def _entries_of(index: Any, where: Path, bare_tags_repository: str | None) -> li
             Digest.parse(raw["digest"])
         except RegistryError as exc:
             raise LayoutError(f"{where}: index.json manifests[{i}] has an invalid digest") from exc
-        annotations = raw.get("annotations") if isinstance(raw.get("annotations"), dict) else {}
-        ref = annotations.get(REF_NAME) or annotations.get(CONTAINERD_NAME)
-        repo, tag = (None, None)
-        if isinstance(ref, str) and ref:
+        raw_annotations = raw.get("annotations")
+        annotations: dict[str, Any] = raw_annotations if isinstance(raw_annotations, dict) else {}
+        found = annotations.get(REF_NAME) or annotations.get(CONTAINERD_NAME)
+        ref = found if isinstance(found, str) and found else None
+        repo: str | None = None
+        tag: str | None = None
+        if ref is not None:
             repo, tag = split_ref_name(ref)
             if repo is None:
                 repo = bare_tags_repository
-        entries.append(_Entry(dict(raw), repo, tag if repo is not None else None, ref if isinstance(ref, str) else None))
+        entries.append(_Entry(dict(raw), repo, tag if repo is not None else None, ref))
     return entries
 
 
