@@ -346,6 +346,27 @@ async def _write_verified(path: Path, digest: Digest, chunks: AsyncIterable[byte
     return written
 
 
+class _InPlaceFolderSink(_FolderSink):
+    """Writes into an existing folder layout (a replication destination): blobs appear verified, one by
+    one; index.json is replaced atomically by close(). Nothing is renamed at the end."""
+
+    def __init__(self, root: Path) -> None:
+        _Sink.__init__(self)
+        self.final = root
+        self.root = root
+        (root / "blobs").mkdir(parents=True, exist_ok=True)
+        self.temp = root / f".mirror-tmp-{uuid.uuid4().hex[:8]}"
+        self.temp.mkdir()
+
+    async def finish(self) -> list[Path]:
+        await asyncio.to_thread(shutil.rmtree, self.temp, True)
+        return [self.final]
+
+    async def abort(self) -> None:
+        # Blobs written so far are whole and verified: the next run finds them instead of sending them again.
+        await asyncio.to_thread(shutil.rmtree, self.temp, True)
+
+
 def _write_and_hash(handle: BinaryIO, hasher: Any, chunk: bytes) -> None:
     handle.write(chunk)
     hasher.update(chunk)
@@ -551,6 +572,7 @@ class LayoutRegistry(Registry):
         self.extra_files: dict[str, bytes] = {}
         self._media_types: dict[Digest, str] = {}
         self._subjects: dict[Digest, Descriptor | None] | None = None
+        self._carry_over = False  # an archive being rewritten: copy the previous one's blobs at close()
         for entry in entries:
             with contextlib.suppress(RegistryError):
                 self._media_types[entry.digest] = str(entry.descriptor.get("mediaType") or "")
@@ -602,6 +624,39 @@ class LayoutRegistry(Registry):
         await layout._sink.put_bytes(LAYOUT_FILE, json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
         return layout
 
+    @classmethod
+    async def update(cls, path: Path) -> LayoutRegistry:
+        """A layout kept up to date in place (a replication destination `oci_layout: DIR` or
+        `archive: FILE.tar`), created if missing. A folder gets new blobs verified one by one and a new
+        index.json at close(); an interrupted run leaves the previous index.json, and the blobs it did
+        write are found by the next run. An archive is rewritten whole: the previous one's content and the
+        new, under a temporary name, then renamed over it at close()."""
+
+        def update_sync() -> LayoutRegistry:
+            previous: _Files | None = None
+            sink: _Sink
+            if path.name.endswith(".tar"):
+                if path.is_file():
+                    previous = _ArchiveFiles([path])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                sink = _ArchiveSink(path, None)
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                previous = _FolderFiles(path)
+                sink = _InPlaceFolderSink(path)
+            entries: list[_Entry] = []
+            if previous is not None and previous.size(INDEX_FILE) is not None:
+                entries = _entries_of(_read_json(previous, INDEX_FILE, path), path, None)
+            layout = cls(path, previous, sink, entries)
+            layout._carry_over = isinstance(previous, _ArchiveFiles)
+            return layout
+
+        layout = await asyncio.to_thread(update_sync)
+        assert layout._sink is not None
+        if layout._carry_over or layout._files is None or layout._files.size(LAYOUT_FILE) is None:
+            await layout._sink.put_bytes(LAYOUT_FILE, json.dumps({"imageLayoutVersion": "1.0.0"}).encode())
+        return layout
+
     async def close(self) -> list[Path]:
         """Finish a new layout (index.json and extra files last) and give it its final name; returns
         the files written (the folder, or the archive's pieces). For an opened layout: release it."""
@@ -609,6 +664,8 @@ class LayoutRegistry(Registry):
             if self._files is not None:
                 await asyncio.to_thread(self._files.close)
             return []
+        if self._carry_over and self._files is not None:
+            await self._copy_previous_blobs(self._files, self._sink)
         index = {
             "schemaVersion": 2,
             "mediaType": OCI_INDEX,
@@ -617,13 +674,35 @@ class LayoutRegistry(Registry):
         await self._sink.put_bytes(INDEX_FILE, json.dumps(index, indent=1).encode())
         for name, data in self.extra_files.items():
             await self._sink.put_bytes(name, data)
-        return await self._sink.finish()
+        written = await self._sink.finish()
+        if self._files is not None:
+            await asyncio.to_thread(self._files.close)
+        return written
+
+    async def _copy_previous_blobs(self, previous: _Files, sink: _Sink) -> None:
+        """An archive being rewritten keeps every blob of the one it replaces."""
+        for name in await asyncio.to_thread(lambda: list(previous.names())):
+            digest = _digest_of_name(name)
+            size = previous.size(name)
+            if digest is None or size is None or name in sink.sizes:
+                continue
+            await sink.put_stream(name, digest, self._previous_stream(previous, name, size), size)
+
+    @staticmethod
+    async def _previous_stream(previous: _Files, name: str, size: int) -> AsyncIterator[bytes]:
+        offset = 0
+        while offset < size:
+            piece = await asyncio.to_thread(previous.pread, name, offset, READ_PIECE_BYTES)
+            if not piece:
+                raise LayoutError(f"{name} is shorter than its recorded size")
+            offset += len(piece)
+            yield piece
 
     async def abort(self) -> None:
         """Drop a layout being written (nothing of it remains) or release an opened one."""
         if self._sink is not None:
             await self._sink.abort()
-        elif self._files is not None:
+        if self._files is not None:
             await asyncio.to_thread(self._files.close)
 
     # -- reading helpers -------------------------------------------------------------------------------
@@ -633,10 +712,9 @@ class LayoutRegistry(Registry):
         return self._sink
 
     def _size(self, name: str) -> int | None:
-        if self._sink is not None:
-            return self._sink.sizes.get(name)
-        assert self._files is not None
-        return self._files.size(name)
+        if self._sink is not None and name in self._sink.sizes:
+            return self._sink.sizes[name]
+        return None if self._files is None else self._files.size(name)
 
     async def read_file(self, name: str, limit: int = MAX_MANIFEST_BYTES) -> bytes | None:
         """A small file of an opened layout (index.json, a manifest, the bundle manifest), or None."""
@@ -803,6 +881,18 @@ class LayoutRegistry(Registry):
                 descriptor["artifactType"] = parsed.artifact_type
             self.entries.append(_Entry(descriptor, None, None))
         return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
+
+    async def delete_manifest(self, repo: str, reference: str) -> None:
+        """Drop a tag (or every entry of a digest) from index.json; blobs stay until the layout is rebuilt."""
+        self._writable()
+        if looks_like_digest(reference):
+            digest = Digest.parse(reference)
+            kept = [e for e in self.entries if e.digest != digest]
+        else:
+            kept = [e for e in self.entries if not (e.repo == repo and e.tag == reference)]
+        if len(kept) == len(self.entries):
+            raise ManifestUnknown(detail={"reference": reference})
+        self.entries = kept
 
     # -- Registry: discovery ---------------------------------------------------------------------------
     async def list_tags(self, repo: str) -> list[str]:
