@@ -276,3 +276,17 @@ async def test_a_bundle_naming_an_upstreams_image_is_refused_where_that_upstream
     await export_bundle(source.app[ROUTER], ["alpine:3.20"], bundle)
     with pytest.raises(BundleError, match="routed to the upstream docker.io"):
         await import_bundles(source.app[ROUTER], [bundle])
+
+
+async def test_a_failed_export_leaves_nothing_that_looks_like_a_bundle(aiohttp_client: Any, tmp_path: Path) -> None:
+    source = await _airgapped(aiohttp_client, tmp_path, "source")
+    await push_image(source, "team/app", "1", layers=(BIG_LAYER,))
+    out = tmp_path / "out"
+    for target in (out / "bundle", out / "bundle.tar", out / "pieces.tar"):
+        with pytest.raises(BundleError, match="team/gone:1"):
+            split = 1 << 20 if target.name == "pieces.tar" else None
+            await export_bundle(source.app[ROUTER], ["team/app:1", "team/gone:1"], target, split_bytes=split)
+    assert list(out.iterdir()) == []
+    await export_bundle(source.app[ROUTER], ["team/app:1"], out / "bundle")
+    with pytest.raises(BundleError, match="already exists"):
+        await export_bundle(source.app[ROUTER], ["team/app:1"], out / "bundle")

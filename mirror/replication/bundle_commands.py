@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 from mirror.config import Config, ConfigError, parse_size
-from mirror.replication.bundles import BundleError, export_bundle, import_bundles
+from mirror.errors import RegistryError
+from mirror.replication.bundles import BundleError, export_bundle, import_bundles, rule_images
 from mirror.replication.standalone import open_app
 from mirror.state import ROUTER
 
@@ -46,12 +47,8 @@ def _human(size: float) -> str:
 
 def run_export(args: argparse.Namespace, config: Config) -> int:
     logging.basicConfig(level="WARNING", format="%(levelname)s %(message)s")
-    if args.rule:
-        print(f"mirror: --rule {args.rule}: replication rules are not configured in this build; "
-              "name the images to export", file=sys.stderr)
-        return 2
-    if not args.images:
-        print("mirror: export needs IMAGE... or --rule NAME", file=sys.stderr)
+    if bool(args.rule) == bool(args.images):
+        print("mirror: export needs IMAGE... or --rule NAME (one of them)", file=sys.stderr)
         return 2
     try:
         split = parse_size(args.split, "--split") if args.split else None
@@ -64,10 +61,16 @@ def run_export(args: argparse.Namespace, config: Config) -> int:
 
     async def run() -> int:
         async with open_app(config) as app:
+            images = list(args.images)
+            platforms = frozenset(args.platforms) if args.platforms else None
+            referrers = not args.no_referrers
+            if args.rule:
+                images, rule_platforms, rule_referrers = await rule_images(config, app[ROUTER], args.rule)
+                platforms = platforms or rule_platforms
+                referrers = referrers and rule_referrers
             result = await export_bundle(
-                app[ROUTER], args.images, args.to, since=args.since, split_bytes=split,
-                referrers=not args.no_referrers,
-                platforms=frozenset(args.platforms) if args.platforms else None,
+                app[ROUTER], images, args.to, since=args.since, split_bytes=split,
+                referrers=referrers, platforms=platforms,
             )
         for image in result.bundle.images:
             print(f"{image.name}\t{image.digest}")
@@ -82,6 +85,9 @@ def run_export(args: argparse.Namespace, config: Config) -> int:
         return asyncio.run(run())
     except BundleError as exc:
         print(f"mirror: export failed, nothing written: {exc}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        print(f"mirror: export failed, nothing written: {exc.message}", file=sys.stderr)
         return 1
 
 
@@ -102,4 +108,9 @@ def run_import(args: argparse.Namespace, config: Config) -> int:
         return asyncio.run(run())
     except BundleError as exc:
         print(f"mirror: import refused: {exc}", file=sys.stderr)
+        return 1
+    except RegistryError as exc:
+        # Verification passed, so this is the destination failing (disk full...): images whose tags
+        # were written are whole, the others are not visible.
+        print(f"mirror: import failed: {exc.message}", file=sys.stderr)
         return 1

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
+import importlib
 import json
 import logging
 import uuid
@@ -176,6 +177,29 @@ def split_image(text: str) -> tuple[str, str]:
 def full_name(target: Target) -> str:
     """The name a bundle gives an image: as the mirror's clients reach it by path prefix."""
     return f"{target.upstream}/{target.repo}" if target.upstream else target.repo
+
+
+async def rule_images(config: Any, router: Router, name: str) -> tuple[list[str], frozenset[str] | None, bool]:
+    """What a replication rule selects now, as image names for `export --rule`: its source's tags through
+    its tag filter, with its platforms and referrers settings."""
+    try:
+        select_tags = importlib.import_module("mirror.replication.planner").select_tags
+    except (ImportError, AttributeError) as exc:
+        raise BundleError(f"--rule {name}: replication rules are not part of this build; name the images") from exc
+    rules = getattr(config, "replication", ())
+    rule = next((r for r in rules if r.name == name), None)
+    if rule is None:
+        known = ", ".join(r.name for r in rules) or "none are configured"
+        raise BundleError(f"--rule {name}: no replication rule of that name ({known})")
+    target = router.route(str(rule.source))
+    try:
+        tags = await target.registry.list_tags(target.repo)
+    except RegistryError as exc:
+        raise BundleError(f"--rule {name}: cannot list the tags of {rule.source}: {exc.message}") from exc
+    selected = select_tags(tags, rule.tags)
+    if not selected:
+        raise BundleError(f"--rule {name}: the rule selects no tag of {rule.source} now")
+    return [f"{rule.source}:{tag}" for tag in selected], rule.platforms, bool(rule.referrers)
 
 
 # -- export ---------------------------------------------------------------------------------------------

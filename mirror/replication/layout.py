@@ -26,7 +26,7 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from mirror.errors import (
     BlobUnknown,
@@ -924,6 +924,21 @@ class LayoutRegistry(Registry):
             found.append(Descriptor(parsed.media_type, entry.digest, len(manifest.body),
                                     artifact_type=parsed.artifact_type, annotations=parsed.annotations or None))
         return found
+
+
+class _LayoutDestination(Protocol):
+    path: Path | None
+
+
+async def open_layout_destination(spec: _LayoutDestination, stack: contextlib.AsyncExitStack) -> LayoutRegistry:
+    """A rule's `{oci_layout: DIR}` or `{archive: FILE.tar}` destination, updated in place; `stack`
+    finishes it (index.json written with every image whose copy completed, even when the run failed:
+    the copier tags an image only once all of it is there)."""
+    if spec.path is None:
+        raise LayoutError("an oci_layout or archive destination needs a path")
+    layout = await LayoutRegistry.update(Path(spec.path))
+    stack.push_async_callback(layout.close)
+    return layout
 
 
 def _media_type_of(body: bytes) -> str:
