@@ -10,7 +10,7 @@ from pathlib import Path
 
 from mirror.config import Config, ConfigError, parse_size
 from mirror.errors import RegistryError
-from mirror.replication.bundles import BundleError, export_bundle, import_bundles, rule_images
+from mirror.replication.bundles import BundleError, app_target, export_bundle, import_bundles, rule_images
 from mirror.replication.standalone import open_app
 from mirror.state import ROUTER
 
@@ -96,7 +96,8 @@ def run_import(args: argparse.Namespace, config: Config) -> int:
 
     async def run() -> int:
         async with open_app(config) as app:
-            results = await import_bundles(app[ROUTER], args.bundles, repository=args.repository)
+            results = await import_bundles(app[ROUTER], args.bundles, repository=args.repository,
+                                           resolve=app_target(app))
         for result in results:
             for image in result.images:
                 print(f"{image.name}\t{image.digest}\tserved as {image.repository}")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryError
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import parse_manifest
@@ -44,6 +46,7 @@ from mirror.replication.layout import (
     checksum_file,
 )
 from mirror.routing import Router, Target
+from mirror.state import CONFIG, ROUTER
 from mirror.storage.interface import (
     BlobInfo,
     Manifest,
@@ -306,6 +309,39 @@ def local_target(router: Router) -> ResolveTarget:
     return resolve
 
 
+# Imported content in an upstream's cache is pinned under this name, as a replication rule's would be.
+IMPORT_PINS = "imported"
+
+
+def app_target(app: web.Application) -> ResolveTarget:
+    """Like `local_target`, but a name an upstream owns goes into that upstream's cache, pinned against
+    eviction (the `cache` destination of replication), where the pull-through path serves it even with
+    the upstream unreachable; needs mirror/replication/cache_dest.py."""
+    router = app[ROUTER]
+    storage = app[CONFIG].storage.path
+    caches: dict[str, Registry] = {}
+
+    def resolve(name: str) -> Target:
+        target = router.route(name)
+        if target.upstream is None:
+            return target
+        cache = caches.get(target.upstream)
+        if cache is None:
+            try:
+                module = importlib.import_module("mirror.replication.cache_dest")
+                pins = module.PinStore(module.pins_dir(storage))
+                cache = module.CacheDestination(target.registry, pins, IMPORT_PINS)
+            except (ImportError, AttributeError) as exc:
+                raise BundleError(
+                    f"{name} is routed to the upstream {target.upstream} on this mirror, and this build "
+                    "cannot write into an upstream's cache; import on a mirror without that upstream"
+                ) from exc
+            caches[target.upstream] = cache
+        return Target(cache, target.repo, target.upstream)
+
+    return resolve
+
+
 @dataclass(frozen=True, slots=True)
 class ImportedImage:
     name: str
@@ -397,7 +433,7 @@ async def _import_one(
         target = resolve(image.repo)
         outcome = await copier.copy(source, image.repo, image.tag, target.registry, target.repo, dest_tag=image.tag)
         written += outcome.stats.bytes_written
-        imported.append(ImportedImage(image.ref, target.repo, outcome.dest_digest))
+        imported.append(ImportedImage(image.ref, full_name(target), outcome.dest_digest))
         log.info("imported %s as %s:%s (%s)", image.ref, target.repo, image.tag, outcome.dest_digest)
     return ImportResult(path, bundle.id if bundle else None, imported, written)
 
