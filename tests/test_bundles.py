@@ -290,3 +290,25 @@ async def test_a_failed_export_leaves_nothing_that_looks_like_a_bundle(aiohttp_c
     await export_bundle(source.app[ROUTER], ["team/app:1"], out / "bundle")
     with pytest.raises(BundleError, match="already exists"):
         await export_bundle(source.app[ROUTER], ["team/app:1"], out / "bundle")
+
+
+async def test_without_an_upstream_every_spelling_of_a_name_is_one_local_repository(
+    aiohttp_client: Any, tmp_path: Path
+) -> None:
+    dest = await _airgapped(aiohttp_client, tmp_path)
+    router = dest.app[ROUTER]
+    for name, ns, local in [
+        ("library/alpine", None, "library/alpine"),  # Docker's registry-mirrors
+        ("library/alpine", "docker.io", "library/alpine"),  # containerd
+        ("docker.io/library/alpine", None, "library/alpine"),  # path prefix
+        ("docker.io/alpine", None, "library/alpine"),
+        ("index.docker.io/library/alpine", None, "library/alpine"),
+        ("owner/app", "ghcr.io", "ghcr.io/owner/app"),
+        ("ghcr.io/owner/app", None, "ghcr.io/owner/app"),
+        ("team/app", None, "team/app"),
+    ]:
+        target = router.route(name, ns)
+        assert (target.registry, target.repo, target.upstream) == (router.local, local, None), (name, ns)
+    # A push by any spelling lands where every pull finds it.
+    _, body = await push_image(dest, "docker.io/team/app", "1")
+    assert await _manifest(dest, "team/app/manifests/1") == (200, body)
