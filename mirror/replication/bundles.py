@@ -38,7 +38,7 @@ from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryErr
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import parse_manifest
 from mirror.oci.names import is_valid_name, is_valid_tag
-from mirror.replication.copier import Copier, CopyOptions, is_distributable
+from mirror.replication.copier import Copier, CopyOptions, CopyStats, is_distributable
 from mirror.replication.layout import (
     LayoutError,
     LayoutRegistry,
@@ -252,7 +252,7 @@ async def export_bundle(
     concurrency = 1 if to.name.endswith(".tar") else 4
     copier = Copier(CopyOptions(platforms=platforms, referrers=referrers, blob_concurrency=concurrency),
                     on_bytes=on_bytes)
-    total = CopyStatsSum()
+    total = CopyStats()
     try:
         for text, name, tag in requested:
             target = router.route(name)
@@ -261,7 +261,7 @@ async def export_bundle(
                 outcome = await copier.copy(target.registry, target.repo, tag, layout, full, dest_tag=tag)
             except RegistryError as exc:
                 raise BundleError(f"{text}: {exc.message}") from exc
-            total.add(outcome.stats.bytes_written, outcome.stats.blobs_written)
+            total.add(outcome.stats)
             info = await layout.stat_manifest(full, tag)
             bundle.images.append(BundleImage(f"{full}:{tag}", info.digest, info.media_type, info.size))
         for digest, repo in layout.written_for.items():
@@ -275,17 +275,7 @@ async def export_bundle(
     except BaseException:
         await layout.abort()
         raise
-    return ExportResult(bundle, files, total.bytes, total.blobs, len(layout.inherited_used))
-
-
-@dataclass(slots=True)
-class CopyStatsSum:
-    bytes: int = 0
-    blobs: int = 0
-
-    def add(self, written: int, blobs: int) -> None:
-        self.bytes += written
-        self.blobs += blobs
+    return ExportResult(bundle, files, total.bytes_written, total.blobs_written, len(layout.inherited_used))
 
 
 # -- import ---------------------------------------------------------------------------------------------
@@ -526,8 +516,9 @@ class _Verifier:
             await self._manifest(image.digest, image.size, image.ref, image.repo, target)
         for entry in self.layout.entries:
             if entry.tag is None:  # an untagged referrer: checked like an image of no repository
-                await self._manifest(entry.digest, int(entry.descriptor.get("size", -1)), f"referrer {entry.digest}",
-                                     "", None)
+                declared = entry.descriptor.get("size")
+                await self._manifest(entry.digest, declared if isinstance(declared, int) else -1,
+                                     f"referrer {entry.digest}", "", None)
         if self.missing:
             base = self.bundle.base if self.bundle else None
             needs = f" it is a delta of bundle {base['id']} ({base['created']}); import that first" if base else ""

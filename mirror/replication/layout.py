@@ -15,6 +15,7 @@ members. A layout being written is built under a `.partial` name and takes its f
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import hashlib
 import io
@@ -134,7 +135,7 @@ class _Pieces(io.RawIOBase):
     def pread(self, offset: int, length: int) -> bytes:
         out = bytearray()
         while length > 0 and offset < self.size:
-            index = max(i for i, start in enumerate(self._starts) if start <= offset)
+            index = bisect.bisect_right(self._starts, offset) - 1
             piece = os.pread(self._fds[index], length, offset - self._starts[index])
             if not piece:
                 break
