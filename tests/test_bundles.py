@@ -151,12 +151,14 @@ async def test_a_split_archive_is_pieces_with_checksums_and_imports_whole(aiohtt
     _, body = await push_image(source, "team/app", "1", layers=(BIG_LAYER,))
     bundle = tmp_path / "out" / "bundle.tar"
     result = await export_bundle(source.app[ROUTER], ["team/app:1"], bundle, split_bytes=1 << 20)
-    assert [p.name for p in result.files] == ["bundle.tar.001", "bundle.tar.002", "bundle.tar.003"]
-    assert all(p.stat().st_size == 1 << 20 for p in result.files[:-1])
+    pieces = result.files[:-1]
+    assert [p.name for p in result.files] == ["bundle.tar.001", "bundle.tar.002", "bundle.tar.003",
+                                              "bundle.tar.bundle.json"]
+    assert all(p.stat().st_size == 1 << 20 for p in pieces[:-1])
     sums = (tmp_path / "out" / "bundle.tar.sha256").read_text().splitlines()
-    assert [line.split("  ")[1] for line in sums] == [p.name for p in result.files]
+    assert [line.split("  ")[1] for line in sums] == [p.name for p in pieces]
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == [*[p.name for p in result.files], "bundle.tar.sha256"]
+    assert written == [*[p.name for p in result.files[:-1]], "bundle.tar.bundle.json", "bundle.tar.sha256"]
 
     dest = await _airgapped(aiohttp_client, tmp_path)
     await import_bundles(dest.app[ROUTER], [tmp_path / "out" / "bundle.tar"])
@@ -258,12 +260,20 @@ async def test_a_delta_carries_only_new_blobs_and_needs_its_base(aiohttp_client:
     assert await _manifest(dest, "team/app/manifests/1") == (200, one_body)
     assert await _manifest(dest, "team/app/manifests/2") == (200, two_body)
 
+    # The base's manifest kept beside it (the archive itself went across) gives the same delta.
+    kept = tmp_path / "kept" / "base.json"
+    kept.parent.mkdir()
+    (tmp_path / "base.tar.bundle.json").rename(kept)
+    (tmp_path / "base.tar").unlink()
+    same = await export_bundle(source.app[ROUTER], ["team/app:1", "team/app:2"], tmp_path / "same", since=kept)
+    assert {p.name for p in (tmp_path / "same" / "blobs" / "sha256").iterdir()} == carried
+    assert same.bundle.base == result.bundle.base
+
     # A delta of the delta: nothing new, nothing carried but what a tag list needs.
     again = tmp_path / "again.tar"
     await export_bundle(source.app[ROUTER], ["team/app:2"], again, since=delta)
-    second = await _airgapped(aiohttp_client, tmp_path, "second")
-    await import_bundles(second.app[ROUTER], [base, delta, again])
-    assert await _manifest(second, "team/app/manifests/2") == (200, two_body)
+    await import_bundles(dest.app[ROUTER], [again])
+    assert await _manifest(dest, "team/app/manifests/2") == (200, two_body)
 
 
 async def test_a_bundle_naming_an_upstreams_image_is_refused_where_that_upstream_is_configured(

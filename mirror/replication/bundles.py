@@ -58,6 +58,7 @@ from mirror.storage.interface import (
 log = logging.getLogger(__name__)
 
 BUNDLE_FILE = "mirror-bundle.json"
+BUNDLE_SUFFIX = ".bundle.json"  # FILE.tar.bundle.json: the bundle manifest of an archive, beside it
 BUNDLE_MEDIA_TYPE = "application/vnd.mirror.bundle.v1+json"
 MAX_PROBLEMS_SHOWN = 20
 
@@ -275,6 +276,12 @@ async def export_bundle(
     except BaseException:
         await layout.abort()
         raise
+    if to.name.endswith(".tar"):
+        # Beside the archive too: the connected side keeps this small file for the next --since when the
+        # media itself goes across the gap.
+        beside = to.with_name(to.name + BUNDLE_SUFFIX)
+        await asyncio.to_thread(beside.write_bytes, bundle.to_json())
+        files.append(beside)
     return ExportResult(bundle, files, total.bytes_written, total.blobs_written, len(layout.inherited_used))
 
 
