@@ -1,4 +1,4 @@
-"""Command line: `mirror serve`, `mirror check-config`, `verify`, `gc`, `export`, `import`."""
+"""Command line: `mirror serve`, `check-config`, `verify`, `gc`, `sync`, `export`, `import`."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         "--grace", default=None,
         help="leave anything younger than this alone (a push may be in flight); default storage.temp_grace",
     )
+
+    sync = commands.add_parser("sync", help="run replication rules once now (exit 1 unless everything was copied)")
+    sync.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+    sync.add_argument("--rule", help="only this rule (default: every rule)")
+    sync.add_argument("--dry-run", action="store_true", help="show what would be copied; write nothing")
     _add_bundle_commands(commands)
     return parser
 
@@ -115,4 +120,10 @@ def main(argv: list[str] | None = None) -> int:
 
         run = bundle_commands.run_export if args.command == "export" else bundle_commands.run_import
         return run(args, _load(args.config))
+    if args.command == "sync":
+        config = _load(args.config)
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+        from mirror.replication.sync_cli import run_sync
+
+        return run_sync(config, args.rule, args.dry_run)
     return 2

@@ -10,12 +10,15 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from mirror.oci.names import is_valid_name
+
+if TYPE_CHECKING:
+    from mirror.replication.rules import Rule
 
 
 class ConfigError(ValueError):
@@ -53,7 +56,8 @@ class UpstreamConfig:
     url: str
     default: bool = False
     username: str | None = None
-    password: str | None = None
+    # Never in a repr (a config logged or printed in a traceback); to_dict() masks it.
+    password: str | None = field(default=None, repr=False)
     tag_ttl: float = 60.0
     auth_hosts: tuple[str, ...] = ()
     offline: bool = False
@@ -62,6 +66,9 @@ class UpstreamConfig:
     library_prefix: bool = False
     # PEM bundle of CAs to trust for this upstream instead of the system's (a registry behind a private CA).
     ca_file: Path | None = None
+    # Replication's GETs pause while this upstream announces this many pulls left or fewer
+    # (`ratelimit-remaining`): what remains of the budget is kept for pull-through clients.
+    ratelimit_floor: int = 5
 
     @property
     def host(self) -> str:
@@ -80,6 +87,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -88,6 +96,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective config as plain data (for `check-config`); passwords are masked."""
         data = asdict(self)
+        data["replication"] = [rule.to_dict() for rule in self.replication]
         data["listen"] = str(self.listen)
         data["storage"]["path"] = str(self.storage.path)
         for upstream in data["upstreams"]:
@@ -250,16 +259,31 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         url=(url or "").rstrip("/"),
         default=section.boolean("default", False),
         username=section.string("username") or None,
-        password=section.string("password") or None,
+        password=_secret(section, "password"),
         tag_ttl=parse_duration(section.get("tag_ttl", 60), section.path("tag_ttl")),
         auth_hosts=tuple(auth_hosts),
         offline=section.boolean("offline", False),
         timeout=timeout,
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
         ca_file=ca_file,
+        ratelimit_floor=_non_negative_int(section.get("ratelimit_floor", 5), section.path("ratelimit_floor")),
     )
     section.finish()
     return upstream
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected a whole number, 0 or more, got {value!r}")
+    return value
+
+
+def _secret(section: _Section, name: str) -> str | None:
+    """A string whose value an error message must not repeat (it is printed and logged)."""
+    value = section.get(name)
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{section.path(name)}: expected a string, got a {type(value).__name__} (value not shown)")
+    return value or None
 
 
 def _parse_local_patterns(section: _Section) -> tuple[str, ...]:
@@ -316,8 +340,12 @@ def load_config_data(data: Any) -> Config:
     local_section = root.section("local")
     local = LocalConfig(repositories=_parse_local_patterns(local_section))
     local_section.finish()
+    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
+
+    replication = parse_rules(root.get("replication"), upstreams)
     root.finish()
-    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local)
+    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local,
+                  replication=replication)
 
 
 def load_config(path: Path | None) -> Config:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +36,15 @@ class Fault:
     chunked (the blob in chunked encoding, no Content-Length), chunked-truncate (that, cut halfway),
     slow (`delay` between 64 KiB pieces), stall (send half the body, then nothing until the client leaves),
     stall-headers (answer nothing until the client leaves), slow-headers (wait `delay`, then answer),
-    expire-tokens, refuse-token; on /token also 503 and 429.
+    expire-tokens, refuse-token; on /token also 503 and 429; pad (a JSON answer, the token's included,
+    followed by `size` bytes of whitespace: still valid JSON, only bigger).
     """
 
     kind: str
     times: int = 1_000_000
     retry_after: str = "1"
     delay: float = 0.05
+    size: int = 0
 
 
 @dataclass
@@ -65,6 +68,18 @@ class FakeUpstream:
     authorizations: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, header
     cdn_requests: list[dict[str, str]] = field(default_factory=list)  # headers of every CDN request
     bytes_sent: Counter[str] = field(default_factory=Counter)  # digest -> blob bytes written so far
+    # JSON listings (tags, referrers) are sent in pieces this big, each on its own (chunked, no length).
+    json_piece_bytes: int | None = None
+    tags_ignore_n: bool = False  # answer the whole tags list whatever `n` asks (no pagination)
+    absolute_links: bool = False  # pagination Links as absolute URLs instead of paths
+    # Given a tags request's query string, the Link rel="next" to answer with instead of our own (None: no
+    # link): loops, endless lists, links to other hosts.
+    tags_next: Callable[[str], str | None] | None = None
+    # (repo, subject digest) -> the descriptors of its referrers
+    referrers: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
+    referrers_page_size: int | None = None  # referrers in pages of this many, linked with ?page=
+    # Manifest GETs and HEADs that arrive over TLS get a 307 to the same path there (see cdn_app()).
+    redirect_manifests_to: str | None = None
 
     # -- content -----------------------------------------------------------------------------------
     def add_blob(self, data: bytes) -> str:
@@ -126,10 +141,20 @@ class FakeUpstream:
         return app
 
     def cdn_app(self) -> web.Application:
-        """A second server standing in for a blob CDN: serves `/cdn/<digest>` with no auth at all."""
+        """A second server standing in for a blob CDN: serves `/cdn/<digest>` with no auth at all, and
+        the manifests `redirect_manifests_to` sends here, by their registry path."""
         app = web.Application()
         app.router.add_get("/cdn/{digest}", self._cdn)
+        app.router.add_route("*", "/v2/{repo:.+}/manifests/{reference}", self._cdn_manifest)
         return app
+
+    async def _cdn_manifest(self, request: web.Request) -> web.Response:
+        self.cdn_requests.append(dict(request.headers))
+        found = self.manifests.get((request.match_info["repo"], request.match_info["reference"]))
+        if not found:
+            return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404)
+        body, media_type = found
+        return web.Response(body=body, headers={"Docker-Content-Digest": digest_of(body), "Content-Type": media_type})
 
     async def _cdn(self, request: web.Request) -> web.StreamResponse:
         self.cdn_requests.append(dict(request.headers))
@@ -154,7 +179,7 @@ class FakeUpstream:
                 return web.json_response({"errors": [{"code": "DENIED"}]}, status=401)
         token = secrets.token_hex(8)
         self.tokens.add(token)
-        return web.json_response({"token": token, "expires_in": 300})
+        return await self._json(request, {"token": token, "expires_in": 300}, {}, fault)
 
     def _bearer_challenge(self, request: web.Request) -> web.Response:
         path = request.path
@@ -212,6 +237,8 @@ class FakeUpstream:
                 raise web.HTTPTemporaryRedirect(f"{self.redirect_blobs_to}/cdn/{kind_ref}", headers=headers)
             return await self._blob(request, kind_ref, fault, headers)
         if kind == "manifests":
+            if self.redirect_manifests_to and request.secure:
+                raise web.HTTPTemporaryRedirect(f"{self.redirect_manifests_to}{path}", headers=headers)
             found = self.manifests.get((repo, kind_ref))
             if not found:
                 return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN"}]}, status=404, headers=headers)
@@ -221,11 +248,60 @@ class FakeUpstream:
                 body = body.replace(b"amd64", b"arm64") if b"amd64" in body else body + b" "
             return web.Response(body=body, headers=headers)
         if path.endswith("/tags/list"):
-            repo = path[len("/v2/"):-len("/tags/list")]
-            if repo not in self.tags:
-                return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
-            return web.json_response({"name": repo, "tags": sorted(self.tags[repo])})
+            return await self._tags_list(request, path[len("/v2/"):-len("/tags/list")], headers, fault)
+        if kind == "referrers":
+            return await self._referrers(request, repo, kind_ref, headers, fault)
         return web.json_response({"errors": [{"code": "NOT_FOUND"}]}, status=404)
+
+    def _link(self, request: web.Request, target: str) -> str:
+        return f'<{f"http://{request.host}{target}" if self.absolute_links else target}>; rel="next"'
+
+    async def _tags_list(self, request: web.Request, repo: str, headers: dict[str, str],
+                         fault: Fault | None) -> web.StreamResponse:
+        """Distribution's pagination: tags after `last`, at most `n`, and a Link to the rest."""
+        if repo not in self.tags:
+            return web.json_response({"errors": [{"code": "NAME_UNKNOWN"}]}, status=404)
+        tags = sorted(self.tags[repo])
+        n, last = request.query.get("n"), request.query.get("last")
+        if not self.tags_ignore_n:
+            tags = [t for t in tags if last is None or t > last]
+            if n is not None and len(tags) > int(n):
+                tags = tags[: int(n)]
+                headers["Link"] = self._link(request, f"/v2/{repo}/tags/list?n={n}&last={tags[-1]}")
+        if self.tags_next is not None:
+            headers.pop("Link", None)
+            target = self.tags_next(request.query_string)
+            if target:
+                headers["Link"] = target if target.startswith("<") else self._link(request, target)
+        return await self._json(request, {"name": repo, "tags": tags}, headers, fault)
+
+    async def _referrers(self, request: web.Request, repo: str, subject: str, headers: dict[str, str],
+                         fault: Fault | None) -> web.StreamResponse:
+        found = self.referrers.get((repo, subject), [])
+        size = self.referrers_page_size
+        if size:
+            page = int(request.query.get("page", "0"))
+            if (page + 1) * size < len(found):
+                headers["Link"] = self._link(request, f"/v2/{repo}/referrers/{subject}?page={page + 1}")
+            found = found[page * size : (page + 1) * size]
+        index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": found}
+        return await self._json(request, index, {"Content-Type": OCI_INDEX, **headers}, fault)
+
+    async def _json(self, request: web.Request, data: Any, headers: dict[str, str],
+                    fault: Fault | None) -> web.StreamResponse:
+        """A JSON answer: whole with its length, or in `json_piece_bytes` pieces, padded by a pad fault."""
+        body = json.dumps(data).encode() + (b" " * fault.size if fault and fault.kind == "pad" else b"")
+        headers = {"Content-Type": "application/json", **headers}
+        if not self.json_piece_bytes:
+            return web.Response(body=body, headers=headers)
+        response = web.StreamResponse(headers=headers)
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for offset in range(0, len(body), self.json_piece_bytes):
+            await response.write(body[offset : offset + self.json_piece_bytes])
+            await asyncio.sleep(0.002)  # each piece on its own: the other side sees it arrive alone
+        await response.write_eof()
+        return response
 
     async def _blob(
         self, request: web.Request, digest: str, fault: Fault | None, headers: dict[str, str]

@@ -274,6 +274,24 @@ def test_password_is_masked_in_the_effective_config() -> None:
     assert "hunter2" not in yaml.safe_dump(config.to_dict())
 
 
+def test_password_is_in_no_repr() -> None:
+    """A config (or an upstream's) in a log line, an assertion message or a traceback's locals."""
+    config = load_config_data({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "username": "bot",
+                                              "password": "hunter2"}]})
+    for shown in (repr(config), str(config), repr(config.upstreams[0]), f"{config.upstreams!r}"):
+        assert "hunter2" not in shown
+        assert "ghcr.io" in shown  # the rest is still there to read
+    assert "username='bot'" in repr(config.upstreams[0])
+
+
+@pytest.mark.parametrize("password", [123456789, True, ["hunter2"]])
+def test_a_password_of_the_wrong_type_is_not_repeated_in_the_error(password: Any) -> None:
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.password: expected a string") as caught:
+        load_config_data({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "password": password}]})
+    assert str(password) not in str(caught.value)
+    assert "hunter2" not in str(caught.value)
+
+
 # -- the CLI --------------------------------------------------------------------------------------
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **(env or {})}

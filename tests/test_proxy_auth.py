@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from mirror.upstream.auth import RealmPolicy, RealmRefused, parse_challenge
+from mirror.upstream.auth import RealmPolicy, RealmRefused, parse_challenge, same_origin
+from mirror.upstream.client import TOKEN_BODY_LIMIT
 from tests.fake_upstream import FakeUpstream, Fault, upstream_config
 from tests.proxy_helpers import base_url, metric_value, metrics_text, start_mirror
 
@@ -261,3 +262,35 @@ def test_redirect_policy(upstream: str, auth_hosts: tuple[str, ...], target: str
             policy.check_redirect(target)
     else:
         policy.check_redirect(target)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("https://registry.example/v2/a", "https://registry.example:443/v2/b?x=1", True),
+        ("https://Registry.Example/v2/", "https://registry.example/v2/", True),
+        ("http://registry.example/v2/", "http://registry.example:80/x", True),
+        ("https://registry.example/v2/", "http://registry.example/v2/", False),  # same host:port as written
+        ("https://registry.example/v2/", "https://registry.example:8443/v2/", False),
+        ("https://registry.example/v2/", "https://cdn.registry.example/v2/", False),
+        ("https://registry.example/v2/", "https://registry.example:bad/v2/", False),
+    ],
+)
+def test_credentials_travel_only_within_one_origin(first: str, second: str, same: bool) -> None:
+    assert same_origin(first, second) is same
+
+
+@pytest.mark.parametrize("pieces", [None, 64 << 10], ids=["with-length", "chunked"])
+async def test_a_token_answer_larger_than_the_cap_is_refused_clearly(aiohttp_server, make_registry, pieces):
+    fake = FakeUpstream(require_token=True, json_piece_bytes=pieces)
+    fake.add_image("library/alpine", "3.20", [b"layer"])
+    fake.faults["/token"] = Fault("pad", size=TOKEN_BODY_LIMIT)  # a valid token, buried in 1 MiB of spaces
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake)
+
+    async with client.get("/v2/library/alpine/manifests/3.20") as response:
+        assert response.status == 502
+        error = (await response.json())["errors"][0]
+    assert error["code"] == "UPSTREAM_INVALID"
+    assert "token endpoint's answer is larger than 1 MiB" in error["message"]
+    assert len(fake.token_requests) == 1  # not retried: the same answer would come again
+    assert fake.count("GET", "/manifests/") == 1  # only the request that was challenged

@@ -1,17 +1,20 @@
 """An upstream served over TLS, like every real registry: the blob bodies (read in threads over blocking
 connections) and everything else (aiohttp) trust the same CAs, a private CA is configured with
 `ca_file`, an untrusted certificate is refused rather than ignored, and stopping mid-download over TLS
-is as prompt as over plain TCP."""
+is as prompt as over plain TCP; a redirect from https to http on the same host never carries credentials."""
 
 from __future__ import annotations
 
+import base64
 import os
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
 from tests.fake_upstream import FakeUpstream, Fault, upstream_config
 from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, fills_settled, metric_value, metrics_text
+from tests.support.mux import ProtocolMux
 from tests.support.tls import PrivateCA, make_private_ca
 
 MiB = 1 << 20
@@ -83,3 +86,61 @@ async def test_stopping_mid_download_over_tls_is_prompt(aiohttp_server, make_reg
     response = await client.get(f"/v2/library/app/blobs/{digest}")
     assert response.status == 200
     await assert_stopping_mid_download_is_prompt(client, fake, digest, len(layer))
+
+
+# -- https -> http on the same host ------------------------------------------------------------------
+MuxFactory = Callable[[int, int], Awaitable[int]]
+
+
+@pytest.fixture
+async def protocol_mux() -> AsyncIterator[MuxFactory]:
+    """Start a ProtocolMux (one port, TLS to one server, plain HTTP to another); stopped after the test."""
+    started: list[ProtocolMux] = []
+
+    async def start(tls_port: int, plain_port: int) -> int:
+        mux = ProtocolMux(tls_port, plain_port)
+        started.append(mux)
+        return await mux.start()
+
+    yield start
+    for mux in started:
+        await mux.close()
+
+
+@pytest.mark.parametrize("scheme", ["basic", "bearer"])
+async def test_a_same_host_redirect_from_https_to_http_carries_no_credentials(
+    aiohttp_server, make_registry, private_ca: PrivateCA, protocol_mux: MuxFactory, scheme: str
+) -> None:
+    """`https://host/...` answering `307 http://host/...` (a TLS proxy in front of a registry that does not
+    know it is behind one): same host and port as written, but anyone on the path reads plain http.
+    Manifests (aiohttp) and blobs (blocking connections) alike follow it without Authorization."""
+    user, password = "mirror-bot", "s3cret"
+    fake = FakeUpstream(require_token=scheme == "bearer", require_basic=scheme == "basic",
+                        username=user, password=password)
+    layers = [os.urandom(200_000), os.urandom(70_000)]
+    _, manifest = fake.add_image("team/app", "1", layers)
+    tls_server = await aiohttp_server(fake.app(), ssl=private_ca.server_context())
+    plain_server = await aiohttp_server(fake.cdn_app())  # plain http: manifests by path, blobs under /cdn/
+    port = await protocol_mux(tls_server.port, plain_server.port)
+    fake.realm = f"https://127.0.0.1:{port}/token"
+    fake.redirect_blobs_to = fake.redirect_manifests_to = f"http://127.0.0.1:{port}"
+    client = await make_registry(upstreams=[upstream_config(
+        f"https://127.0.0.1:{port}", ca_file=str(private_ca.ca_file), username=user, password=password)])
+
+    async with client.get("/v2/team/app/manifests/1") as response:
+        assert response.status == 200, await response.text()
+        assert await response.read() == manifest
+    for layer in layers:
+        async with client.get(f"/v2/team/app/blobs/{fake.add_blob(layer)}") as response:
+            assert response.status == 200
+            assert await response.read() == layer
+
+    # Everything was served over http on the same host:port, and none of it saw the credentials.
+    assert len(fake.cdn_requests) == 1 + 2  # the manifest and the two layers
+    assert [headers.get("Authorization") for headers in fake.cdn_requests] == [None] * 3
+    # Over https they were sent, as the upstream asked: a token, or the configured user's password.
+    sent = {auth for _, path, auth in fake.authorizations if path.startswith("/v2/team/app/") and auth}
+    if scheme == "bearer":
+        assert sent and all(auth.startswith("Bearer ") for auth in sent)
+    else:
+        assert sent == {"Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}

@@ -9,8 +9,8 @@ upstream fails, whatever is cached is served (stale-if-error) and counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
-import json
 import logging
 import os
 import time
@@ -34,7 +34,7 @@ from mirror.errors import (
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, parse_manifest
-from mirror.oci.names import validate_tag
+from mirror.oci.names import is_valid_tag, validate_tag
 from mirror.proxy.download import BodyDownload
 from mirror.proxy.fills import Fill, FillManager
 from mirror.proxy.memo import ManifestMemo
@@ -411,13 +411,19 @@ class ProxyRegistry(Registry):
         return Manifest(digest, parsed.media_type, body)
 
     # -- discovery ---------------------------------------------------------------------------------
+    # Entries one listing gathers from the upstream at most; its pages are bounded too (LIST_MAX_PAGES and
+    # LIST_MAX_BYTES in mirror.upstream.client). Past these the list is served as gathered so far.
+    MAX_UPSTREAM_TAGS = 100_000
+    MAX_UPSTREAM_REFERRERS = 10_000
+
     async def list_tags(self, repo: str) -> list[str]:
         failure: RegistryError | None = None
         try:
-            data = await self._get_json(repo, f"/v2/{repo}/tags/list?n=10000")
-            tags = data.get("tags") if isinstance(data, dict) else None
-            if isinstance(tags, list):
-                return sorted(t for t in tags if isinstance(t, str))
+            tags = await self._get_json(repo, f"/v2/{repo}/tags/list?n=10000", "tags", self.MAX_UPSTREAM_TAGS)
+            if tags is not None:
+                # A set: pages of a list that changed while we read it may overlap. Nothing that is not a
+                # tag reaches our clients (a "tag" of 8 MiB, or one with a "/", is the upstream's garbage).
+                return sorted({t for t in tags if isinstance(t, str) and is_valid_tag(t)})
         except _UPSTREAM_DOWN as exc:
             failure = exc
         cached = await asyncio.to_thread(self.repos.tags, repo)
@@ -432,36 +438,46 @@ class ProxyRegistry(Registry):
 
     async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
         try:
-            data = await self._get_json(repo, f"/v2/{repo}/referrers/{subject}")
+            listed = await self._get_json(
+                repo, f"/v2/{repo}/referrers/{subject}", "manifests", self.MAX_UPSTREAM_REFERRERS
+            )
         except (NameUnknown, *_UPSTREAM_DOWN):
             return await asyncio.to_thread(self.repos.referrers, repo, subject)
-        found: list[Descriptor] = []
-        for raw in data.get("manifests", []) if isinstance(data, dict) else []:
+        found: dict[Digest, Descriptor] = {}
+        for raw in listed or []:
             try:
-                found.append(
-                    Descriptor(raw["mediaType"], Digest.parse(raw["digest"]), int(raw["size"]),
-                               raw.get("artifactType"), raw.get("annotations"))
-                )
+                descriptor = Descriptor(raw["mediaType"], Digest.parse(raw["digest"]), int(raw["size"]),
+                                        raw.get("artifactType"), raw.get("annotations"))
             except (KeyError, TypeError, ValueError, RegistryError):
                 continue
-        return found
+            found.setdefault(descriptor.digest, descriptor)
+        return list(found.values())
 
-    async def _get_json(self, repo: str, path: str) -> Any:
-        response = await self.client.open("GET", path, scope=self.client.scope_for(repo))
-        try:
-            if response.status in (401, 403, 404):
-                raise NameUnknown(detail={"name": repo})
-            if response.status != 200:
-                raise UpstreamUnavailable(f"upstream {self.name} answered {response.status}")
-            body = await response.content.read(8 << 20)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamUnavailable(str(exc)) from exc
-        finally:
-            response.release()
-        try:
-            return json.loads(body)
-        except ValueError as exc:
-            raise UpstreamUnavailable(f"upstream {self.name} returned invalid JSON") from exc
+    async def _get_json(self, repo: str, path: str, key: str, max_items: int) -> list[Any] | None:
+        """The `key` list of the upstream's JSON answer to `path`, gathered over its `Link` pages, at most
+        `max_items` entries. None when the first page has no such list.
+
+        401/403/404 on any page: NameUnknown. Another status, a body over the cap or not JSON, an
+        unreachable upstream: the errors in _UPSTREAM_DOWN, after which callers serve what is cached."""
+        gathered: list[Any] | None = None
+        pages = self.client.get_json_pages(path, scope=self.client.scope_for(repo))
+        async with contextlib.aclosing(pages):
+            async for page in pages:
+                if page.status in (401, 403, 404):
+                    raise NameUnknown(detail={"name": repo})
+                if page.status != 200:
+                    raise UpstreamUnavailable(f"upstream {self.name} answered GET {path} with {page.status}")
+                items = page.data.get(key) if isinstance(page.data, dict) else None
+                if not isinstance(items, list):
+                    break  # a last page with `"tags": null`, or not a listing at all
+                gathered = gathered if gathered is not None else []
+                gathered.extend(items)
+                if len(gathered) >= max_items:
+                    if len(gathered) > max_items or page.next_url is not None:
+                        log.warning("upstream %s: %s stopped after %d entries", self.name, path, max_items)
+                    del gathered[max_items:]
+                    break
+        return gathered
 
     async def list_repositories(self) -> list[str]:
         return await asyncio.to_thread(self.repos.repositories)

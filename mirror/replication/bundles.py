@@ -34,6 +34,7 @@ from typing import Any
 
 from aiohttp import web
 
+from mirror.config import Config
 from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryError
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import parse_manifest
@@ -45,6 +46,7 @@ from mirror.replication.layout import (
     archive_pieces,
     checksum_file,
 )
+from mirror.replication.planner import select_tags
 from mirror.routing import Router, Target
 from mirror.state import CONFIG, ROUTER
 from mirror.storage.interface import (
@@ -183,14 +185,10 @@ def full_name(target: Target) -> str:
     return f"{target.upstream}/{target.repo}" if target.upstream else target.repo
 
 
-async def rule_images(config: Any, router: Router, name: str) -> tuple[list[str], frozenset[str] | None, bool]:
+async def rule_images(config: Config, router: Router, name: str) -> tuple[list[str], frozenset[str] | None, bool]:
     """What a replication rule selects now, as image names for `export --rule`: its source's tags through
     its tag filter, with its platforms and referrers settings."""
-    try:
-        select_tags = importlib.import_module("mirror.replication.planner").select_tags
-    except (ImportError, AttributeError) as exc:
-        raise BundleError(f"--rule {name}: replication rules are not part of this build; name the images") from exc
-    rules = getattr(config, "replication", ())
+    rules = config.replication
     rule = next((r for r in rules if r.name == name), None)
     if rule is None:
         known = ", ".join(r.name for r in rules) or "none are configured"

@@ -928,7 +928,8 @@ class LayoutRegistry(Registry):
 
 
 class _LayoutDestination(Protocol):
-    path: Path | None
+    @property
+    def path(self) -> Path | None: ...
 
 
 async def open_layout_destination(spec: _LayoutDestination, stack: contextlib.AsyncExitStack) -> LayoutRegistry:

@@ -2,7 +2,9 @@
 
 Credentials go only to the upstream's own host or to realms listed in `auth_hosts`; a realm that would
 downgrade https to http, or that points at a loopback/link-local address nobody configured, is never
-contacted at all (distribution CVE-2026-33540, oras-go realm SSRF).
+contacted at all (distribution CVE-2026-33540, oras-go realm SSRF). An `Authorization` header travels
+only to the origin (scheme, host and port) it was sent to: a redirect elsewhere, a same-host https → http
+downgrade included, goes without it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ def parse_challenge(header: str) -> Challenge | None:
     return Challenge(scheme.lower(), params)
 
 
+Origin = tuple[str, str, int]  # scheme, host, port (the default port filled in)
+
+
+def origin_of(url: str) -> Origin:
+    """The origin of an absolute URL (RFC 6454): what decides whether credentials may travel with it.
+    An unparsable port gives port -1, which matches no real origin."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        return scheme, (parts.hostname or ""), -1
+    return scheme, (parts.hostname or ""), port or {"https": 443, "http": 80}.get(scheme, -1)
+
+
+def same_origin(first: str, second: str) -> bool:
+    return origin_of(first) == origin_of(second)
+
+
 class RealmRefused(Exception):
     """The upstream asked us to fetch a token somewhere we will not go."""
 
@@ -56,6 +77,11 @@ class RealmPolicy:
     def _configured(self, netloc: str, hostname: str) -> bool:
         upstream = urlsplit(self.upstream_url)
         return hostname == upstream.hostname or netloc in self.auth_hosts or hostname in self.auth_hosts
+
+    def on_upstream(self, url: str) -> bool:
+        """Whether an absolute URL is on the upstream's own origin: the only place its registry requests
+        (and their tokens) go without a redirect. A pagination Link elsewhere is not followed."""
+        return same_origin(url, self.upstream_url)
 
     def check_redirect(self, target: str) -> None:
         """Raise RealmRefused for a redirect we will not follow: not http(s), or from an upstream on the

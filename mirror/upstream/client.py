@@ -4,6 +4,9 @@
 single byte could have reached a client). 5xx, timeouts and refused connections become
 UpstreamUnavailable, 429 becomes TooManyRequests with the upstream's Retry-After, so the proxy can decide
 between stale content and an error that makes Docker and containerd move on quickly.
+
+`get_json()` reads a JSON answer whole, up to a cap; `get_json_pages()` follows its `Link: rel="next"`
+pages (tags lists, referrers), bounded, and only on the upstream's own origin.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import base64
 import http.client
 import json
 import logging
+import re
 import ssl
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Protocol, TypeVar
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -29,10 +34,11 @@ from tenacity import (
 )
 
 from mirror.config import UpstreamConfig
-from mirror.errors import TooManyRequests, UpstreamUnavailable
+from mirror.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from mirror.metrics import Metrics
-from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, parse_challenge
+from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, origin_of, parse_challenge
 from mirror.upstream.blocking import BlockingPool, BlockingResponse
+from mirror.upstream.ratelimit import RateLimitReading
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,17 @@ MAX_REDIRECTS = 5
 RETRY_ATTEMPTS = 3
 TOKEN_DEFAULT_SECONDS = 60
 _RETRYABLE_STATUS = frozenset({500, 502, 503, 504})
+# A token endpoint's answer is a few KiB (Docker Hub ~1-4 KiB, the largest cloud JWTs ~10 KiB).
+TOKEN_BODY_LIMIT = 1 << 20
+# One JSON answer (a page of a tags list, a referrers index): read whole, never more than this. 20,000
+# tags are about 0.4 MiB.
+JSON_BODY_LIMIT = 8 << 20
+# get_json_pages() follows at most this many pages, and stops once their bodies add up to this much:
+# what one listing may cost the upstream and our memory.
+LIST_MAX_PAGES = 100
+LIST_MAX_BYTES = 32 << 20
+# `<url>; param; param, <url>; ...`: one link per match, its parameters in group 2 (RFC 8288).
+_LINK = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]*)*)")
 
 
 USER_AGENT = "mirror/0.1"
@@ -63,6 +80,32 @@ class _Response(Protocol):
 
 R = TypeVar("R", bound=_Response)
 _Sender = Callable[[str, str, dict[str, str]], Awaitable[R]]
+
+
+@dataclass(frozen=True, slots=True)
+class JsonResponse:
+    """An upstream's answer to a GET of JSON, its body read and parsed (see UpstreamClient.get_json)."""
+
+    status: int
+    headers: Mapping[str, str]
+    data: Any  # the parsed body of a 200 answer; None for any other status (that body is not read)
+    size: int  # bytes of the body read (0 unless 200)
+    next_url: str | None  # absolute URL of the `Link: <...>; rel="next"` page, on whatever host it names
+
+
+def next_link(values: Iterable[str]) -> str | None:
+    """The target of the first `rel="next"` link in `Link` header values, as written (maybe relative)."""
+    for value in values:
+        for match in _LINK.finditer(value):
+            for param in match.group(2).split(";"):
+                name, _, raw = param.partition("=")
+                if name.strip().lower() == "rel" and "next" in raw.strip().strip('"').lower().split():
+                    return match.group(1).strip()
+    return None
+
+
+def _size_text(limit: int) -> str:
+    return f"{limit >> 20} MiB" if limit >= 1 << 20 and limit % (1 << 20) == 0 else f"{limit} bytes"
 
 
 def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
@@ -95,6 +138,9 @@ class UpstreamClient:
         # The upstream answered a Basic challenge: send the credentials up front from then on, instead of
         # paying a 401 round trip on every request.
         self._basic_challenged = False
+        # The budget this upstream last announced; replication reads it to leave the rest to clients.
+        self.ratelimit = RateLimitReading()
+        self._warned_downgrade = False
         # Blob bodies are read from threads (see mirror.upstream.blocking): their own connections.
         self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout, tls=tls or tls_context(config))
 
@@ -114,6 +160,96 @@ class UpstreamClient:
         """Like open(), for a blob whose body is read from threads (mirror.proxy.download): the same auth,
         redirect policy, retries and rate-limit bookkeeping, over blocking connections."""
         return await self._open(method, path, scope, headers, self._send_blocking)
+
+    async def get_json(
+        self, path: str, *, scope: str, headers: Mapping[str, str] | None = None, limit: int = JSON_BODY_LIMIT
+    ) -> JsonResponse:
+        """GET `path` (on the upstream, like open()) and read a 200 answer's JSON body whole.
+
+        Any other status comes back with `data` None, for the caller to judge. Raises what open() raises
+        (UpstreamUnavailable, TooManyRequests), UpstreamUnavailable for a body cut short or stalled, and
+        UpstreamInvalid for a body over `limit` bytes or one that is not JSON."""
+        response = await self.open("GET", path, scope=scope, headers=headers)
+        try:
+            if response.status != 200:
+                return JsonResponse(response.status, response.headers, None, 0, None)
+            try:
+                body = await self._read_capped(response, limit, f"answer to GET {path[:200]}")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
+                raise UpstreamUnavailable(f"upstream {self.name}: answer to GET {path[:200]} broke off: {exc}") from exc
+        finally:
+            response.release()
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            self.metrics.upstream_errors.labels(self.name, "invalid_json").inc()
+            raise UpstreamInvalid(f"upstream {self.name} answered GET {path[:200]} with invalid JSON") from exc
+        link = next_link(response.headers.getall("Link", []))
+        # A relative Link is relative to the URL asked for (RFC 8288 §3.2).
+        next_url = urljoin(f"{self.config.url}{path}", link) if link else None
+        return JsonResponse(200, response.headers, data, len(body), next_url)
+
+    async def get_json_pages(
+        self,
+        path: str,
+        *,
+        scope: str,
+        headers: Mapping[str, str] | None = None,
+        limit: int = JSON_BODY_LIMIT,
+        max_pages: int = LIST_MAX_PAGES,
+        max_bytes: int = LIST_MAX_BYTES,
+    ) -> AsyncGenerator[JsonResponse, None]:
+        """get_json() of `path`, then of each page its `Link: <...>; rel="next"` names, in order.
+
+        Ends after a page that is not a 200 (yielded, for the caller to judge) or has no next link, and
+        stops early (logged) after `max_pages` pages or `max_bytes` of bodies, at a link back to a page
+        already read (a loop), or at a link off the upstream's own origin: that is never followed, so
+        neither our credentials nor our requests go where the operator did not point the mirror. A
+        caller with enough items simply stops iterating. Each page raises what get_json() raises."""
+        seen: set[str] = set()
+        read = 0
+        current = path
+        for _ in range(max_pages):
+            seen.add(current)
+            page = await self.get_json(current, scope=scope, headers=headers, limit=limit)
+            yield page
+            read += page.size
+            if page.status != 200 or page.next_url is None:
+                return
+            if not self.policy.on_upstream(page.next_url):
+                self.metrics.upstream_errors.labels(self.name, "link_refused").inc()
+                log.warning("upstream %s: not following a next-page link to another origin: %s",
+                            self.name, page.next_url[:200])
+                return
+            parts = urlsplit(page.next_url)
+            current = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+            if current in seen:
+                self.metrics.upstream_errors.labels(self.name, "link_loop").inc()
+                log.warning("upstream %s: next-page link goes back to a page already read: %s",
+                            self.name, current[:200])
+                return
+            if read >= max_bytes:
+                log.warning("upstream %s: listing %s stopped after %s of pages", self.name, path[:200],
+                            _size_text(max_bytes))
+                return
+        log.warning("upstream %s: listing %s stopped after %d pages", self.name, path[:200], max_pages)
+
+    async def _read_capped(self, response: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+        """The whole body, however it arrives in pieces; UpstreamInvalid once it passes `limit` bytes
+        (decided from Content-Length before reading, when there is one)."""
+        body = bytearray()
+        too_large = response.content_length is not None and response.content_length > limit
+        if not too_large:
+            async for piece in response.content.iter_any():
+                body += piece
+                if len(body) > limit:
+                    too_large = True
+                    break
+        if too_large:
+            self.metrics.upstream_errors.labels(self.name, "too_large").inc()
+            raise UpstreamInvalid(f"upstream {self.name}: {what} is larger than {_size_text(limit)}")
+        return bytes(body)
 
     async def _open(
         self, method: str, path: str, scope: str, headers: Mapping[str, str] | None, send: _Sender[R]
@@ -172,7 +308,7 @@ class UpstreamClient:
         return response
 
     async def _follow(self, method: str, url: str, headers: dict[str, str], send: _Sender[R]) -> R:
-        """Send, following redirects ourselves: Authorization never travels to another host."""
+        """Send, following redirects ourselves: Authorization never travels to another origin."""
         for _ in range(MAX_REDIRECTS + 1):
             response = await send(method, url, headers)
             if response.status not in (301, 302, 303, 307, 308) or "Location" not in response.headers:
@@ -184,7 +320,14 @@ class UpstreamClient:
             except RealmRefused as exc:
                 self.metrics.upstream_errors.labels(self.name, "redirect_refused").inc()
                 raise UpstreamUnavailable(f"upstream {self.name}: {exc}") from exc
-            if urlsplit(target).netloc != urlsplit(url).netloc:
+            # Credentials stay with the origin they were sent to: another host or port, and a same-host
+            # https -> http downgrade (where anyone on the path could read them), get the request without.
+            if origin_of(target) != origin_of(url):
+                downgrade = urlsplit(url).scheme == "https" and urlsplit(target).scheme == "http"
+                if downgrade and not self._warned_downgrade and any(k.lower() == "authorization" for k in headers):
+                    self._warned_downgrade = True  # once: a misconfigured upstream would say it on every request
+                    log.warning("upstream %s redirects from https to http (%s): following without credentials",
+                                self.name, target[:200])
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             url = target
         raise UpstreamUnavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
@@ -272,7 +415,7 @@ class UpstreamClient:
                 if token_response.status != 200:
                     log.warning("upstream %s: token endpoint answered %d", self.name, token_response.status)
                     return None
-                data = json.loads(await token_response.read())
+                data = json.loads(await self._read_capped(token_response, TOKEN_BODY_LIMIT, "token endpoint's answer"))
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             raise _Retryable(f"token endpoint: {exc}") from exc
         token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
@@ -293,6 +436,7 @@ class UpstreamClient:
 
     def _record(self, method: str, response: _Response) -> None:
         self.metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
+        self.ratelimit.observe(response.status, response.headers)
         for header, gauge in (
             ("ratelimit-remaining", self.metrics.ratelimit_remaining),
             ("ratelimit-limit", self.metrics.ratelimit_limit),
