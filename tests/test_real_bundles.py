@@ -23,7 +23,7 @@ import yaml
 from tests.support import skopeo
 from tests.support.distribution import DistributionRegistry
 from tests.support.dockerd import DockerDaemon, write_hosts_dir
-from tests.support.fixtures import DockerDaemonFactory, MirrorFactory, RegistryFactory
+from tests.support.fixtures import DockerDaemonFactory, ImageFactory, MirrorFactory, RegistryFactory
 from tests.support.images import BuiltImage, layout_digests
 from tests.support.mirror_proc import REPO_ROOT, MirrorProcess
 from tests.support.procs import offline_env
@@ -72,13 +72,16 @@ def test_docker_and_containerd_pull_and_run_an_imported_image_from_a_mirror_with
     docker_daemon_factory: DockerDaemonFactory,
     busybox_image: BuiltImage,
     multiarch_image: BuiltImage,
+    image_factory: ImageFactory,
     unique_repo: Callable[..., str],
     tmp_path: Path,
 ) -> None:
     hub = registry_factory.token_auth(token_server)  # plays Docker Hub; stopped before any pull
-    single, multi = unique_repo("library/bb"), unique_repo("library/multi")
+    single, multi, schema2 = unique_repo("library/bb"), unique_repo("library/multi"), unique_repo("team/dk")
+    docker_image = image_factory.busybox(seed=7, media="docker", marker="docker-schema2-stays")
     hub.push(busybox_image, f"{single}:1")
     hub.push(multiarch_image, f"{multi}:1")
+    hub.push(docker_image, f"{schema2}:1")
     short_single, short_multi = single.split("/", 1)[1], multi.split("/", 1)[1]
 
     connected = write_config(tmp_path / "connected.yml", {
@@ -87,7 +90,7 @@ def test_docker_and_containerd_pull_and_run_an_imported_image_from_a_mirror_with
     })
     bundle = tmp_path / "media" / "bundle.tar"
     exported = mirror_cli("export", "--config", connected, f"{short_single}:1", f"docker.io/{multi}:1",
-                          "--to", bundle, "--split", "1MB")
+                          f"{schema2}:1", "--to", bundle, "--split", "1MB")
     assert exported.returncode == 0, exported.stderr
     assert f"docker.io/{single}:1\t{busybox_image.digest}" in exported.stdout
     hub.stop()
@@ -110,7 +113,9 @@ def test_docker_and_containerd_pull_and_run_an_imported_image_from_a_mirror_with
     assert f"served as {single}" in imported.stdout
 
     daemon = docker_daemon_factory(mirror.url)  # registry-mirrors: Docker asks for library/<name>
-    for name, image in ((f"{short_single}:1", busybox_image), (f"{short_multi}:1", multiarch_image)):
+    # Docker media types travel byte for byte: the schema 2 image keeps its digest.
+    for name, image in ((f"{short_single}:1", busybox_image), (f"{short_multi}:1", multiarch_image),
+                        (f"{schema2}:1", docker_image)):
         daemon.docker("pull", name)
         digests = daemon.docker("image", "inspect", "--format", "{{json .RepoDigests}}", name).stdout
         assert f"@{image.digest}" in digests.decode(), digests
