@@ -8,12 +8,14 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.api.errors import add_api_version, registry_errors
+from mirror.api.errors import CLIENT_CLOSED_STATUS, add_api_version, client_closed, registry_errors
+from mirror.api.protocol_log import handler_args as protocol_handler_args
 from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
 from mirror.cache.index import BlobIndex
@@ -41,10 +43,17 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        # A client that left before its response was complete is counted as such, not by the status line
+        # it never read whole (a streamed 200 cut short, a PUT whose body stopped coming).
+        status = CLIENT_CLOSED_STATUS if client_closed(request) else response.status
         return response
     except web.HTTPException as http_error:
         status = http_error.status
+        raise
+    except asyncio.CancelledError:
+        # Handlers are cancelled only when their connection is gone for good (shutdown, or aiohttp's
+        # handler cancellation): no status was sent.
+        status = CLIENT_CLOSED_STATUS
         raise
     finally:
         endpoint = request.get("endpoint", "other")
@@ -61,9 +70,15 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[count_requests, registry_errors])
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[count_requests, registry_errors],
+        # What aiohttp's connection handler logs (requests it cannot parse, clients gone mid-response)
+        # goes through a logger of this app's, not aiohttp's module-level one.
+        handler_args=protocol_handler_args(metrics.http_malformed.inc),
+    )
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(replication_context)  # after the stores it copies between, closed before them
@@ -104,6 +119,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     fills = FillManager(metrics)
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:
             # One session per upstream: its own connection pool and limits. Bytes are passed through
@@ -144,10 +160,24 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         stack.callback(index.close)
         await stack.enter_async_context(cache.running())
         stack.push_async_callback(fills.close)
+        await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
         yield
+
+
+def _expiring_uploads(uploads: UploadStore, config: Config, metrics: Metrics) -> AbstractAsyncContextManager[None]:
+    """Abandoned push sessions are removed after `uploads.expire` while the server runs, not at its next start."""
+    metrics.uploads_open_bytes.set_function(lambda: uploads.open_bytes)
+
+    def expired(sessions: int, freed: int) -> None:
+        metrics.uploads_expired.inc(sessions)
+        log.info(
+            "removed %d upload sessions idle for more than %.0f s (%d bytes)", sessions, config.uploads.expire, freed
+        )
+
+    return uploads.expiring(config.uploads.expire, expired)
 
 
 def _open_stores(config: Config) -> tuple[BlobStore, RepoStore, UploadStore]:
     root = config.storage.path
     blobs = BlobStore(root)
-    return blobs, RepoStore(root / "repositories"), UploadStore(root, blobs)
+    return blobs, RepoStore(root / "repositories"), UploadStore(root, blobs, max_bytes=config.uploads.max_bytes)
