@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import hashlib
-import importlib
 import json
 import logging
 import uuid
@@ -39,6 +38,7 @@ from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryErr
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import parse_manifest
 from mirror.oci.names import is_valid_name, is_valid_tag
+from mirror.replication.cache_dest import cache_destination
 from mirror.replication.copier import Copier, CopyOptions, CopyStats, is_distributable
 from mirror.replication.layout import (
     LayoutError,
@@ -48,7 +48,7 @@ from mirror.replication.layout import (
 )
 from mirror.replication.planner import select_tags
 from mirror.routing import Router, Target
-from mirror.state import CONFIG, ROUTER
+from mirror.state import ROUTER
 from mirror.storage.interface import (
     BlobInfo,
     Manifest,
@@ -310,10 +310,9 @@ IMPORT_PINS = "imported"
 
 def app_target(app: web.Application) -> ResolveTarget:
     """Like `local_target`, but a name an upstream owns goes into that upstream's cache, pinned against
-    eviction (the `cache` destination of replication), where the pull-through path serves it even with
-    the upstream unreachable; needs mirror/replication/cache_dest.py."""
+    eviction (replication's `cache` destination), where the pull-through path serves it even with the
+    upstream unreachable."""
     router = app[ROUTER]
-    storage = app[CONFIG].storage.path
     caches: dict[str, Registry] = {}
 
     def resolve(name: str) -> Target:
@@ -322,16 +321,7 @@ def app_target(app: web.Application) -> ResolveTarget:
             return target
         cache = caches.get(target.upstream)
         if cache is None:
-            try:
-                module = importlib.import_module("mirror.replication.cache_dest")
-                pins = module.PinStore(module.pins_dir(storage))
-                cache = module.CacheDestination(target.registry, pins, IMPORT_PINS)
-            except (ImportError, AttributeError) as exc:
-                raise BundleError(
-                    f"{name} is routed to the upstream {target.upstream} on this mirror, and this build "
-                    "cannot write into an upstream's cache; import on a mirror without that upstream"
-                ) from exc
-            caches[target.upstream] = cache
+            cache = caches[target.upstream] = cache_destination(app, target.upstream, IMPORT_PINS)
         return Target(cache, target.repo, target.upstream)
 
     return resolve

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import http.client
 import json
 import logging
@@ -82,6 +83,16 @@ R = TypeVar("R", bound=_Response)
 _Sender = Callable[[str, str, dict[str, str]], Awaitable[R]]
 
 
+def request_kind(path: str) -> str:
+    """What an upstream request is about, for the metrics: Docker Hub bills GETs of `manifest`."""
+    route = path.split("?", 1)[0]
+    for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/list", "tags"),
+                         ("/referrers/", "referrers"), ("/_catalog", "catalog")):
+        if marker in route:
+            return kind
+    return "base" if route.rstrip("/") == "/v2" else "other"
+
+
 @dataclass(frozen=True, slots=True)
 class JsonResponse:
     """An upstream's answer to a GET of JSON, its body read and parsed (see UpstreamClient.get_json)."""
@@ -149,10 +160,20 @@ class UpstreamClient:
 
     # -- public ------------------------------------------------------------------------------------
     async def open(
-        self, method: str, path: str, *, scope: str, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send a request (auth, redirects and retries handled); the caller releases the response."""
-        return await self._open(method, path, scope, headers, self._send_aiohttp)
+        """Send a request (auth, redirects and retries handled); the caller releases the response.
+
+        `data` is a body held in memory (a manifest, one chunk of an upload): bytes, so it can be sent
+        again after a 401 challenge, a redirect or a retry."""
+        send = self._send_aiohttp if data is None else functools.partial(self._send_aiohttp, data=data)
+        return await self._open(method, path, scope, headers, send)
 
     async def open_blocking(
         self, method: str, path: str, *, scope: str, headers: Mapping[str, str] | None = None
@@ -271,6 +292,7 @@ class UpstreamClient:
                     return await self._open_once(method, path, scope, dict(headers or {}), send)
         except _Retryable as exc:
             self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
+            self.metrics.upstream_up.labels(self.name).set(0)
             raise UpstreamUnavailable(f"upstream {self.name} unavailable: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -294,7 +316,7 @@ class UpstreamClient:
                 response.release()
                 headers["Authorization"] = authorization
                 response = await self._follow(method, url, headers, send)
-        self._record(method, response)
+        self._record(method, path, response)
         if response.status == 429:
             retry_after = response.headers.get("Retry-After", "60")
             response.release()
@@ -332,12 +354,16 @@ class UpstreamClient:
             url = target
         raise UpstreamUnavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
 
-    async def _send_aiohttp(self, method: str, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _send_aiohttp(
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None = None
+    ) -> aiohttp.ClientResponse:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.config.timeout, sock_connect=self.config.timeout, sock_read=self.config.timeout
         )
         try:
-            return await self.session.request(method, url, headers=headers, allow_redirects=False, timeout=timeout)
+            return await self.session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
+            )
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -400,7 +426,7 @@ class UpstreamClient:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             ) as token_response:
-                self.metrics.upstream_requests.labels(self.name, "TOKEN", str(token_response.status)).inc()
+                self.metrics.upstream_requests.labels(self.name, "GET", "token", str(token_response.status)).inc()
                 # A token service that is down or rate limiting is the upstream being down: the proxy must
                 # see UpstreamUnavailable / TooManyRequests (stale cache, 503, 429), not an unanswered 401
                 # that reads as "no such manifest" and turns cached tags into 404s.
@@ -434,8 +460,9 @@ class UpstreamClient:
         raw = f"{self.config.username}:{self.config.password or ''}".encode()
         return base64.b64encode(raw).decode()
 
-    def _record(self, method: str, response: _Response) -> None:
-        self.metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
+    def _record(self, method: str, path: str, response: _Response) -> None:
+        self.metrics.upstream_requests.labels(self.name, method, request_kind(path), str(response.status)).inc()
+        self.metrics.upstream_up.labels(self.name).set(1 if response.status < 500 else 0)
         self.ratelimit.observe(response.status, response.headers)
         for header, gauge in (
             ("ratelimit-remaining", self.metrics.ratelimit_remaining),
