@@ -58,12 +58,28 @@ def _load(path: Path | None) -> Config:
         raise SystemExit(2) from exc
 
 
+def _check_cluster(config: Config) -> int:
+    """A configured Redis must answer: a cluster node that cannot reach it cannot coordinate anything."""
+    if config.cluster is None:
+        return 0
+    import asyncio
+
+    from mirror.coordination.redis import check_redis
+
+    try:
+        asyncio.run(check_redis(config.cluster.redis, display=config.cluster.redis_display))
+    except ConnectionError as exc:
+        print(f"mirror: cluster.redis: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         config = _load(args.config)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return 0
+        return _check_cluster(config)
     if args.command == "serve":
         config = _load(args.config)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

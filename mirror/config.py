@@ -87,6 +87,23 @@ class LocalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Several mirror nodes coordinated through one Redis (mirror/coordination/redis.py)."""
+
+    redis: str  # redis://host:port/db, rediss://... or unix:///path
+    prefix: str = "mirror"  # every key this cluster writes starts with `<prefix>:`
+
+    @property
+    def redis_display(self) -> str:
+        """The URL without its password (for check-config and error messages)."""
+        parts = urlsplit(self.redis)
+        if parts.password is None:
+            return self.redis
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        return parts._replace(netloc=netloc).geturl()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -95,6 +112,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
+    cluster: ClusterConfig | None = None  # None: one node, coordinated in-process
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -113,6 +131,8 @@ class Config:
             upstream["ca_file"] = str(upstream["ca_file"]) if upstream["ca_file"] else None
         data["upstreams"] = list(data["upstreams"])
         data["local"]["repositories"] = list(self.local.repositories)
+        if self.cluster is not None:
+            data["cluster"]["redis"] = self.cluster.redis_display
         return data
 
 
@@ -364,11 +384,41 @@ def load_config_data(data: Any) -> Config:
     from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
 
     replication = parse_rules(root.get("replication"), upstreams)
+    cluster = _parse_cluster(root)
     root.finish()
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        replication=replication,
+        replication=replication, cluster=cluster,
     )
+
+
+_CLUSTER_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _parse_cluster(root: _Section) -> ClusterConfig | None:
+    if root.get("cluster") is None:
+        return None
+    section = root.section("cluster")
+    url = section.string("redis")
+    if not url:
+        raise ConfigError("cluster.redis: required (redis://host:port/db) when cluster is configured")
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"cluster.redis: expected a redis://, rediss:// or unix:// URL, got {url!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"cluster.redis: no host in {url!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"cluster.redis: bad port in {url!r}") from exc
+    prefix = section.string("prefix", "mirror") or ""
+    if not _CLUSTER_PREFIX.fullmatch(prefix):
+        raise ConfigError(
+            f"cluster.prefix: expected 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit), "
+            f"got {prefix!r}"
+        )
+    section.finish()
+    return ClusterConfig(redis=url, prefix=prefix)
 
 
 def load_config(path: Path | None) -> Config:
