@@ -121,8 +121,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     fills = FillManager(metrics)
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
-        await coordinator.start()
         stack.push_async_callback(coordinator.close)  # closed last: everything below may still use it
+        await coordinator.start()
         stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:

@@ -85,21 +85,26 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from mirror.api.server import run_app
         from mirror.app import create_app
+        from mirror.coordination.interface import CoordinatorUnavailable
 
         # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
-        run_app(
-            create_app(config),
-            host=config.listen.host,
-            port=config.listen.port,
-            access_log=None,
-            # aiohttp waits 60 s by default for in-flight handlers after SIGTERM: one client stalled in the
-            # middle of a PATCH (or slowly pulling a big blob) then holds shutdown past `docker stop`'s 10 s
-            # and Kubernetes' 30 s, so the process always ended SIGKILLed and the cleanup context (index
-            # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
-            # the bytes it received and the client resumes it (tests/test_real_registry.py).
-            shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-            print_line=lambda text: print(text, flush=True),
-        )
+        try:
+            run_app(
+                create_app(config),
+                host=config.listen.host,
+                port=config.listen.port,
+                access_log=None,
+                # aiohttp waits 60 s by default for in-flight handlers after SIGTERM: one client stalled in the
+                # middle of a PATCH (or slowly pulling a big blob) then holds shutdown past `docker stop`'s 10 s
+                # and Kubernetes' 30 s, so the process always ended SIGKILLed and the cleanup context (index
+                # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload
+                # keeps the bytes it received and the client resumes it (tests/test_real_registry.py).
+                shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+                print_line=lambda text: print(text, flush=True),
+            )
+        except CoordinatorUnavailable as exc:  # a cluster node must not serve on its own
+            print(f"mirror: cluster.redis: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "verify":
         config = _load(args.config)

@@ -455,3 +455,18 @@ def test_check_config_fails_clearly_when_redis_does_not_answer(
     assert "cluster.redis: Redis at redis://:***@127.0.0.1:" in captured.err
     assert "does not answer" in captured.err
     assert "hunter2" not in captured.err and "hunter2" not in captured.out
+
+
+def test_serve_refuses_to_start_when_its_redis_does_not_answer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cluster node serving alone would fill and evict without the others: it must not start."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    config = _write_config(tmp_path, url)
+    data = yaml.safe_load(config.read_text())
+    data["listen"] = f"127.0.0.1:{free_port()}"
+    config.write_text(yaml.safe_dump(data))
+    assert cli_main(["serve", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"mirror: cluster.redis: Redis at {url} does not answer" in err
+    assert "Traceback" not in err

@@ -12,4 +12,4 @@ def open_coordinator(cluster: ClusterConfig | None) -> Coordinator:
         return LocalCoordinator()
     from mirror.coordination.redis import RedisCoordinator  # redis-py is needed only by a cluster
 
-    return RedisCoordinator(cluster.redis, prefix=cluster.prefix)
+    return RedisCoordinator(cluster.redis, prefix=cluster.prefix, display_url=cluster.redis_display)

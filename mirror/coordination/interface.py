@@ -25,6 +25,10 @@ DEFAULT_HEARTBEAT = 30.0
 FillState = Literal["running", "done", "failed"]
 
 
+class CoordinatorUnavailable(RuntimeError):
+    """The shared coordinator (Redis) does not answer at start-up: a cluster node must not serve alone."""
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """Held by one node until released or expired. `token` proves ownership to renew and release."""

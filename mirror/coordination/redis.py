@@ -33,6 +33,7 @@ from redis.exceptions import RedisError
 from mirror.coordination.interface import (
     DEFAULT_HEARTBEAT,
     DEFAULT_LEASE_TTL,
+    CoordinatorUnavailable,
     FillProgress,
     FillState,
     Held,
@@ -169,8 +170,10 @@ class RedisCoordinator:
         heartbeat: float = DEFAULT_HEARTBEAT,
         in_use_ttl: float = DEFAULT_IN_USE_TTL,
         connect_timeout: float = 5.0,
+        display_url: str | None = None,
     ) -> None:
         self.node = node or default_node_name()
+        self.display_url = display_url or url  # without a password, for messages
         self.prefix = prefix
         self.lease_ttl = lease_ttl
         self.heartbeat = heartbeat
@@ -203,7 +206,10 @@ class RedisCoordinator:
 
     # -- life --------------------------------------------------------------------------------------
     async def start(self) -> None:
-        await self.redis.ping()
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError) as exc:
+            raise CoordinatorUnavailable(f"Redis at {self.display_url} does not answer: {exc}") from exc
         pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self._channel)
         self._tasks = [
