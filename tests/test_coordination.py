@@ -23,7 +23,9 @@ from mirror.coordination.interface import Coordinator, Held, Lease, keep_alive
 from mirror.coordination.local import LocalCoordinator
 from mirror.coordination.redis import RedisCoordinator
 from mirror.oci.digest import Digest
+from mirror.replication.engine import REPLICATION
 from mirror.state import CACHE, COORDINATOR
+from tests.registry_helpers import DOCKER_MANIFEST, push_image
 from tests.support.procs import free_port
 from tests.support.redis_server import RedisServer
 
@@ -402,6 +404,42 @@ async def test_app_with_a_cluster_publishes_in_use_marks_to_other_nodes(
         await coordinator.flush()
         assert not await other.is_in_use(DIGEST)
     finally:
+        await other.close()
+
+
+async def test_a_rule_running_on_another_node_makes_this_one_wait(
+    make_registry: Any, redis_server: RedisServer
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    client = await make_registry(
+        cluster={"redis": redis_server.url, "prefix": prefix},
+        replication=[{"name": "team", "source": "team/app", "destinations": [{"local": "copy/app"}]}],
+    )
+    await push_image(client, "team/app", "1.0", layers=(b"layer",), media_type=DOCKER_MANIFEST)
+    other = redis_node(redis_server, prefix, "other-node")
+    await other.start()
+    holding, finish = asyncio.Event(), asyncio.Event()
+
+    async def run_elsewhere() -> None:
+        async with other.rule_lock("team"):
+            holding.set()
+            await finish.wait()
+
+    elsewhere = asyncio.create_task(run_elsewhere())
+    try:
+        await asyncio.wait_for(holding.wait(), 5.0)
+        engine = client.app[REPLICATION]
+        here = asyncio.create_task(engine.run_rule("team"))
+        await asyncio.sleep(1.5)  # several polls of the lease: still waiting for the other node
+        assert not here.done()
+        async with client.get("/v2/copy/app/tags/list") as response:
+            assert response.status == 404
+        finish.set()
+        report = await asyncio.wait_for(here, 10.0)
+        assert (report.result, report.copied) == ("ok", 1)
+    finally:
+        finish.set()
+        await elsewhere
         await other.close()
 
 
