@@ -443,6 +443,31 @@ async def test_a_rule_running_on_another_node_makes_this_one_wait(
         await other.close()
 
 
+async def test_readyz_reports_the_cluster_and_fails_when_redis_goes(make_registry: Any, tmp_path: Path) -> None:
+    own = RedisServer(log_dir=tmp_path / "redis-log").start()  # this test stops it: not the shared one
+    try:
+        client = await make_registry(cluster={"redis": own.url, "prefix": "readyz"})
+        async with client.get("/readyz") as response:
+            body = await response.json()
+            assert response.status == 200, body
+        assert {"name": "cluster", "status": "healthy"} in body["components"]
+        own.stop()
+        async with client.get("/readyz") as response:
+            body = await response.json()
+            assert response.status == 503
+        cluster = next(c for c in body["components"] if c["name"] == "cluster")
+        assert cluster["status"] == "unhealthy" and "Error" in cluster["error"]
+    finally:
+        own.stop()
+
+
+async def test_readyz_of_a_single_node_has_no_cluster_check(make_registry: Any) -> None:
+    client = await make_registry()
+    async with client.get("/readyz") as response:
+        body = await response.json()
+    assert all(c["name"] != "cluster" for c in body["components"])
+
+
 # -- config and check-config ---------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("cluster", "message"),

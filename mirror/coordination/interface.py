@@ -89,6 +89,10 @@ class Coordinator(Protocol):
 
     async def close(self) -> None: ...
 
+    async def ping(self) -> None:
+        """Raise if the shared store does not answer (for /readyz); in-process: never raises."""
+        ...
+
     # -- fill leases and progress (per upstream and digest) ------------------------------------------
     async def acquire_fill(self, upstream: str, digest: str, ttl: float | None = None) -> Lease | Held:
         """SET NX PX: the lease, or who holds it. A fill whose holder's lease lapsed while it was running

@@ -97,6 +97,9 @@ class LocalCoordinator:
     async def close(self) -> None:
         return None
 
+    async def ping(self) -> None:
+        return None
+
     # -- leases ------------------------------------------------------------------------------------
     def _live(self, key: str) -> _Held | None:
         held = self._leases.get(key)

@@ -229,6 +229,9 @@ class RedisCoordinator:
             await self._withdraw_marks()
         await self.redis.aclose()
 
+    async def ping(self) -> None:
+        await self.redis.ping()
+
     async def _listen(self, pubsub: Any) -> None:
         try:
             while True:
