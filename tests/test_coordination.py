@@ -166,6 +166,17 @@ async def test_follower_sees_progress_as_it_is_published(nodes: tuple[Coordinato
     assert max(woke_after) < 3.0
     final = await b.fill_progress("hub", DIGEST)
     assert final is not None and final.size == 300
+    assert len(b._changed) == 0  # type: ignore[attr-defined]  # nothing is kept for a fill no one waits on any more
+
+
+async def test_a_wait_that_times_out_leaves_nothing_behind(nodes: tuple[Coordinator, Coordinator]) -> None:
+    a, b = nodes
+    lease = await acquire(a)
+    progress = await b.wait_progress("hub", DIGEST, 1, timeout=0.1)  # no publication: the timeout ends it
+    assert progress is not None and progress.version == 1 and progress.holder_alive
+    assert await b.wait_progress("other", DIGEST, 0, timeout=0.05) is None  # no such fill
+    assert len(b._changed) == 0  # type: ignore[attr-defined]
+    assert await a.release(lease)
 
 
 async def test_heartbeat_keeps_the_lease_and_stopping_it_hands_it_over(

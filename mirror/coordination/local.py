@@ -28,6 +28,7 @@ from mirror.coordination.interface import (
     RateBudget,
     fill_key,
 )
+from mirror.coordination.wakeups import Wakeups
 
 # A finished fill's progress stays readable this long, so a follower woken by "done" still reads it.
 PROGRESS_RETENTION = 60.0
@@ -82,7 +83,7 @@ class LocalCoordinator:
         self._leases: dict[str, _Held] = {}
         self._progress: dict[str, FillProgress] = {}
         self._finished: dict[str, float] = {}  # progress key -> when it may be forgotten (insertion order)
-        self._changed: dict[str, asyncio.Event] = {}
+        self._changed = Wakeups()
         self._in_use: Counter[str] = Counter()
         self._lru: dict[str, tuple[int, float]] = {}
         self._lru_bytes = 0
@@ -149,9 +150,7 @@ class LocalCoordinator:
     # -- progress ----------------------------------------------------------------------------------
     def _set_progress(self, key: str, progress: FillProgress) -> None:
         self._progress[key] = progress
-        event = self._changed.pop(key, None)
-        if event is not None:
-            event.set()
+        self._changed.wake(key)
 
     def _prune_finished(self) -> None:
         now = time.monotonic()
@@ -195,11 +194,7 @@ class LocalCoordinator:
         current = self._read_progress(key)
         if current is not None and current.version > seen_version:
             return current
-        event = self._changed.setdefault(key, asyncio.Event())
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+        await self._changed.wait(key, self._changed.watch(key), timeout)
         return self._read_progress(key)
 
     # -- in-use marks ------------------------------------------------------------------------------

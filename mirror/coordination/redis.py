@@ -45,6 +45,7 @@ from mirror.coordination.interface import (
     rule_key,
 )
 from mirror.coordination.local import default_node_name
+from mirror.coordination.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class RedisCoordinator:
                 "observe": _OBSERVE, "spend": _SPEND, "block": _BLOCK,
             }.items()
         }
-        self._changed: dict[str, asyncio.Event] = {}
+        self._changed = Wakeups()
         self._in_use: Counter[str] = Counter()
         self._dirty: set[str] = set()
         self._marks_changed = asyncio.Event()
@@ -239,23 +240,16 @@ class RedisCoordinator:
                     message = await pubsub.get_message(timeout=1.0)
                 except (RedisError, OSError):
                     log.warning("progress subscription to Redis lost; resubscribing", exc_info=True)
-                    self._wake_all()  # waiters re-read the hashes: nothing is missed for long
+                    self._changed.wake_all()  # waiters re-read the hashes: nothing is missed for long
                     await asyncio.sleep(1.0)
                     with contextlib.suppress(RedisError, OSError):
                         await pubsub.subscribe(self._channel)
                     continue
                 if message is not None and message.get("type") == "message":
-                    event = self._changed.pop(str(message["data"]), None)
-                    if event is not None:
-                        event.set()
+                    self._changed.wake(str(message["data"]))
         finally:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()
-
-    def _wake_all(self) -> None:
-        changed, self._changed = self._changed, {}
-        for event in changed.values():
-            event.set()
 
     # -- leases ------------------------------------------------------------------------------------
     def _token(self) -> str:
@@ -329,12 +323,16 @@ class RedisCoordinator:
         self, upstream: str, digest: str, seen_version: int, timeout: float
     ) -> FillProgress | None:
         key = fill_key(upstream, digest)
-        event = self._changed.setdefault(key, asyncio.Event())  # before reading: no message falls between
-        current = await self._read_progress(key)
+        event = self._changed.watch(key)  # before reading: no message falls between the read and the wait
+        try:
+            current = await self._read_progress(key)
+        except BaseException:
+            self._changed.unwatch(key, event)
+            raise
         if current is not None and current.version > seen_version:
+            self._changed.unwatch(key, event)
             return current
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
+        await self._changed.wait(key, event, timeout)
         return await self._read_progress(key)
 
     # -- in-use marks ------------------------------------------------------------------------------
