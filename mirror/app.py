@@ -22,6 +22,7 @@ from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager
 from mirror.config import Config
+from mirror.coordination.factory import open_coordinator
 from mirror.metrics import Metrics
 from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
 from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
@@ -30,7 +31,7 @@ from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.engine import replication_context
 from mirror.routing import Router, Upstream
-from mirror.state import CACHE, CONFIG, METRICS, ROUTER
+from mirror.state import CACHE, CONFIG, COORDINATOR, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
@@ -117,7 +118,10 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     if removed_temps or removed_uploads:
         log.info("start-up recovery: removed %d stale temp files and %d stale uploads", removed_temps, removed_uploads)
     metrics.add_maintenance_stats(functools.partial(read_stats, config.storage.path))
-    cache = CacheManager(index, blobs, config.storage, metrics, reconciled=False)
+    # In-process unless `cluster.redis` is configured; started (a Redis PING) inside the exit stack below.
+    coordinator = open_coordinator(config.cluster)
+    app[COORDINATOR] = coordinator
+    cache = CacheManager(index, blobs, config.storage, metrics, reconciled=False, coordinator=coordinator)
     await cache.refresh_totals()
     app[CACHE] = cache
     local = LocalRegistry(
@@ -131,6 +135,8 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     fills = FillManager(metrics)
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(coordinator.close)  # closed last: everything below may still use it
+        await coordinator.start()
         stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:

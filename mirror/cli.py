@@ -90,33 +90,54 @@ def _load(path: Path | None) -> Config:
         raise SystemExit(2) from exc
 
 
+def _check_cluster(config: Config) -> int:
+    """A configured Redis must answer: a cluster node that cannot reach it cannot coordinate anything."""
+    if config.cluster is None:
+        return 0
+    import asyncio
+
+    from mirror.coordination.redis import check_redis
+
+    try:
+        asyncio.run(check_redis(config.cluster.redis, display=config.cluster.redis_display))
+    except ConnectionError as exc:
+        print(f"mirror: cluster.redis: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         config = _load(args.config)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return 0
+        return _check_cluster(config)
     if args.command == "serve":
         config = _load(args.config)
         configure_logging(args.log_level or config.log.level, config.log.format)
         from mirror.api.server import run_app
         from mirror.app import create_app
+        from mirror.coordination.interface import CoordinatorUnavailable
 
         # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
-        run_app(
-            create_app(config),
-            host=config.listen.host,
-            port=config.listen.port,
-            access_log=logging.getLogger(ACCESS_LOGGER),
-            access_log_class=RequestLogger,
-            # aiohttp waits 60 s by default for in-flight handlers after SIGTERM: one client stalled in the
-            # middle of a PATCH (or slowly pulling a big blob) then holds shutdown past `docker stop`'s 10 s
-            # and Kubernetes' 30 s, so the process always ended SIGKILLed and the cleanup context (index
-            # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
-            # the bytes it received and the client resumes it (tests/test_real_registry.py).
-            shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-            print_line=lambda text: print(text, flush=True),
-        )
+        try:
+            run_app(
+                create_app(config),
+                host=config.listen.host,
+                port=config.listen.port,
+                access_log=logging.getLogger(ACCESS_LOGGER),
+                access_log_class=RequestLogger,
+                # aiohttp waits 60 s by default for in-flight handlers after SIGTERM: one client stalled in the
+                # middle of a PATCH (or slowly pulling a big blob) then holds shutdown past `docker stop`'s 10 s
+                # and Kubernetes' 30 s, so the process always ended SIGKILLed and the cleanup context (index
+                # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
+                # the bytes it received and the client resumes it (tests/test_real_registry.py).
+                shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
+                print_line=lambda text: print(text, flush=True),
+            )
+        except CoordinatorUnavailable as exc:  # a cluster node must not serve on its own
+            print(f"mirror: cluster.redis: {exc}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "healthcheck":
         return _healthcheck(_load(args.config), args.timeout)

@@ -125,6 +125,23 @@ def _parse_log(section: _Section) -> LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Several mirror nodes coordinated through one Redis (mirror/coordination/redis.py)."""
+
+    redis: str  # redis://host:port/db, rediss://... or unix:///path
+    prefix: str = "mirror"  # every key this cluster writes starts with `<prefix>:`
+
+    @property
+    def redis_display(self) -> str:
+        """The URL without its password (for check-config and error messages)."""
+        parts = urlsplit(self.redis)
+        if parts.password is None:
+            return self.redis
+        netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+        return parts._replace(netloc=netloc).geturl()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -134,6 +151,7 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
+    cluster: ClusterConfig | None = None  # None: one node, coordinated in-process
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -152,6 +170,8 @@ class Config:
             upstream["ca_file"] = str(upstream["ca_file"]) if upstream["ca_file"] else None
         data["upstreams"] = list(data["upstreams"])
         data["local"]["repositories"] = list(self.local.repositories)
+        if self.cluster is not None:
+            data["cluster"]["redis"] = self.cluster.redis_display
         return data
 
 
@@ -538,6 +558,7 @@ def load_config_data(data: Any) -> Config:
         local = root.section("local", _parse_local, LocalConfig())
         log = root.section("log", _parse_log, LogConfig())
         replication = _parse_replication(root, upstreams)
+        cluster = root.section("cluster", _parse_cluster, None) if root.get("cluster") is not None else None
         root.finish()
     except ConfigError as exc:  # a check that raises instead of recording: still shown with the others
         raise ConfigError(*errors.messages, *exc.errors) from exc
@@ -545,8 +566,40 @@ def load_config_data(data: Any) -> Config:
         raise ConfigError(*errors.messages)
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        log=log, replication=replication,
+        log=log, replication=replication, cluster=cluster,
     )
+
+
+_CLUSTER_PREFIX = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _redis_url(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: required (redis://host:port/db) when cluster is configured")
+    parts = urlsplit(value)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"{key}: expected a redis://, rediss:// or unix:// URL, got {value!r}")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ConfigError(f"{key}: no host in {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{key}: bad port in {value!r}") from exc
+    return value
+
+
+def _cluster_prefix(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _CLUSTER_PREFIX.fullmatch(value):
+        raise ConfigError(
+            f"{key}: expected 1-64 letters, digits, '.', '_' or '-' (starting with a letter or digit), got {value!r}"
+        )
+    return value
+
+
+def _parse_cluster(section: _Section) -> ClusterConfig | None:
+    url = section.value("redis", None, _redis_url, required=True)
+    prefix = section.value("prefix", "mirror", _cluster_prefix)
+    return None if url is None else ClusterConfig(redis=url, prefix=prefix)
 
 
 def load_config(path: Path | None) -> Config:

@@ -9,6 +9,7 @@ from aiohttp import web
 if TYPE_CHECKING:
     from mirror.cache.manager import CacheManager
     from mirror.config import Config
+    from mirror.coordination.interface import Coordinator
     from mirror.metrics import Metrics
     from mirror.routing import Router
 
@@ -16,3 +17,4 @@ CONFIG: web.AppKey[Config] = web.AppKey("config")
 ROUTER: web.AppKey[Router] = web.AppKey("router")
 METRICS: web.AppKey[Metrics] = web.AppKey("metrics")
 CACHE: web.AppKey[CacheManager] = web.AppKey("cache")
+COORDINATOR: web.AppKey[Coordinator] = web.AppKey("coordinator")

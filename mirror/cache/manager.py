@@ -25,7 +25,6 @@ import os
 import sqlite3
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ from typing import Any, TypeVar
 from mirror.cache.index import CACHED, HOLDERS, LOCAL, BlobIndex, BlobRecord, Victim
 from mirror.cache.policy import FrequencyEstimator, FrequencySketch
 from mirror.config import StorageConfig
+from mirror.coordination.interface import Coordinator
+from mirror.coordination.local import LocalCoordinator
 from mirror.errors import DigestInvalid
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
@@ -87,8 +88,10 @@ class CacheManager:
         executor: Executor | None = None,
         sketch: FrequencyEstimator | None = None,
         reconciled: bool = True,
+        coordinator: Coordinator | None = None,
     ) -> None:
         """`executor`: where index and file work runs (default: two threads of the manager's own).
+        `coordinator`: keeps the in-use marks (the app's; an in-process one of its own without it).
         `reconciled=False`: the index has not been checked against the files yet (see `reconcile`):
         nothing is evicted until it has been."""
         self.index = index
@@ -102,9 +105,9 @@ class CacheManager:
         self._files_executor = executor or ThreadPoolExecutor(1, thread_name_prefix="blob-files")
         self.sketch: FrequencyEstimator = sketch or FrequencySketch()
         self._accesses: dict[str, float] = {}
-        # Digests in use right now (a response sending the file, a push reusing it): never evicted. Only the
-        # loop touches this.
-        self._busy: Counter[str] = Counter()
+        # Digests in use right now (a response sending the file, a push reusing it): never evicted. Marks are
+        # a Counter on the loop in every Coordinator (a cluster one publishes them in the background).
+        self._marks: Coordinator = coordinator or LocalCoordinator()
         self._eviction_lock = asyncio.Lock()
         self._reconciled = asyncio.Event()
         if reconciled:
@@ -144,18 +147,16 @@ class CacheManager:
         """Mark a blob as in use (being sent, or being reused by a push): eviction passes it by until the
         block ends. Enter it *before* looking for the file. Loop thread only."""
         key = str(digest)
-        self._busy[key] += 1
+        self._marks.mark_in_use(key)
         try:
             yield
         finally:
-            self._busy[key] -= 1
-            if self._busy[key] <= 0:
-                del self._busy[key]
+            self._marks.unmark_in_use(key)
 
     in_use = serving
 
     def is_busy(self, digest: Digest | str) -> bool:
-        return str(digest) in self._busy
+        return self._marks.in_use_here(str(digest))
 
     # -- holders -----------------------------------------------------------------------------------
     async def hold(self, digest: Digest, size: int, holder: str) -> None:
@@ -352,7 +353,7 @@ class CacheManager:
             page, after = await self._in_index(self._victim_page_sync, after)
             for victim in page:
                 looked += 1
-                if victim.digest in self._busy:
+                if self._marks.in_use_here(victim.digest):
                     continue
                 if colder_than is not None and self.sketch.estimate(victim.digest) > colder_than:
                     continue
@@ -369,7 +370,7 @@ class CacheManager:
         for victim in read_lately:
             if freed >= need:
                 break
-            if victim.digest not in self._busy:
+            if not self._marks.in_use_here(victim.digest):
                 chosen.append(victim)
                 freed += victim.size
         return chosen, freed
@@ -398,7 +399,7 @@ class CacheManager:
         for number, victim in enumerate(chosen):
             if number and number % RENAMES_PER_TURN == 0:
                 await asyncio.sleep(0)
-            if victim.digest in self._busy:
+            if self._marks.in_use_here(victim.digest):
                 continue
             try:
                 path = self.blobs.path_for(Digest.parse(victim.digest))
@@ -621,7 +622,7 @@ class CacheManager:
         fresh = await self._in_files(_scan_links_sync, self.blobs, local_repos)
         renamed: list[tuple[Victim, Path, Path | None]] = []
         for key in report.orphans:
-            if key in fresh.local or key in fresh.cached or key in self._busy:
+            if key in fresh.local or key in fresh.cached or self._marks.in_use_here(key):
                 continue
             path = self.blobs.path_for(Digest.parse(key))
             trash = self.blobs.temp_root / f"{uuid.uuid4().hex}.evicted"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-from mirror.state import CACHE, CONFIG, ROUTER
+from mirror.state import CACHE, CONFIG, COORDINATOR, ROUTER
 
 CHECK_TIMEOUT_SECONDS = 3.0
 UPSTREAM_PROBE_TTL_SECONDS = 5.0
@@ -129,12 +129,24 @@ class HealthChecks:
         except Exception as exc:  # noqa: BLE001 - any failure of the index is what this check reports
             return CheckResult("index", False, f"{type(exc).__name__}: {exc}")
 
+    async def _cluster_answers(self) -> CheckResult:
+        coordinator = self.app.get(COORDINATOR)
+        if coordinator is None:
+            return CheckResult("cluster", False, "not open yet")
+        try:
+            await coordinator.ping()
+            return CheckResult("cluster", True)
+        except Exception as exc:  # noqa: BLE001 - a node that cannot coordinate must leave the load balancer
+            return CheckResult("cluster", False, f"{type(exc).__name__}: {exc}")
+
     async def run(self) -> list[CheckResult]:
         root = str(self.app[CONFIG].storage.path)
         checks: list[tuple[str, Callable[[], Awaitable[CheckResult]]]] = [
             ("storage", lambda: _storage_writable(root)),
             ("index", self._index_answers),
         ]
+        if self.app[CONFIG].cluster is not None:
+            checks.append(("cluster", self._cluster_answers))
         checks += [(f"upstream:{probe.name}", probe.check) for probe in self._upstream_probes()]
         return list(await asyncio.gather(*(_timed(name, make()) for name, make in checks)))
 

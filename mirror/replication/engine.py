@@ -36,6 +36,8 @@ from aiohttp import web
 from cronsim import CronSim
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
+from mirror.coordination.interface import Coordinator
+from mirror.coordination.local import LocalCoordinator
 from mirror.errors import RegistryError, TooManyRequests, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
@@ -52,7 +54,7 @@ from mirror.replication.planner import Job, Plan, Target, make_plan, select_tags
 from mirror.replication.rules import ARCHIVE, OCI_LAYOUT, Rule
 from mirror.replication.status import RuleState, load_state_sync, rule_dir, save_state_sync
 from mirror.replication.throttle import Bucket, ThrottledRegistry
-from mirror.state import CONFIG, METRICS, ROUTER
+from mirror.state import CONFIG, COORDINATOR, METRICS, ROUTER
 from mirror.storage.interface import Registry
 from mirror.upstream.ratelimit import parse_retry_after
 
@@ -193,7 +195,9 @@ class ReplicationEngine:
         self.retry_wait = retry_wait
         self._floors = {u.name: u.ratelimit_floor for u in config.upstreams}
         self._slots = asyncio.Semaphore(max_concurrent)
-        self._locks = {name: asyncio.Lock() for name in self.rules}
+        # One run of a rule at a time: on this node and, with a cluster, on every node (the file lock in
+        # `_rule_file_lock` also keeps out a `mirror sync` of another process on this data directory).
+        self.coordinator: Coordinator = app.get(COORDINATOR) or LocalCoordinator()
         self._wake = {name: asyncio.Event() for name in self.rules}
         self._states: dict[str, RuleState] = {name: RuleState(name) for name in self.rules}
         self._live_bytes: dict[str, int] = {}
@@ -250,7 +254,7 @@ class ReplicationEngine:
         """Start `name` now: "started", or "queued" when it is running (one more run follows this one)."""
         if name not in self.rules:
             raise KeyError(name)
-        running = self._locks[name].locked()
+        running = self.coordinator.rule_running_here(name)
         if self.scheduling:
             self._wake[name].set()
         else:
@@ -304,7 +308,7 @@ class ReplicationEngine:
             state = self._states[name]
             data = state.public()
             data.update(
-                running=self._locks[name].locked(),
+                running=self.coordinator.rule_running_here(name),
                 source=str(rule.source),
                 destinations=[d.key for d in rule.destinations],
                 schedule=rule.schedule,
@@ -324,7 +328,7 @@ class ReplicationEngine:
         rule = self.rules[name]
         if dry_run:  # reads only: it needs no lock, and takes none (a lock file is a write too)
             return await self._run(rule, dry_run=True, progress=progress)
-        async with self._locks[name], self._rule_file_lock(name), self._slots:
+        async with self.coordinator.rule_lock(name), self._rule_file_lock(name), self._slots:
             return await self._run(rule, dry_run=False, progress=progress)
 
     @contextlib.asynccontextmanager

@@ -27,6 +27,7 @@ from .dockerd import DockerDaemon
 from .images import BuiltImage, build_busybox_image, build_multiarch_image
 from .mirror_proc import MirrorProcess
 from .procs import free_port, require_tool
+from .redis_server import RedisServer
 from .token_server import Creds, TokenServer
 
 
@@ -47,6 +48,16 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 # -- upstream registry side ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One real redis-server per test session; tests keep apart by key prefix (``unique prefix``)."""
+    server = RedisServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")
