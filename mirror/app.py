@@ -15,6 +15,7 @@ from aiohttp.typedefs import Handler
 
 from mirror.api.errors import add_api_version, registry_errors
 from mirror.api.routes import api_dispatcher
+from mirror.auth.install import install_access_control
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager, reconcile_sync
@@ -65,6 +66,7 @@ def create_app(config: Config) -> web.Application:
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
     dispatcher = api_dispatcher()
+    install_access_control(app, config, dispatcher)
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_route("*", "/v2{tail:.*}", dispatcher.handle)
     return app

@@ -11,6 +11,7 @@ import yaml
 from aiohttp import web
 
 from mirror import __version__
+from mirror.auth.robot_cli import add_robot_parser, run_robot_command
 from mirror.cache.maintenance import gc, report_json, verify
 from mirror.config import Config, ConfigError, load_config, parse_duration
 
@@ -43,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
         "--grace", default=None,
         help="leave anything younger than this alone (a push may be in flight); default storage.temp_grace",
     )
+    add_robot_parser(commands)
     return parser
 
 
@@ -64,9 +66,11 @@ def main(argv: list[str] | None = None) -> int:
         config = _load(args.config)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from mirror.app import create_app
+        from mirror.auth.tls import serve_options
 
+        app = create_app(config)
         web.run_app(
-            create_app(config),
+            app,
             host=config.listen.host,
             port=config.listen.port,
             access_log=None,
@@ -77,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             # the bytes it received and the client resumes it (tests/test_real_registry.py).
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
             print=lambda text: print(text, flush=True),
+            **serve_options(app, config.security),  # TLS (reloaded on SIGHUP) and request-size caps
         )
         return 0
     if args.command == "verify":
@@ -98,4 +103,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report_json(gc(config.storage.path, dry_run=args.dry_run, grace_seconds=grace)))
         return 0
+    if args.command == "robot":
+        return run_robot_command(args, _load(args.config))
     return 2

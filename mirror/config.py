@@ -10,12 +10,15 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
 
 from mirror.oci.names import is_valid_name
+
+if TYPE_CHECKING:
+    from mirror.auth.settings import SecurityConfig
 
 
 class ConfigError(ValueError):
@@ -74,6 +77,12 @@ class LocalConfig:
     repositories: tuple[str, ...] = ()
 
 
+def _no_security() -> SecurityConfig:
+    from mirror.auth.settings import SecurityConfig  # not at the top: that module reads sections with ours
+
+    return SecurityConfig()
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
@@ -81,6 +90,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    security: SecurityConfig = field(default_factory=_no_security)  # `auth:`, `tls:`, `http:`
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -89,6 +99,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective config as plain data (for `check-config`); passwords are masked."""
         data = asdict(self)
+        data.pop("security")
+        data.update(self.security.to_dict())
         data["listen"] = str(self.listen)
         data["storage"]["path"] = str(self.storage.path)
         for upstream in data["upstreams"]:
@@ -325,8 +337,13 @@ def load_config_data(data: Any) -> Config:
     local_section = root.section("local")
     local = LocalConfig(repositories=_parse_local_patterns(local_section))
     local_section.finish()
+    from mirror.auth.settings import parse_security
+
+    security = parse_security(root)
     root.finish()
-    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local)
+    return Config(
+        listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local, security=security
+    )
 
 
 def load_config(path: Path | None) -> Config:
