@@ -14,6 +14,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api.errors import add_api_version, registry_errors
+from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
 from mirror.auth.install import install_access_control
 from mirror.cache.index import BlobIndex
@@ -23,6 +24,7 @@ from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
+from mirror.replication.engine import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CONFIG, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
@@ -65,9 +67,11 @@ def create_app(config: Config) -> web.Application:
     app[METRICS] = Metrics()
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
+    app.cleanup_ctx.append(replication_context)  # after the stores it copies between, closed before them
     dispatcher = api_dispatcher()
     install_access_control(app, config, dispatcher)
     app.router.add_get("/metrics", serve_metrics)
+    add_replication_routes(app)
     app.router.add_route("*", "/v2{tail:.*}", dispatcher.handle)
     return app
 

@@ -1,4 +1,4 @@
-"""Command line: `mirror serve`, `mirror check-config`."""
+"""Command line: `mirror serve`, `mirror check-config`, `mirror verify`, `mirror gc`, `mirror sync`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         help="leave anything younger than this alone (a push may be in flight); default storage.temp_grace",
     )
     add_robot_parser(commands)
+
+    sync = commands.add_parser("sync", help="run replication rules once now (exit 1 unless everything was copied)")
+    sync.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+    sync.add_argument("--rule", help="only this rule (default: every rule)")
+    sync.add_argument("--dry-run", action="store_true", help="show what would be copied; write nothing")
     return parser
 
 
@@ -105,4 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "robot":
         return run_robot_command(args, _load(args.config))
+    if args.command == "sync":
+        config = _load(args.config)
+        logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+        from mirror.replication.sync_cli import run_sync
+
+        return run_sync(config, args.rule, args.dry_run)
     return 2

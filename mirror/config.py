@@ -19,6 +19,7 @@ from mirror.oci.names import is_valid_name
 
 if TYPE_CHECKING:
     from mirror.auth.settings import SecurityConfig
+    from mirror.replication.rules import Rule
 
 
 class ConfigError(ValueError):
@@ -66,6 +67,9 @@ class UpstreamConfig:
     library_prefix: bool = False
     # PEM bundle of CAs to trust for this upstream instead of the system's (a registry behind a private CA).
     ca_file: Path | None = None
+    # Replication's GETs pause while this upstream announces this many pulls left or fewer
+    # (`ratelimit-remaining`): what remains of the budget is kept for pull-through clients.
+    ratelimit_floor: int = 5
 
     @property
     def host(self) -> str:
@@ -91,6 +95,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
     security: SecurityConfig = field(default_factory=_no_security)  # `auth:`, `tls:`, `http:`
+    replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -101,6 +106,7 @@ class Config:
         data = asdict(self)
         data.pop("security")
         data.update(self.security.to_dict())
+        data["replication"] = [rule.to_dict() for rule in self.replication]
         data["listen"] = str(self.listen)
         data["storage"]["path"] = str(self.storage.path)
         for upstream in data["upstreams"]:
@@ -270,9 +276,16 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         timeout=timeout,
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
         ca_file=ca_file,
+        ratelimit_floor=_non_negative_int(section.get("ratelimit_floor", 5), section.path("ratelimit_floor")),
     )
     section.finish()
     return upstream
+
+
+def _non_negative_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{key}: expected a whole number, 0 or more, got {value!r}")
+    return value
 
 
 def _secret(section: _Section, name: str) -> str | None:
@@ -337,13 +350,15 @@ def load_config_data(data: Any) -> Config:
     local_section = root.section("local")
     local = LocalConfig(repositories=_parse_local_patterns(local_section))
     local_section.finish()
+    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
+
+    replication = parse_rules(root.get("replication"), upstreams)
     from mirror.auth.settings import parse_security
 
     security = parse_security(root)
     root.finish()
-    return Config(
-        listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local, security=security
-    )
+    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local,
+                  replication=replication, security=security)
 
 
 def load_config(path: Path | None) -> Config:

@@ -88,6 +88,34 @@ class Metrics:
         self.evictions = Counter("mirror_evictions", "Blobs evicted from the cache.", registry=r)
         self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the cache.", registry=r)
 
+        self.replication_runs = Counter(
+            "mirror_replication_runs", "Finished replication runs by rule and result (ok, partial, failed).",
+            ["rule", "result"], registry=r,
+        )
+        self.replication_failures = Counter(
+            "mirror_replication_failures", "Replication runs that did not copy everything (partial or failed).",
+            ["rule"], registry=r,
+        )
+        self.replication_bytes = Counter(
+            "mirror_replication_bytes", "Blob bytes replication wrote to destinations.", ["rule"], registry=r,
+        )
+        self.replication_images = Counter(
+            "mirror_replication_images", "Images replication handled, by outcome (copied, unchanged, failed).",
+            ["rule", "outcome"], registry=r,
+        )
+        self.replication_last_success = Gauge(
+            "mirror_replication_last_success_timestamp_seconds", "When a rule last finished with everything copied.",
+            ["rule"], registry=r,
+        )
+        self.replication_running = Gauge(
+            "mirror_replication_running", "1 while a rule is running.", ["rule"], registry=r,
+        )
+        self.replication_paused = Gauge(
+            "mirror_replication_paused", "1 while a rule's GETs wait for an upstream's rate limit "
+            "(reason: ratelimit = at ratelimit_floor, retry-after = after a 429).",
+            ["rule", "reason"], registry=r,
+        )
+
     def add_maintenance_stats(self, read_stats: Callable[[], dict[str, int]]) -> None:
         self.registry.register(MaintenanceCollector(read_stats))
 

@@ -33,7 +33,9 @@ class Fault:
     """What to do to matching requests; `times` left.
 
     `kind`: 503, 429 (with `retry_after`), truncate (cut the body halfway), wrong (other bytes, same length),
-    chunked (the blob in chunked encoding, no Content-Length), chunked-truncate (that, cut halfway),
+    empty (`Content-Length: 0` and no body), short (the first half only, with a Content-Length that says so),
+    padded (the blob and 10 more bytes, Content-Length included), chunked (the blob in chunked encoding, no
+    Content-Length), chunked-padded (that, 10 bytes too long), chunked-truncate (chunked, cut halfway),
     slow (`delay` between 64 KiB pieces), stall (send half the body, then nothing until the client leaves),
     stall-headers (answer nothing until the client leaves), slow-headers (wait `delay`, then answer),
     expire-tokens, refuse-token; on /token also 503 and 429; pad (a JSON answer, the token's included,
@@ -311,6 +313,12 @@ class FakeUpstream:
             return web.json_response({"errors": [{"code": "BLOB_UNKNOWN"}]}, status=404)
         if fault and fault.kind == "wrong":
             data = bytes(b ^ 0xFF for b in data[:16]) + data[16:]
+        if fault and fault.kind == "empty":
+            data = b""
+        if fault and fault.kind == "short":
+            data = data[: len(data) // 2]
+        if fault and fault.kind in ("padded", "chunked-padded"):
+            data = data + b"0123456789"
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **headers})
         chunked = fault is not None and fault.kind.startswith("chunked")
         if chunked:

@@ -496,8 +496,8 @@ async def test_reader_that_starts_after_the_fill_finished_still_gets_every_byte(
         await fill.commit(path)
 
     manager = FillManager(Metrics())
-    fill = manager.join(digest, "library/alpine", download)
+    fill = manager.join("fake.io", digest, "library/alpine", download)
     await fill.wait_ready()  # what open_blob returns after
-    await eventually(lambda: manager.running(digest) is None, what="the fill to finish")
+    await eventually(lambda: manager.running("fake.io", digest) is None, what="the fill to finish")
     assert b"".join([chunk async for chunk in fill.iter_range(0, len(data))]) == data
     assert b"".join([chunk async for chunk in fill.iter_range(10, 20)]) == data[10:20]

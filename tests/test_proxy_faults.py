@@ -305,3 +305,103 @@ async def test_a_blob_without_content_length_cut_short_is_an_error_and_not_cache
         assert response.status == 200
         assert await response.read() == layer
     assert fake.count("GET", digest_of(layer)) == 2
+
+
+# -- bodies whose length cannot be the blob's (issue 9, item 5) ------------------------------------
+async def test_an_empty_body_for_a_non_empty_blob_is_never_a_complete_answer(aiohttp_server, make_registry):
+    client, fake, layer, url = await _mirror_with_a_faulty_layer(aiohttp_server, make_registry, Fault("empty", times=1))
+
+    # Content-Length: 0 leaves no last byte to hold back: refused before any header went out.
+    async with client.get(url) as response:
+        assert response.status == 502
+        assert await error_codes(response) == ["UPSTREAM_INVALID"]
+    await fills_settled(client)
+    assert digest_of(layer).split(":")[1] not in blob_files(client)
+    assert temp_files(client) == []
+    text = await metrics_text(client)
+    assert metric_value(text, "mirror_upstream_errors_total", reason="size_mismatch") == 1
+    async with client.get(url) as response:  # nothing was cached: the next pull fetches it whole
+        assert response.status == 200
+        assert await response.read() == layer
+
+    # The empty blob itself is real and has size 0: that one is served, and cached.
+    empty = fake.add_blob(b"")
+    for _ in range(2):
+        async with client.get(f"/v2/library/alpine/blobs/{empty}") as response:
+            assert response.status == 200
+            assert response.content_length == 0
+            assert await response.read() == b""
+    assert fake.count("GET", empty) == 1
+
+
+async def _mirror_that_served_the_manifest(aiohttp_server, make_registry, fault: Fault):
+    """Like _mirror_with_a_faulty_layer, with the layer's size known: its image's manifest was pulled."""
+    fake = FakeUpstream()
+    layer = os.urandom(LAYER_BYTES)
+    fake.add_image("library/alpine", "3.20", [layer])
+    digest = digest_of(layer)
+    fake.faults[digest] = fault
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake)
+    async with client.get("/v2/library/alpine/manifests/3.20") as response:
+        assert response.status == 200
+    return client, fake, layer, f"/v2/library/alpine/blobs/{digest}"
+
+
+@pytest.mark.parametrize("kind", ["short", "padded", "empty"])
+async def test_a_length_that_disagrees_with_the_manifest_is_refused_before_any_byte(
+    aiohttp_server, make_registry, kind
+):
+    client, fake, layer, url = await _mirror_that_served_the_manifest(
+        aiohttp_server, make_registry, Fault(kind, times=1)
+    )
+    async with client.get(url) as response:
+        assert response.status == 502
+        assert await error_codes(response) == ["UPSTREAM_INVALID"]
+    await fills_settled(client)
+    assert digest_of(layer).split(":")[1] not in blob_files(client)
+    assert temp_files(client) == []
+    async with client.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == layer
+    assert fake.count("GET", digest_of(layer)) == 2
+
+
+async def test_a_length_that_disagrees_with_an_upstream_head_is_refused_before_any_byte(aiohttp_server, make_registry):
+    client, fake, layer, url = await _mirror_with_a_faulty_layer(aiohttp_server, make_registry, Fault("short", times=0))
+    async with client.head(url) as response:  # answered by an upstream HEAD, which gives the size
+        assert response.status == 200 and response.content_length == len(layer)
+    fake.faults[digest_of(layer)] = Fault("short", times=1)
+    async with client.get(url) as response:
+        assert response.status == 502
+        assert await error_codes(response) == ["UPSTREAM_INVALID"]
+    await fills_settled(client)
+    assert temp_files(client) == []
+    async with client.get(url) as response:
+        assert response.status == 200
+        assert await response.read() == layer
+
+
+async def test_a_body_without_length_streams_at_the_manifests_size_and_never_past_it(aiohttp_server, make_registry):
+    client, fake, layer, url = await _mirror_that_served_the_manifest(
+        aiohttp_server, make_registry, Fault("chunked", times=1)
+    )
+    fake.blob_delay = 0.01
+    # The descriptor's size lets the client be answered, and streamed to, before the body has all arrived.
+    async with client.get(url) as response:
+        assert response.status == 200
+        assert response.content_length == len(layer)
+        first = await response.content.readany()
+        assert fake.bytes_sent[digest_of(layer)] < len(layer)
+        assert first + await response.read() == layer
+    await fills_settled(client)
+
+    # Ten bytes more than the manifest said: cut before the last byte, never a complete body.
+    other = os.urandom(LAYER_BYTES)
+    fake.add_image("library/busybox", "1", [other])
+    fake.faults[digest_of(other)] = Fault("chunked-padded", times=1)
+    async with client.get("/v2/library/busybox/manifests/1") as response:
+        assert response.status == 200
+    await _pull_expecting_a_cut(client, f"/v2/library/busybox/blobs/{digest_of(other)}", len(other))
+    await fills_settled(client)
+    assert digest_of(other).split(":")[1] not in blob_files(client)
+    assert temp_files(client) == []

@@ -199,6 +199,51 @@ def test_docker_engine_pulls_through_mirror_and_then_from_cache_alone(
     assert after[("blob", "miss")] == before[("blob", "miss")], after
 
 
+@pytest.mark.slow
+@pytest.mark.needs_tools(*DOCKER_TOOLS, *SKOPEO_TOOLS)
+def test_docker_engine_pulls_an_image_whose_shared_layer_it_skipped_with_the_upstream_gone(
+    token_server: TokenServer,
+    registry_factory: RegistryFactory,
+    mirror_factory: MirrorFactory,
+    docker_daemon_factory: DockerDaemonFactory,
+    image_factory: ImageFactory,
+    unique_repo: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    """Issue 9, item 2: A, then B sharing A's base layer (Docker never asks for it under B); upstream
+    stopped, both removed, B pulled again: the shared layer is read through B from what B's manifest
+    (a child of B's cached index) names."""
+    upstream = registry_factory.token_auth(token_server)  # ours alone: it is stopped below
+    image_a = image_factory.busybox(seed=91, marker="image-a")
+    image_b = image_factory.multiarch(seed=92, extra_layers=[1 << 20], marker="image-b")
+    shared = image_a.host_manifest.layer_digests[0]
+    assert image_b.host_manifest.layer_digests[0] == shared  # the same busybox base layer
+    repo_a, repo_b = unique_repo("library/shared-a"), unique_repo("library/shared-b")
+    upstream.push(image_a, f"{repo_a}:1")
+    upstream.push(image_b, f"{repo_b}:1")
+    pushed = len(registry_requests(upstream, repo_b))  # the push's own HEADs of every blob come first
+    mirror = start_mirror(mirror_factory, tmp_path, [upstream_entry(upstream, default=True, tag_ttl="1s")])
+    daemon = docker_daemon_factory(mirror.url)
+    name_a, name_b = repo_a.split("/", 1)[1] + ":1", repo_b.split("/", 1)[1] + ":1"
+
+    daemon.docker("pull", name_a)
+    daemon.docker("pull", name_b)
+    assert f"@{image_b.digest}" in repo_digests(daemon, name_b)
+    # Docker had the base layer from A: neither it nor the mirror asked for it under B.
+    pulled = registry_requests(upstream, repo_b)[pushed:]
+    assert pulled and not [path for _method, path, _status in pulled if shared in path], pulled
+
+    upstream.stop()
+    daemon.docker("rmi", name_a, name_b)
+    assert daemon.docker("images", "-q").stdout.strip() == b""
+    time.sleep(1.1)  # past tag_ttl: the mirror tries the (dead) upstream for the tag, then serves its copy
+    daemon.docker("pull", name_b)  # Docker Hub is blackholed and the upstream is down: only the mirror answers
+    assert f"@{image_b.digest}" in repo_digests(daemon, name_b)
+    assert image_b.marker in daemon.run_image(name_b)
+    lookups = cache_lookups(mirror)
+    assert lookups[("blob", "hit")] >= len(image_b.host_manifest.blob_digests), lookups
+
+
 # -- 2. containerd with hosts.toml (?ns=) --------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ import queue
 import threading
 from collections.abc import Callable
 
-from mirror.errors import UpstreamUnavailable
+from mirror.errors import UpstreamInvalid, UpstreamUnavailable
 from mirror.upstream.blocking import BlockingResponse
 
 PIECE_BYTES = 1 << 20
@@ -29,8 +29,11 @@ class BodyDownload:
     """One response body on its way to `fd` and `hasher`. `on_written` runs in the event loop."""
 
     def __init__(self, response: BlockingResponse, fd: int, hasher: hashlib._Hash,
-                 on_written: Callable[[int], None], *, upstream: str) -> None:
+                 on_written: Callable[[int], None], *, upstream: str, size: int | None = None) -> None:
         self._response = response
+        # How many bytes the body must have: its Content-Length or, without one, the size the blob's
+        # descriptor gave. None: whatever arrives (the digest check still decides).
+        self._size = size if size is not None else response.content_length
         self._fd = fd
         self._hasher = hasher
         self._on_written = on_written
@@ -44,8 +47,9 @@ class BodyDownload:
 
     async def run(self) -> int:
         """Receive the whole body; return its size. Raises UpstreamUnavailable when the stream breaks
-        or ends short, OSError when the disk fails. If cancelled, the threads are stopped and waited for
-        before the cancellation goes on (the caller may close the file right after)."""
+        or ends short, UpstreamInvalid when it runs past the size it must have, OSError when the disk
+        fails. If cancelled, the threads are stopped and waited for before the cancellation goes on (the
+        caller may close the file right after)."""
         loop = asyncio.get_running_loop()
         receiving = _thread_future(loop, self._receive, loop, name="fill-receive")
         hashing = _thread_future(loop, self._hash, name="fill-hash")
@@ -68,7 +72,7 @@ class BodyDownload:
     # -- threads -----------------------------------------------------------------------------------
     def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            expected = self._response.content_length
+            expected = self._size
             while True:
                 try:
                     piece = self._response.read1(PIECE_BYTES)
@@ -80,6 +84,11 @@ class BodyDownload:
                     raise UpstreamUnavailable("download cancelled")
                 if not piece:
                     break
+                if expected is not None and self.received + len(piece) > expected:
+                    # Never written: readers may only ever see bytes within the size they were promised.
+                    raise UpstreamInvalid(
+                        f"upstream {self._upstream} sent more than the {expected} bytes the blob has"
+                    )
                 _write_all(self._fd, piece)
                 self.received += len(piece)
                 self._pieces.put(piece)

@@ -1,4 +1,9 @@
-"""Fills: one upstream download per blob digest, streamed to every client while it runs.
+"""Fills: one upstream download per blob digest and upstream, streamed to every client while it runs.
+
+A fill belongs to one upstream, and so does its "who may read this" set: repositories of that upstream's
+cache. A client of another upstream never joins it (its own upstream has to vouch for the blob, and the
+link it earns goes into its own upstream's cache), so two upstreams asked for one digest at the same time
+each download it once.
 
 A fill writes a temp file while hashing, publishes how many bytes are on disk, verifies size and digest,
 then renames the file into the blob store. Each reader gets its own duplicate of one read-only descriptor
@@ -8,7 +13,8 @@ at commit), no byte passes through Python, and the download never waits for its 
 The last byte is released only after the digest is verified: a client can never receive a complete body
 of wrong bytes, it sees a cut connection and retries with Range. It is released as soon as the digest
 is verified, not after the commit: fsyncing 200 MB took 0.13 s here, durability the cache needs and the
-client does not.
+client does not. A body of 0 bytes has no last byte to hold back, so it is published only once verified:
+its readers get nothing, headers included, before the digest is known to be the empty blob's.
 """
 
 from __future__ import annotations
@@ -34,11 +40,12 @@ COMMIT_GRACE_SECONDS = 10.0
 class Fill:
     """One blob download in progress, as readers see it (a BlobStream)."""
 
-    def __init__(self, digest: Digest, repo: str) -> None:
+    def __init__(self, digest: Digest, upstream: str, repo: str) -> None:
         self.digest = digest
+        self.upstream = upstream  # whose cache the repositories below belong to
         self.repo = repo  # the repository the download was authorised for
-        # Repositories allowed to read these bytes: the downloader's, plus any the upstream confirmed for
-        # a client that joined. All of them are linked when the blob is committed.
+        # Repositories of `upstream` allowed to read these bytes: the downloader's, plus any the upstream
+        # vouched for on behalf of a client that joined. All of them are linked when the blob is committed.
         self.repos: set[str] = {repo}
         self.size = 0
         self.written = 0
@@ -55,7 +62,10 @@ class Fill:
 
     # -- the downloader's side ---------------------------------------------------------------------
     def begin(self, size: int, read_fd: int) -> None:
-        """Headers are in: the size is known and bytes will land in the file behind `read_fd`."""
+        """Headers are in: the size is known and bytes will land in the file behind `read_fd`.
+        An empty body may begin only once verified: readers would answer it complete at once."""
+        if size == 0 and not self.verified:
+            raise ValueError("an empty body is published only after its digest is verified")
         self.size = size
         self._fd = read_fd
         self._ready.set()
@@ -107,7 +117,8 @@ class Fill:
         return repo in self.repos
 
     def allow(self, repo: str) -> None:
-        """Let `repo` read the bytes too (the upstream confirmed it has the blob); linked at commit."""
+        """Let `repo` (of this fill's upstream) read the bytes too: that upstream vouched for it, with a
+        HEAD or a manifest it served. Linked at commit."""
         self.repos.add(repo)
 
     def _close_if_detached(self) -> None:
@@ -172,25 +183,26 @@ Download = Callable[[Fill], Awaitable[None]]
 
 
 class FillManager:
-    """Owns every running fill (the application owns this): at most one per digest."""
+    """Owns every running fill (the application owns this): at most one per (upstream, digest)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._fills: dict[Digest, Fill] = {}
+        self._fills: dict[tuple[str, Digest], Fill] = {}
         self._tasks: dict[asyncio.Task[None], Fill] = {}
 
-    def running(self, digest: Digest) -> Fill | None:
-        return self._fills.get(digest)
+    def running(self, upstream: str, digest: Digest) -> Fill | None:
+        return self._fills.get((upstream, digest))
 
-    def join(self, digest: Digest, repo: str, download: Download) -> Fill:
-        """The running fill for `digest`, or a new one that `download` performs."""
-        fill = self._fills.get(digest)
+    def join(self, upstream: str, digest: Digest, repo: str, download: Download) -> Fill:
+        """The running fill of `upstream` for `digest`, or a new one that `download` performs for `repo`."""
+        key = (upstream, digest)
+        fill = self._fills.get(key)
         if fill is not None:
             self.metrics.fill_waiters.inc()
             return fill
-        fill = Fill(digest, repo)
-        self._fills[digest] = fill
-        task = asyncio.create_task(self._run(fill, download), name=f"fill {digest}")
+        fill = Fill(digest, upstream, repo)
+        self._fills[key] = fill
+        task = asyncio.create_task(self._run(fill, download), name=f"fill {upstream} {digest}")
         self._tasks[task] = fill
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
         return fill
@@ -207,12 +219,13 @@ class FillManager:
             await fill.fail(UpstreamUnavailable("download cancelled (server shutting down)"))
             raise
         except Exception as exc:  # noqa: BLE001 - every failure must reach every reader as a registry error
-            log.exception("fill of %s failed", fill.digest)
+            log.exception("fill of %s from %s failed", fill.digest, fill.upstream)
             await fill.fail(UpstreamUnavailable(f"download failed: {type(exc).__name__}"))
         finally:
             self.metrics.fills_in_progress.dec()
-            if self._fills.get(fill.digest) is fill:
-                del self._fills[fill.digest]
+            key = (fill.upstream, fill.digest)
+            if self._fills.get(key) is fill:
+                del self._fills[key]
             fill.detach()
 
     async def close(self) -> None:

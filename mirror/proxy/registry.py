@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
+import json
 import logging
 import os
 import time
@@ -33,11 +35,11 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, looks_like_digest
-from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, parse_manifest
+from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import is_valid_tag, validate_tag
 from mirror.proxy.download import BodyDownload
 from mirror.proxy.fills import Fill, FillManager
-from mirror.proxy.memo import ManifestMemo
+from mirror.proxy.memo import ExpectedSizes, ManifestMemo
 from mirror.proxy.singleflight import SingleFlight
 from mirror.storage.blobs import BlobStore, StoredBlob
 from mirror.storage.interface import BlobBody, BlobFile, BlobInfo, Manifest, ManifestInfo, Registry
@@ -49,8 +51,37 @@ log = logging.getLogger(__name__)
 
 # Room kept free beyond the blobs being downloaded (index, manifests, uploads need a little too).
 DISK_MARGIN_BYTES = 16 << 20
+# An index of indexes of manifests is as deep as references are followed when linking them.
+_MAX_INDEX_DEPTH = 2
 # Errors after which cached content is better than no content (a garbled answer included).
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
+
+
+_NON_DISTRIBUTABLE_PREFIXES = (
+    "application/vnd.oci.image.layer.nondistributable.",
+    "application/vnd.docker.image.rootfs.foreign.",
+)
+
+
+def _is_non_distributable(media_type: str) -> bool:
+    return media_type.startswith(_NON_DISTRIBUTABLE_PREFIXES)
+
+
+def _foreign_layer_digests(body: bytes) -> set[Digest]:
+    """Digests of layers a manifest says are fetched from `urls` elsewhere (already parsed and valid)."""
+    layers = json.loads(body).get("layers")
+    found: set[Digest] = set()
+    for layer in layers if isinstance(layers, list) else []:
+        if isinstance(layer, dict) and layer.get("urls"):
+            try:
+                found.add(Digest.parse(str(layer.get("digest"))))
+            except RegistryError:
+                continue
+    return found
+
+
+def _is_empty_blob(digest: Digest) -> bool:
+    return hashlib.new(digest.algorithm, b"").hexdigest() == digest.hex
 
 
 def _open_pair(path: Path) -> tuple[int, int]:
@@ -89,46 +120,55 @@ class ProxyRegistry(Registry):
         self.read_only_message = read_only_message
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
         self._memo = ManifestMemo()
+        self._sizes = ExpectedSizes()
 
     def _count(self, kind: str, result: str) -> None:
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
 
     # -- blobs -------------------------------------------------------------------------------------
-    async def _find(self, repo: str, digest: Digest) -> tuple[BlobFile | None, StoredBlob | None]:
-        """(the file when `repo` links it, the stored file whoever links it), in one thread hop."""
-        linked, stored = await asyncio.to_thread(find_blob_sync, self.repos, self.blobs, repo, digest)
-        cached = BlobFile(digest, stored.size, stored.path) if linked and stored is not None else None
-        return cached, stored
+    async def _find(self, repo: str, digest: Digest) -> tuple[bool, StoredBlob | None]:
+        """(whether `repo` links the blob, the stored file whoever links it), in one thread hop."""
+        return await asyncio.to_thread(find_blob_sync, self.repos, self.blobs, repo, digest)
 
     async def _upstream_has_blob(self, repo: str, digest: Digest) -> int | None:
         """HEAD the blob upstream: its size when `repo` may read it there, else None."""
         response = await self.client.open("HEAD", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo))
         response.release()
         if response.status == 200:
-            return response.content_length if response.content_length is not None else -1
+            if response.content_length is None:
+                return -1
+            self._sizes.record(repo, digest, response.content_length)
+            return response.content_length
         if response.status in (401, 403, 404):
             return None
         raise UpstreamUnavailable(f"upstream {self.name} answered HEAD blob with {response.status}")
 
     async def open_blob(self, repo: str, digest: Digest) -> BlobBody:
-        confirmed = False  # the upstream said `repo` has this blob
+        # `repo` may read a blob its link names (a manifest this upstream served references it, or a fill
+        # for `repo` stored it), or one this upstream confirmed with a HEAD just now. Bytes on disk or
+        # arriving for any other repository (of this upstream or another) are not readable by knowing
+        # their digest.
+        confirmed = False
         while True:
-            cached, stored = await self._find(repo, digest)
-            if cached is not None:
+            linked, stored = await self._find(repo, digest)
+            if linked and stored is not None:
                 self._count("blob", "hit")
                 self.cache.note_access(digest)
-                return cached
+                return BlobFile(digest, stored.size, stored.path)
             # No await from here to the join: a fill that finished in between would be started again
             # (a second upstream GET for bytes we already have).
-            running = self.fills.running(digest)
-            if running is None and stored is None:
-                self._count("blob", "miss")
-                fill = self.fills.join(digest, repo, lambda f: self._download(f, repo, digest))
-                break
-            if running is not None and (confirmed or running.readable_by(repo)):
+            running = self.fills.running(self.name, digest)
+            if running is not None and (linked or confirmed or running.readable_by(repo)):
                 running.allow(repo)  # linked to `repo` too when it commits: later reads are plain hits
                 self._count("blob", "joined")
-                fill = self.fills.join(digest, repo, lambda f: self._download(f, repo, digest))
+                fill = self.fills.join(self.name, digest, repo, lambda f: self._download(f, repo, digest, None))
+                break
+            if running is None and stored is None:
+                self._count("blob", "miss")
+                # The GET asks the upstream for `repo` itself: its answer is the permission.
+                expected = self._sizes.get(repo, digest)
+                download = functools.partial(self._download, repo=repo, digest=digest, expected=expected)
+                fill = self.fills.join(self.name, digest, repo, download)
                 break
             if confirmed and stored is not None:
                 await asyncio.to_thread(self.repos.link_blob, repo, digest)
@@ -137,8 +177,7 @@ class ProxyRegistry(Registry):
                 self._count("blob", "hit")
                 self.cache.note_access(digest)
                 return BlobFile(digest, stored.size, stored.path)
-            # The bytes are here (or arriving) for another repository. Serve them through this one only if
-            # the upstream says this repository may read them (a blob is not readable by knowing its digest).
+            # The bytes are here (or arriving) for another repository: ask the upstream about this one.
             if await self._upstream_has_blob(repo, digest) is None:
                 raise BlobUnknown(detail={"digest": str(digest)})
             confirmed = True  # look again: during the HEAD a fill may have finished or committed
@@ -146,11 +185,11 @@ class ProxyRegistry(Registry):
         return fill
 
     async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
-        cached, _stored = await self._find(repo, digest)
-        if cached is not None:
-            return BlobInfo(digest, cached.size)
-        running = self.fills.running(digest)
-        if running is not None and running.readable_by(repo):
+        linked, stored = await self._find(repo, digest)
+        if linked and stored is not None:
+            return BlobInfo(digest, stored.size)
+        running = self.fills.running(self.name, digest)
+        if running is not None and (linked or running.readable_by(repo)):
             await running.wait_ready()
             return BlobInfo(digest, running.size)
         size = await self._upstream_has_blob(repo, digest)
@@ -158,14 +197,34 @@ class ProxyRegistry(Registry):
             raise BlobUnknown(detail={"digest": str(digest)})
         return BlobInfo(digest, size)
 
-    async def _download(self, fill: Fill, repo: str, digest: Digest) -> None:
-        cached, _stored = await self._find(repo, digest)
-        if cached is not None:
+    def _check_size(self, digest: Digest, content_length: int | None, expected: int | None) -> None:
+        """Refuse, before any client is answered, a body whose length cannot be the blob's: one that
+        disagrees with what the manifest's descriptor or a HEAD said, or an empty body for any digest
+        but the empty blob's (whose one legitimate size is 0). With 0 bytes there is no last byte to
+        hold back, so this must be known before headers go out."""
+        empty = _is_empty_blob(digest)
+        problem: str | None = None
+        if content_length is not None and expected is not None and content_length != expected:
+            problem = f"Content-Length {content_length} where {expected} bytes were expected"
+        elif content_length == 0 and not empty:
+            problem = "an empty body"
+        elif empty and (content_length or expected):
+            problem = f"{content_length or expected} bytes for the empty blob"
+        if problem is not None:
+            self.metrics.upstream_errors.labels(self.name, "size_mismatch").inc()
+            raise UpstreamInvalid(f"upstream {self.name} sent {problem} for {digest}")
+
+    async def _download(self, fill: Fill, repo: str, digest: Digest, expected: int | None) -> None:
+        """Fill `digest` for `repo` from this upstream. `expected`: the blob's size as a descriptor or a
+        HEAD gave it, when known."""
+        linked, stored = await self._find(repo, digest)
+        if linked and stored is not None:
             # A fill for this repository committed while open_blob decided to start this one (it looks for
             # the file and for running fills at two moments): serve that file instead of downloading again.
-            read_fd = await asyncio.to_thread(os.open, cached.path, os.O_RDONLY)
-            fill.begin(cached.size, read_fd)
-            await fill.commit(cached.path)
+            read_fd = await asyncio.to_thread(os.open, stored.path, os.O_RDONLY)
+            fill.verify()  # a stored blob was verified when it was committed
+            fill.begin(stored.size, read_fd)
+            await fill.commit(stored.path)
             return
         response = await self.client.open_blocking(
             "GET", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo)
@@ -175,27 +234,34 @@ class ProxyRegistry(Registry):
                 raise BlobUnknown(f"upstream {self.name} has no blob {digest} in {repo}")
             if response.status != 200:
                 raise UpstreamUnavailable(f"upstream {self.name} answered blob GET with {response.status}")
+            self._check_size(digest, response.content_length, expected)
+            # Without a Content-Length, the descriptor's size lets clients be answered (and streamed to)
+            # at once; the body must then have exactly that many bytes.
+            size = response.content_length if response.content_length is not None else expected
             # Room is made (and these bytes counted as on their way) before the fill answers; the count
             # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
-            size = response.content_length
             # A blob larger than the whole cache bound is streamed through without being kept: caching
             # it would mean evicting everything else and still exceeding storage.max_size.
             keep = self.cache.max_size is None or size is None or size <= self.cache.max_size
             async with self.cache.incoming(size or 0 if keep else 0):
-                await self._stream_to_store(fill, response, repo, digest, keep=keep)
+                await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep)
         finally:
             response.release()
 
     async def _stream_to_store(
-        self, fill: Fill, response: BlockingResponse, repo: str, digest: Digest, *, keep: bool = True
+        self, fill: Fill, response: BlockingResponse, repo: str, digest: Digest, *, size: int | None,
+        keep: bool = True,
     ) -> None:
-        size = response.content_length
+        """Receive the body (exactly `size` bytes when known) into a temp file while readers follow it;
+        verify, then commit it (or, with `keep` false, only let the readers finish)."""
         started = time.perf_counter()
         temp = self.blobs.new_temp_path()
         write_fd, read_fd = await asyncio.to_thread(_open_pair, temp)
         hasher = hashlib.new(digest.algorithm)
         try:
-            if size is not None:
+            # Readers are answered now only when there is a last byte to hold back; an empty or unsized
+            # body is published once verified.
+            if size:
                 await self._reserve(size)
                 fill.begin(size, read_fd)
             upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
@@ -204,14 +270,16 @@ class ProxyRegistry(Registry):
                 upstream_bytes.inc(size - fill.written)
                 fill.advance(size)
 
-            received = await BodyDownload(response, write_fd, hasher, on_written, upstream=self.name).run()
+            received = await BodyDownload(
+                response, write_fd, hasher, on_written, upstream=self.name, size=size
+            ).run()
             actual = hasher.hexdigest()
             if actual != digest.hex:
                 self.metrics.upstream_errors.labels(self.name, "digest_mismatch").inc()
                 raise UpstreamInvalid(f"upstream {self.name} sent bytes that do not match {digest}")
-            if size is None:
-                fill.begin(received, read_fd)
             fill.verify()
+            if not size:
+                fill.begin(received, read_fd)
             await asyncio.to_thread(os.close, write_fd)
             write_fd = -1
             if not keep:
@@ -291,7 +359,29 @@ class ProxyRegistry(Registry):
         if link is None:
             return None
         body = await self.blobs.read_bytes(digest)
-        return Manifest(digest, link.media_type, body) if body is not None else None
+        if body is None:
+            return None
+        read = await asyncio.to_thread(self._read_cached_manifest_sync, repo, link, body)
+        if read is None:
+            return None
+        media_type, vouched = read
+        self._record_sizes(repo, vouched)
+        return Manifest(digest, media_type, body)
+
+    def _read_cached_manifest_sync(
+        self, repo: str, link: ManifestLink, body: bytes
+    ) -> tuple[str, list[Descriptor]] | None:
+        """Blocking: (the media type to serve, the blobs it vouches for) of a manifest found cached for
+        `repo`. Links written before references were linked, or for a child an index named, get their
+        references linked now, as _fetch_manifest does; None when the body is not what such a link says
+        (it is fetched from the upstream instead)."""
+        try:
+            parsed = parse_manifest(body, link.media_type)
+        except RegistryError:
+            return (link.media_type, []) if link.references_linked else None
+        if link.references_linked:
+            return link.media_type, list(parsed.blobs)
+        return parsed.media_type, self._link_manifest_sync(repo, link.digest, parsed, body)
 
     async def _manifest_by_digest(self, repo: str, digest: Digest) -> Manifest:
         memo = self._memo.get(("digest", repo, digest))
@@ -406,9 +496,63 @@ class ProxyRegistry(Registry):
         # In use while stored: eviction must not remove an identical body put_bytes found, before it is held.
         with self.cache.in_use(digest):
             await self.blobs.put_bytes(body, digest)
-            await asyncio.to_thread(self.repos.link_manifest, repo, ManifestLink(digest, parsed.media_type, len(body)))
+            vouched = await asyncio.to_thread(self._link_manifest_sync, repo, digest, parsed, body)
             await self.cache.hold(digest, len(body), CACHED)
+        self._record_sizes(repo, vouched)
         return Manifest(digest, parsed.media_type, body)
+
+    def _link_manifest_sync(
+        self, repo: str, digest: Digest, parsed: ParsedManifest, body: bytes, *, depth: int = 0
+    ) -> list[Descriptor]:
+        """Blocking: link a manifest this upstream served for `repo`, and first what it references;
+        returns the blob descriptors it (or a child of it) vouches for.
+
+        A registry accepts a manifest only when the repository has every blob (and, for an index, every
+        child manifest) it names, so the upstream serving it through `repo` is its word that `repo` may
+        read them: no HEAD is needed for them later, and they stay readable with the upstream gone
+        (a layer Docker skipped because it had it from another image included). Blob links may come
+        before the bytes: a linked blob that is not on disk is a miss like any other. A child manifest is
+        linked when its body is here (fetched for another repository): one that is not has to come from
+        the upstream anyway, and is linked then. The references are linked before the manifest link that
+        says so, so a crash in between only costs doing it again."""
+        vouched: list[Descriptor] = []
+        try:
+            vouched = self._link_references_sync(repo, parsed, body, depth)
+            linked = True
+        except OSError as exc:
+            # Only a saving: without these links the blobs are confirmed with a HEAD as before.
+            log.warning("could not link what %s/%s@%s references: %s", self.name, repo, digest, exc)
+            linked = False
+        self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body), references_linked=linked))
+        return vouched
+
+    def _link_references_sync(self, repo: str, parsed: ParsedManifest, body: bytes, depth: int) -> list[Descriptor]:
+        # Non-distributable layers are the exception: a registry never checks those (they were never
+        # pushed), so naming one is no evidence that `repo` may read bytes stored under that digest.
+        foreign = _foreign_layer_digests(body)
+        vouched = [blob for blob in parsed.blobs
+                   if blob.digest not in foreign and not _is_non_distributable(blob.media_type)]
+        for blob in vouched:
+            self.repos.link_blob(repo, blob.digest)
+        if depth >= _MAX_INDEX_DEPTH:
+            return vouched
+        for child in parsed.manifests:
+            existing = self.repos.manifest_link(repo, child.digest)
+            if (existing is not None and existing.references_linked) or child.size > self.manifest_limit:
+                continue
+            try:
+                child_body = self.blobs.path_for(child.digest).read_bytes()
+                child_parsed = parse_manifest(child_body, child.media_type)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # not here yet: linked when it is fetched through `repo`
+            except RegistryError:
+                continue  # not what the index says it is: fetched (and checked) through `repo` later
+            vouched += self._link_manifest_sync(repo, child.digest, child_parsed, child_body, depth=depth + 1)
+        return vouched
+
+    def _record_sizes(self, repo: str, descriptors: list[Descriptor]) -> None:
+        for descriptor in descriptors:
+            self._sizes.record(repo, descriptor.digest, descriptor.size)
 
     # -- discovery ---------------------------------------------------------------------------------
     # Entries one listing gathers from the upstream at most; its pages are bounded too (LIST_MAX_PAGES and

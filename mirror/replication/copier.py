@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass, field, fields
 
 from mirror.errors import BlobUnknown, ManifestUnknown, RegistryError, Unsupported
-from mirror.oci.digest import Digest
+from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, parse_manifest
 from mirror.storage.interface import Manifest, Registry
 
@@ -119,27 +119,33 @@ class Copier:
     ) -> CopyOutcome:
         """Copy `src_repo:reference` to `dest_repo` (tagged `dest_tag` when given).
 
-        The source is asked with `stat_manifest` first (a HEAD at a remote registry, free under Docker Hub's
-        limits). When the destination's tag already names the digest this copy would produce
+        A tag is resolved with `stat_manifest` first (a HEAD at a remote registry, free under Docker Hub's
+        limits); a digest needs no asking. When the destination's tag already names the digest this copy would produce
         (`expected_dest_digest`, by default the source's own), nothing else happens: an unchanged image
         costs no source GET and no upload. `source_tags` (the source's tag list, when the caller has it)
         finds cosign signature tags without a HEAD per guess."""
-        info = await source.stat_manifest(src_repo, reference)
-        expected = expected_dest_digest or info.digest
-        if dest_tag is not None and await self._dest_tag_digest(dest, dest_repo, dest_tag) == expected:
-            if not self.options.referrers:
-                return CopyOutcome(info.digest, expected, unchanged=True)
+        # A digest names itself: asking the source would cost a round trip and tell nothing new (the
+        # engine resolves tags with HEADs first and copies by digest).
+        source_digest = (Digest.parse(reference) if looks_like_digest(reference)
+                         else (await source.stat_manifest(src_repo, reference)).digest)
+        expected = expected_dest_digest or source_digest
         stats = CopyStats()
-        manifest = await source.get_manifest(src_repo, str(info.digest))
+        if dest_tag is not None and await self._dest_tag_digest(dest, dest_repo, dest_tag) == expected:
+            # Up to date: no GET of the image at all. Only signatures and SBOMs may have been added since.
+            if self.options.referrers:
+                await self._copy_referrers(source, src_repo, source_digest, dest, dest_repo, stats, source_tags)
+            unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
+            return CopyOutcome(source_digest, expected, unchanged=unchanged, stats=stats)
+        manifest = await source.get_manifest(src_repo, str(source_digest))
         written = await self._copy_manifest(source, src_repo, manifest, dest, dest_repo, stats, top=True)
         if dest_tag is not None:
             current = await self._dest_tag_digest(dest, dest_repo, dest_tag)
             if current != written.digest:
                 await dest.put_manifest(dest_repo, dest_tag, written.body, written.media_type)
         if self.options.referrers:
-            await self._copy_referrers(source, src_repo, info.digest, dest, dest_repo, stats, source_tags)
+            await self._copy_referrers(source, src_repo, source_digest, dest, dest_repo, stats, source_tags)
         unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
-        return CopyOutcome(info.digest, written.digest, unchanged=unchanged, stats=stats)
+        return CopyOutcome(source_digest, written.digest, unchanged=unchanged, stats=stats)
 
     # -- manifests ---------------------------------------------------------------------------------
     async def _dest_tag_digest(self, dest: Registry, repo: str, tag: str) -> Digest | None:
@@ -175,6 +181,9 @@ class Copier:
             stats.manifests_present += 1
             return manifest
         for child in parsed.manifests:
+            if await self._dest_has_manifest(dest, dest_repo, child.digest):
+                stats.manifests_present += 1  # known without a source GET (a resumed or overlapping copy)
+                continue
             child_manifest = await source.get_manifest(src_repo, str(child.digest))
             await self._copy_manifest(source, src_repo, child_manifest, dest, dest_repo, stats)
         blobs = [d for d in parsed.blobs if is_distributable(d)]
@@ -214,6 +223,9 @@ class Copier:
         except (Unsupported, NotImplementedError):
             found = []
         for descriptor in found:
+            if await self._dest_has_manifest(dest, dest_repo, descriptor.digest):
+                stats.manifests_present += 1  # a rerun costs the source no GET for referrers already copied
+                continue
             referrer = await source.get_manifest(src_repo, str(descriptor.digest))
             await self._copy_manifest(source, src_repo, referrer, dest, dest_repo, stats)
         for tag in cosign_tags(subject):

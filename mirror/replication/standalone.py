@@ -12,12 +12,15 @@ from aiohttp import web
 
 from mirror.app import create_app
 from mirror.config import Config
+from mirror.replication.engine import RUN_SCHEDULES
 
 
 @contextlib.asynccontextmanager
 async def open_app(config: Config) -> AsyncIterator[web.Application]:
     """An application whose resources are open (app[ROUTER], app[CACHE], ...) until the block ends."""
-    runner = web.AppRunner(create_app(config), handle_signals=False)
+    app = create_app(config)
+    app[RUN_SCHEDULES] = False  # a command runs what it is asked to, never the rules' schedules
+    runner = web.AppRunner(app, handle_signals=False)
     await runner.setup()
     try:
         yield runner.app

@@ -22,6 +22,7 @@ from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
 from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.events import PushFeed
 from mirror.storage.interface import (
     BlobFile,
     BlobInfo,
@@ -51,6 +52,7 @@ class LocalRegistry(Registry):
         self.uploads = uploads
         self.manifest_limit = manifest_limit
         self.allow_delete = allow_delete
+        self.pushes = PushFeed()  # tag pushes, for on_push replication rules
 
     # -- blobs -------------------------------------------------------------------------------------
     async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
@@ -224,6 +226,8 @@ class LocalRegistry(Registry):
 
         await asyncio.to_thread(link)
         await self.cache.hold(digest, len(body), LOCAL)
+        if tag is not None:
+            self.pushes.publish(repo, tag)
         return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
 
     async def delete_manifest(self, repo: str, reference: str) -> None:

@@ -3,7 +3,8 @@
 Layout under a root (one root for local repositories, one per upstream for cached ones):
 
     <name>/_layers/<alg>/<hex>                 empty file: the blob is readable through <name>
-    <name>/_manifests/<alg>/<hex>              JSON {mediaType, size}: the manifest belongs to <name>
+    <name>/_manifests/<alg>/<hex>              JSON {mediaType, size[, referencesLinked]}: the manifest
+                                               belongs to <name>
     <name>/_tags/<tag>                         the digest the tag points to (mtime = last validated)
     <name>/_referrers/<alg>/<subject hex>/<alg>-<hex>   JSON descriptor of a manifest whose subject it is
 
@@ -38,6 +39,9 @@ class ManifestLink:
     digest: Digest
     media_type: str
     size: int
+    # Cached repositories: the blobs and child manifests this manifest references are linked too (the
+    # upstream serving the manifest vouched for them). False for links written before that was done.
+    references_linked: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +67,7 @@ class RepoStore:
 
     # -- blobs -------------------------------------------------------------------------------------
     def link_blob(self, name: str, digest: Digest) -> None:
+        # An empty file: it costs an inode and no data block, however many repositories link a blob.
         path = self._repo(name) / "_layers" / digest.algorithm / digest.hex
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch(exist_ok=True)
@@ -83,7 +88,10 @@ class RepoStore:
     # -- manifests ---------------------------------------------------------------------------------
     def link_manifest(self, name: str, link: ManifestLink) -> None:
         path = self._repo(name) / "_manifests" / link.digest.algorithm / link.digest.hex
-        atomic_write(path, json.dumps({"mediaType": link.media_type, "size": link.size}).encode())
+        data: dict[str, object] = {"mediaType": link.media_type, "size": link.size}
+        if link.references_linked:
+            data["referencesLinked"] = True
+        atomic_write(path, json.dumps(data).encode())
 
     def manifest_link(self, name: str, digest: Digest) -> ManifestLink | None:
         text = read_text_or_none(self._repo(name) / "_manifests" / digest.algorithm / digest.hex)
@@ -91,7 +99,7 @@ class RepoStore:
             return None
         try:
             data = json.loads(text)
-            return ManifestLink(digest, str(data["mediaType"]), int(data["size"]))
+            return ManifestLink(digest, str(data["mediaType"]), int(data["size"]), data.get("referencesLinked") is True)
         except (ValueError, KeyError, TypeError):
             return None  # a torn or foreign file reads as absent; the writer is atomic, so this is damage
 

@@ -38,6 +38,7 @@ from mirror.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from mirror.metrics import Metrics
 from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, origin_of, parse_challenge
 from mirror.upstream.blocking import BlockingPool, BlockingResponse
+from mirror.upstream.ratelimit import RateLimitReading
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class UpstreamClient:
         # The upstream answered a Basic challenge: send the credentials up front from then on, instead of
         # paying a 401 round trip on every request.
         self._basic_challenged = False
+        # The budget this upstream last announced; replication reads it to leave the rest to clients.
+        self.ratelimit = RateLimitReading()
         self._warned_downgrade = False
         # Blob bodies are read from threads (see mirror.upstream.blocking): their own connections.
         self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout, tls=tls or tls_context(config))
@@ -433,6 +436,7 @@ class UpstreamClient:
 
     def _record(self, method: str, response: _Response) -> None:
         self.metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
+        self.ratelimit.observe(response.status, response.headers)
         for header, gauge in (
             ("ratelimit-remaining", self.metrics.ratelimit_remaining),
             ("ratelimit-limit", self.metrics.ratelimit_limit),

@@ -1,0 +1,34 @@
+"""`GET /api/replication` (every rule's state, JSON) and `POST /api/replication/<rule>/run` (start it now).
+
+`POST ...?dry_run=1` answers with the plan instead (what would be copied), writing nothing; it is how
+`mirror sync --dry-run` asks a running server.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from mirror.errors import NameUnknown
+from mirror.replication.engine import REPLICATION
+
+
+async def list_rules(request: web.Request) -> web.Response:
+    engine = request.app[REPLICATION]
+    return web.json_response({"rules": engine.status(), "scheduling": engine.scheduling})
+
+
+async def run_rule(request: web.Request) -> web.Response:
+    engine = request.app[REPLICATION]
+    name = request.match_info["rule"]
+    if name not in engine.rules:
+        raise NameUnknown(f"no replication rule named {name[:100]!r}", detail={"rule": name[:100]})
+    if request.query.get("dry_run") in ("1", "true"):
+        report = await engine.run_rule(name, dry_run=True)
+        return web.json_response(report.public())
+    started = engine.trigger(name)
+    return web.json_response({"rule": name, "run": started}, status=202)
+
+
+def add_replication_routes(app: web.Application) -> None:
+    app.router.add_get("/api/replication", list_rules)
+    app.router.add_post("/api/replication/{rule}/run", run_rule)

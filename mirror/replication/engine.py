@@ -1,0 +1,621 @@
+"""The replication engine: runs rules with the copier, on their schedules, one run of a rule at a time.
+
+- Schedules: `schedule` (cron, UTC, parsed by cronsim), `interval` (+ a random `jitter`), `on_push` (local
+  sources: a tag pushed to the source repository starts the rule at once; pushes during a run start one
+  more run after it), and always on demand (`POST /api/replication/<rule>/run`, `mirror sync`).
+- At most MAX_CONCURRENT_RULES rules run at once; one rule never runs twice at the same time, in this
+  process (a lock) or across processes sharing the data directory (`mirror sync` beside `mirror serve`:
+  a file lock per rule).
+- A run: plan (tag list + HEADs, see planner.py), then copy what changed. Each image is retried with
+  backoff (tenacity) on transient failures; a 429 waits its Retry-After (not counted as an attempt); an
+  upstream at its `ratelimit_floor` pauses the rule's GETs (gate.py). The state, the API and the metrics
+  say so while it lasts.
+- State per rule is saved when a run starts and ends. A state still `running` at start-up belongs to a run
+  that was interrupted: it is resumed at once, and the copier's HEAD per blob at the destination makes the
+  resumed run skip every blob that had arrived.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+import aiohttp
+from aiohttp import web
+from cronsim import CronSim
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from mirror.errors import RegistryError, TooManyRequests, UpstreamUnavailable
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
+from mirror.replication.copier import Copier, CopyOptions
+from mirror.replication.destinations import (
+    RemoteFactory,
+    open_destination,
+    open_source,
+    remote_registry,
+    upstream_client,
+)
+from mirror.replication.gate import Pause, RateGate
+from mirror.replication.planner import Job, Plan, Target, make_plan, select_tags
+from mirror.replication.rules import ARCHIVE, OCI_LAYOUT, Rule
+from mirror.replication.status import RuleState, load_state_sync, rule_dir, save_state_sync
+from mirror.replication.throttle import Bucket, ThrottledRegistry
+from mirror.state import CONFIG, METRICS, ROUTER
+from mirror.storage.interface import Registry
+from mirror.upstream.ratelimit import parse_retry_after
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENT_RULES = 2
+IMAGE_CONCURRENCY = 4  # images of one rule copied at once
+BLOB_CONCURRENCY = 8  # blobs of one run in flight at once, all its images together
+RETRY_ATTEMPTS = 3
+MAX_RATE_LIMIT_WAITS = 5  # 429s tolerated per image before it counts as failed
+SERVE_LOCK = "serve.lock"
+
+
+class Progress(Protocol):
+    """What `mirror sync` shows while a run goes."""
+
+    def planned(self, rule: str, images: int) -> None: ...
+
+    def bytes_written(self, rule: str, count: int) -> None: ...
+
+    def image_done(self, rule: str) -> None: ...
+
+
+@dataclass(slots=True)
+class ImageReport:
+    tag: str
+    source_digest: str
+    destinations: list[str]  # keys that needed (or, in a dry run, would need) a copy
+    outcome: str  # copied | unchanged | failed | would-copy
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class RunReport:
+    rule: str
+    result: str  # ok | partial | failed
+    dry_run: bool = False
+    copied: int = 0
+    unchanged: int = 0
+    failed: int = 0
+    bytes: int = 0
+    pruned: int = 0
+    errors: list[str] = field(default_factory=list)
+    images: list[ImageReport] = field(default_factory=list)
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "rule": self.rule, "result": self.result, "dry_run": self.dry_run, "copied": self.copied,
+            "unchanged": self.unchanged, "failed": self.failed, "bytes": self.bytes, "pruned": self.pruned,
+            "errors": self.errors,
+            "images": [
+                {"tag": i.tag, "digest": i.source_digest, "destinations": i.destinations, "outcome": i.outcome,
+                 **({"error": i.error} if i.error else {})}
+                for i in self.images
+            ],
+        }
+
+
+def _transient(error: BaseException) -> bool:
+    """Worth another attempt: the network, an upstream's 5xx, a destination's hiccup."""
+    if isinstance(error, TooManyRequests):
+        return False  # waited for separately, by its Retry-After
+    if isinstance(error, (UpstreamUnavailable, aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    return isinstance(error, RegistryError) and error.status >= 500
+
+
+def next_run_at(rule: Rule, state: RuleState, now: float, rng: random.Random) -> float | None:
+    """When the schedule next wants `rule` to run (wall clock), or None for on-demand / on_push rules."""
+    jitter = rng.uniform(0.0, rule.jitter) if rule.jitter else 0.0
+    if rule.interval is not None:
+        if state.last_run_started is None:
+            return now + jitter
+        return max(state.last_run_started + rule.interval + jitter, now)
+    if rule.schedule is not None:
+        start = datetime.fromtimestamp(now, UTC)
+        return next(CronSim(rule.schedule, start)).timestamp() + jitter
+    return None
+
+
+class _FileLock:
+    """An exclusive flock on a file: held by one process at a time, released when the process dies."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: IO[str] | None = None
+
+    def try_acquire(self) -> bool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return False
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+
+def serve_lock_held(data_dir: Path) -> bool:
+    """True when a `mirror serve` runs replication on this data directory right now."""
+    lock = _FileLock(data_dir / "replication" / SERVE_LOCK)
+    if lock.try_acquire():
+        lock.release()
+        return False
+    return True
+
+
+class ReplicationEngine:
+    def __init__(
+        self,
+        app: web.Application,
+        *,
+        remote: RemoteFactory = remote_registry,
+        recheck: float | None = None,
+        max_concurrent: int = MAX_CONCURRENT_RULES,
+        retry_wait: float = 1.0,
+    ) -> None:
+        config = app[CONFIG]
+        self.app = app
+        self.metrics: Metrics = app[METRICS]
+        self.rules: dict[str, Rule] = {rule.name: rule for rule in config.replication}
+        self.root = config.storage.path / "replication"
+        self.remote = remote
+        self.recheck = recheck
+        self.retry_wait = retry_wait
+        self._floors = {u.name: u.ratelimit_floor for u in config.upstreams}
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._locks = {name: asyncio.Lock() for name in self.rules}
+        self._wake = {name: asyncio.Event() for name in self.rules}
+        self._states: dict[str, RuleState] = {name: RuleState(name) for name in self.rules}
+        self._live_bytes: dict[str, int] = {}
+        self._gates: dict[str, RateGate] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._serve_lock: _FileLock | None = None
+        self._rng = random.Random()
+        self.scheduling = False
+
+    # -- life --------------------------------------------------------------------------------------
+    async def load(self) -> None:
+        states = await asyncio.to_thread(lambda: {n: load_state_sync(self.root, n) for n in self.rules})
+        self._states.update(states)
+
+    async def start_schedules(self) -> None:
+        """Run the rules on their schedules (mirror serve); at most one server per data directory does."""
+        # Taken even without rules: `mirror sync` learns from it that a server owns this data directory.
+        lock = _FileLock(self.root / SERVE_LOCK)
+        if not await asyncio.to_thread(lock.try_acquire):
+            log.error("another mirror serve runs replication on %s: this one does not schedule rules", self.root)
+            return
+        self._serve_lock = lock
+        self.scheduling = True
+        for rule in self.rules.values():
+            self._spawn(self._schedule_loop(rule))
+        if any(rule.on_push for rule in self.rules.values()):
+            self._spawn(self._push_listener())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._serve_lock is not None:
+            self._serve_lock.release()
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- triggers ----------------------------------------------------------------------------------
+    def trigger(self, name: str) -> str:
+        """Start `name` now: "started", or "queued" when it is running (one more run follows this one)."""
+        if name not in self.rules:
+            raise KeyError(name)
+        running = self._locks[name].locked()
+        if self.scheduling:
+            self._wake[name].set()
+        else:
+            self._spawn(self._run_logged(self.rules[name]))
+        return "queued" if running else "started"
+
+    async def _push_listener(self) -> None:
+        local = self.app[ROUTER].local
+        feed = getattr(local, "pushes", None)
+        if feed is None:
+            return
+        queue = feed.subscribe()
+        try:
+            while True:
+                pushed = await queue.get()
+                for rule in self.rules.values():
+                    if (rule.on_push and rule.source.upstream is None and rule.source.repository == pushed.repo
+                            and select_tags([pushed.tag], rule.tags)):
+                        log.info("push of %s:%s starts replication rule %s", pushed.repo, pushed.tag, rule.name)
+                        self._wake[rule.name].set()
+        finally:
+            feed.unsubscribe(queue)
+
+    async def _schedule_loop(self, rule: Rule) -> None:
+        wake = self._wake[rule.name]
+        if self._states[rule.name].result == "running":
+            log.info("replication rule %s was interrupted (its last run never finished): resuming it", rule.name)
+            wake.set()
+        while True:
+            state = self._states[rule.name]  # replaced when another process ran the rule meanwhile
+            due = next_run_at(rule, state, time.time(), self._rng)
+            state.next_run = due
+            delay = None if due is None else max(due - time.time(), 0.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wake.wait(), timeout=delay)
+            wake.clear()
+            await self._run_logged(rule)
+
+    async def _run_logged(self, rule: Rule) -> None:
+        try:
+            await self.run_rule(rule.name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a scheduler must outlive any one run
+            log.exception("replication rule %s: run crashed", rule.name)
+
+    # -- status ------------------------------------------------------------------------------------
+    def status(self) -> list[dict[str, Any]]:
+        listed = []
+        for name, rule in self.rules.items():
+            state = self._states[name]
+            data = state.public()
+            data.update(
+                running=self._locks[name].locked(),
+                source=str(rule.source),
+                destinations=[d.key for d in rule.destinations],
+                schedule=rule.schedule,
+                interval=rule.interval,
+                on_push=rule.on_push,
+            )
+            if name in self._live_bytes:
+                data["bytes"] = self._live_bytes[name]
+            listed.append(data)
+        return listed
+
+    def state(self, name: str) -> RuleState:
+        return self._states[name]
+
+    # -- a run -------------------------------------------------------------------------------------
+    async def run_rule(self, name: str, *, dry_run: bool = False, progress: Progress | None = None) -> RunReport:
+        rule = self.rules[name]
+        if dry_run:  # reads only: it needs no lock, and takes none (a lock file is a write too)
+            return await self._run(rule, dry_run=True, progress=progress)
+        async with self._locks[name], self._rule_file_lock(name), self._slots:
+            return await self._run(rule, dry_run=False, progress=progress)
+
+    @contextlib.asynccontextmanager
+    async def _rule_file_lock(self, name: str) -> AsyncIterator[None]:
+        lock = _FileLock(rule_dir(self.root, name) / "run.lock")
+        waited = False
+        while not await asyncio.to_thread(lock.try_acquire):
+            if not waited:
+                log.info("replication rule %s runs in another process: waiting for it", name)
+                waited = True
+            await asyncio.sleep(0.5)
+        if waited:  # that process changed the rule's state: continue from what it saved
+            self._states[name] = await asyncio.to_thread(load_state_sync, self.root, name)
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _gate(self, rule: Rule) -> RateGate | None:
+        upstream = rule.source.upstream
+        if upstream is None:
+            return None
+        if upstream not in self._gates:
+            client = upstream_client(self.app, upstream)
+            self._gates[upstream] = RateGate(client, self._floors.get(upstream, 0), recheck=self.recheck)
+        return self._gates[upstream]
+
+    def _pause_listener(self, rule: Rule) -> Callable[[Pause | None], None]:
+        state = self._states[rule.name]
+
+        def listen(pause: Pause | None) -> None:
+            for reason in ("ratelimit", "retry-after"):
+                self.metrics.replication_paused.labels(rule.name, reason).set(
+                    1 if pause is not None and pause.reason == reason else 0)
+            if pause is None:
+                state.paused = None
+            else:
+                since = state.paused["since"] if state.paused else time.time()
+                state.paused = {"reason": pause.reason, "upstream": pause.upstream, "until": pause.until,
+                                "remaining": pause.remaining, "floor": pause.floor, "since": since}
+            self._spawn(asyncio.to_thread(save_state_sync, self.root, _snapshot(state)))
+
+        return listen
+
+    async def _run(self, rule: Rule, *, dry_run: bool, progress: Progress | None) -> RunReport:
+        state = self._states[rule.name]
+        report = RunReport(rule.name, "ok", dry_run=dry_run)
+        started = time.time()
+        if not dry_run:
+            state.resumed = state.result == "running"
+            state.result, state.last_run_started = "running", started
+            state.bytes = state.images = state.skipped = state.failed = 0
+            state.errors = []
+            await asyncio.to_thread(save_state_sync, self.root, _snapshot(state))
+            self.metrics.replication_running.labels(rule.name).set(1)
+        self._live_bytes[rule.name] = 0
+        log.info("replication rule %s: %s%s", rule.name, "dry run" if dry_run else "run",
+                 " (resuming an interrupted run)" if state.resumed and not dry_run else "")
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await self._run_jobs(rule, state, report, stack, dry_run=dry_run, progress=progress)
+        except asyncio.CancelledError:
+            raise  # the state stays "running": the next start resumes the run
+        except Exception as exc:  # noqa: BLE001 - reported in the state, the API and the metrics
+            report.result = "failed"
+            message = exc.message if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
+            report.errors.append(message)
+            log.warning("replication rule %s failed: %s", rule.name, message)
+        finally:
+            self._live_bytes.pop(rule.name, None)
+            if not dry_run:
+                self.metrics.replication_running.labels(rule.name).set(0)
+        if report.result != "failed" and report.failed:
+            report.result = "partial" if report.copied or report.unchanged else "failed"
+        if dry_run:
+            return report
+        finished = time.time()
+        state.result, state.last_run_finished = report.result, finished
+        state.bytes, state.images, state.skipped, state.failed = (
+            report.bytes, report.copied, report.unchanged, report.failed)
+        state.errors = report.errors[:10]
+        state.runs += 1
+        state.total_bytes += report.bytes
+        state.paused = None
+        if report.result == "ok":
+            state.last_success = finished
+            self.metrics.replication_last_success.labels(rule.name).set(finished)
+        else:
+            self.metrics.replication_failures.labels(rule.name).inc()
+        self.metrics.replication_runs.labels(rule.name, report.result).inc()
+        for reason in ("ratelimit", "retry-after"):
+            self.metrics.replication_paused.labels(rule.name, reason).set(0)
+        await asyncio.to_thread(save_state_sync, self.root, _snapshot(state))
+        log.info("replication rule %s: %s in %.1f s: %d copied, %d unchanged, %d failed, %d bytes",
+                 rule.name, report.result, finished - started, report.copied, report.unchanged, report.failed,
+                 report.bytes)
+        return report
+
+    async def _run_jobs(
+        self, rule: Rule, state: RuleState, report: RunReport, stack: contextlib.AsyncExitStack, *,
+        dry_run: bool, progress: Progress | None,
+    ) -> None:
+        gate = self._gate(rule)
+        listener = self._pause_listener(rule)
+
+        async def before_get(kind: str) -> None:
+            if gate is not None:
+                await gate.wait(kind, rule.name, listener)
+
+        source: Registry = open_source(rule, self.app, before_get if gate else None, remote=self.remote)
+        if rule.bandwidth:
+            source = ThrottledRegistry(source, Bucket(rule.bandwidth))
+        targets = []
+        for spec in rule.destinations:
+            folder = rule_dir(self.root, rule.name) / "destinations" / _safe(spec.key)
+            registry = await open_destination(spec, self.app, stack, rule=rule.name, state_dir=folder)
+            repository = str(rule.source) if spec.kind in (OCI_LAYOUT, ARCHIVE) else (
+                spec.repository or rule.source.repository)
+            targets.append(Target(spec.key, registry, repository))
+
+        plan = await self._with_retries(
+            rule, gate, before_get,
+            lambda: make_plan(rule, source, targets, expected=state.expected,
+                              written={k: list(v) for k, v in state.written.items()}),
+        )
+        if gate is not None and plan.jobs:
+            gate.note_target(rule.source.repository, plan.jobs[0].tag)
+        if progress is not None:
+            progress.planned(rule.name, len(plan.to_copy))
+        if dry_run:
+            for job in plan.jobs:
+                outcome = "would-copy" if job.stale else "unchanged"
+                report.images.append(ImageReport(job.tag, str(job.source_digest), sorted(job.stale), outcome))
+                report.unchanged += 0 if job.stale else 1
+            report.pruned = sum(len(tags) for tags in plan.gone.values()) if rule.prune else 0
+            return
+
+        def on_bytes(count: int) -> None:
+            report.bytes += count
+            self._live_bytes[rule.name] = report.bytes
+            self.metrics.replication_bytes.labels(rule.name).inc(count)
+            if progress is not None:
+                progress.bytes_written(rule.name, count)
+
+        copier = Copier(CopyOptions(platforms=rule.platforms, referrers=rule.referrers,
+                                    blob_concurrency=BLOB_CONCURRENCY), on_bytes=on_bytes)
+        expected: dict[str, dict[str, str]] = {}
+        by_key = {target.key: target for target in targets}
+        image_slots = asyncio.Semaphore(IMAGE_CONCURRENCY)
+
+        async def copy_one(job: Job) -> ImageReport:
+            async with image_slots:
+                image = await self._copy_job(rule, state, job, plan, source, targets, copier, gate, before_get,
+                                             expected)
+            if job.stale and progress is not None:
+                progress.image_done(rule.name)
+            return image
+
+        images = await asyncio.gather(*(copy_one(job) for job in plan.jobs))
+        for job, image in zip(plan.jobs, images, strict=True):
+            report.images.append(image)
+            outcome = image.outcome
+            self.metrics.replication_images.labels(rule.name, outcome).inc()
+            if outcome == "copied":
+                report.copied += 1
+            elif outcome == "unchanged":
+                report.unchanged += 1
+            else:
+                report.failed += 1
+                report.errors.append(f"{job.tag}: {image.error}")
+        for key, wanted in expected.items():
+            state.expected[key] = wanted
+        if not report.failed:
+            await self._release_unselected(rule, plan, targets)
+        if rule.prune:
+            report.pruned = await self._prune(rule, state, plan, by_key)
+
+    async def _copy_job(
+        self, rule: Rule, state: RuleState, job: Job, plan: Plan, source: Registry, targets: list[Target],
+        copier: Copier,
+        gate: RateGate | None, before_get: Callable[[str], Any], expected: dict[str, dict[str, str]],
+    ) -> ImageReport:
+        copied = False
+        error: str | None = None
+        for target in targets:
+            if target.key in job.current and not rule.referrers:
+                self._remember(state, expected, target.key, job, job.current[target.key])
+                continue
+            want = state.expected.get(target.key, {}).get(str(job.source_digest))
+            try:
+                outcome = await self._with_retries(
+                    rule, gate, before_get,
+                    lambda target=target, want=want: copier.copy(  # type: ignore[misc]
+                        source, rule.source.repository, str(job.source_digest),
+                        target.registry, target.repository, dest_tag=job.tag,
+                        expected_dest_digest=Digest.parse(want) if want else None, source_tags=plan.source_tags,
+                    ),
+                )
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - one image failing does not stop the others
+                error = exc.message if isinstance(exc, RegistryError) else f"{type(exc).__name__}: {exc}"
+                log.warning("replication rule %s: %s:%s to %s failed: %s", rule.name, rule.source, job.tag,
+                            target.key, error)
+                continue
+            self._remember(state, expected, target.key, job, outcome.dest_digest)
+            if not outcome.unchanged:
+                copied = True
+        result = "failed" if error else "copied" if copied else "unchanged"
+        return ImageReport(job.tag, str(job.source_digest), sorted(job.stale), result, error)
+
+    @staticmethod
+    def _remember(state: RuleState, expected: dict[str, dict[str, str]], key: str, job: Job, digest: Digest) -> None:
+        state.written.setdefault(key, {})[job.tag] = str(digest)
+        if digest != job.source_digest:
+            expected.setdefault(key, {})[str(job.source_digest)] = str(digest)
+
+    @staticmethod
+    async def _release_unselected(rule: Rule, plan: Plan, targets: list[Target]) -> None:
+        """Destinations that keep content for a rule (the cache pins it) hear what the rule selects now,
+        so they can let go of what it no longer does: `unpin_except(rule, digests)` when they have it."""
+        selected = {job.source_digest for job in plan.jobs}
+        for target in targets:
+            release = getattr(target.registry, "unpin_except", None)
+            if release is not None:
+                await release(rule.name, selected)
+
+    async def _prune(self, rule: Rule, state: RuleState, plan: Plan, by_key: dict[str, Target]) -> int:
+        pruned = 0
+        for key, tags in plan.gone.items():
+            target = by_key.get(key)
+            if target is None:
+                continue
+            for tag in tags:
+                try:
+                    await target.registry.delete_manifest(target.repository, tag)
+                except RegistryError as exc:
+                    if exc.status != 404:
+                        log.warning("replication rule %s: prune of %s at %s failed: %s", rule.name, tag, key,
+                                    exc.message)
+                        continue
+                state.written.get(key, {}).pop(tag, None)
+                pruned += 1
+                log.info("replication rule %s: pruned %s:%s (gone at the source)", rule.name, key, tag)
+        return pruned
+
+    async def _with_retries(
+        self, rule: Rule, gate: RateGate | None, before_get: Callable[[str], Any], attempt_once: Callable[[], Any],
+    ) -> Any:
+        """Transient failures: RETRY_ATTEMPTS with exponential backoff. A 429: wait its Retry-After (every
+        rule at that upstream waits too), then go on; after MAX_RATE_LIMIT_WAITS of them, give up."""
+        waits = 0
+        while True:
+            try:
+                async for attempt in AsyncRetrying(
+                    stop=stop_after_attempt(RETRY_ATTEMPTS),
+                    wait=wait_exponential(multiplier=self.retry_wait, max=30 * self.retry_wait),
+                    retry=retry_if_exception(_transient),
+                    reraise=True,
+                ):
+                    with attempt:
+                        return await attempt_once()
+            except TooManyRequests as exc:
+                waits += 1
+                if gate is None or waits > MAX_RATE_LIMIT_WAITS:
+                    raise
+                gate.block_for(parse_retry_after(exc.headers.get("Retry-After")))
+                await before_get("manifest")  # waits out the Retry-After; the state says so meanwhile
+
+
+def _snapshot(state: RuleState) -> RuleState:
+    """A copy to write from a thread while the loop goes on changing the original."""
+    return RuleState(**{name: _copy(getattr(state, name)) for name in state.__slots__})
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return list(value)
+    return value
+
+
+def _safe(key: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[:120]
+
+
+REPLICATION: web.AppKey[ReplicationEngine] = web.AppKey("replication")
+RUN_SCHEDULES: web.AppKey[bool] = web.AppKey("replication_schedules")
+
+
+async def replication_context(app: web.Application) -> AsyncIterator[None]:
+    """The app-owned engine: rules' state loaded, schedules running (unless the app is a command's, see
+    mirror/replication/standalone.py), everything stopped on exit."""
+    engine = ReplicationEngine(app)
+    await engine.load()
+    app[REPLICATION] = engine
+    if app.get(RUN_SCHEDULES, True):
+        await engine.start_schedules()
+    try:
+        yield
+    finally:
+        await engine.close()

@@ -1,0 +1,160 @@
+"""Resolving a rule: which tags it selects, what each is at the source (HEAD), what each destination has.
+
+The whole plan costs the source a tag listing and one HEAD per selected tag — free under Docker Hub's
+limits — so an unchanged rule is decided without a single GET of a manifest or blob.
+
+Tag selection, in order: `include` (regex, must match the whole tag), `exclude` (the same), `semver`
+(a version range; tags that are not versions are dropped), `latest` (the N highest: versions ordered as
+versions and above everything else, the rest in natural order, so 3.9 < 3.10 and 2024-01-09 < 2024-01-10).
+Versions and ranges follow PEP 440 (`packaging`), which reads Docker tags such as `3.19`, `v1.2.3` and
+`1.2.3-rc1` (a pre-release, outside a range unless the range names one), where strict SemVer would refuse
+the two-component tags most images use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryError
+from mirror.oci.digest import Digest
+from mirror.replication.copier import COSIGN_SUFFIXES
+from mirror.replication.rules import Rule, TagFilter
+from mirror.storage.interface import Registry
+
+_DIGITS = re.compile(r"(\d+)")
+PLAN_CONCURRENCY = 8  # tags resolved (HEAD at the source and at each destination) at once
+
+
+def as_version(tag: str) -> Version | None:
+    try:
+        return Version(tag)
+    except InvalidVersion:
+        return None
+
+
+def _natural_key(tag: str) -> tuple[tuple[int, int | str], ...]:
+    # Numbers rank above words: a dated tag (2024-01-10) is newer than a moving name (nightly, edge).
+    return tuple((1, int(part)) if part.isdigit() else (0, part) for part in _DIGITS.split(tag) if part)
+
+
+def _newness(tag: str) -> tuple[int, Version | tuple[tuple[int, int | str], ...]]:
+    version = as_version(tag)
+    return (1, version) if version is not None else (0, _natural_key(tag))
+
+
+def is_signature_tag(tag: str) -> bool:
+    """cosign's `sha256-<hex>.sig/.att/.sbom`: they travel with the image they sign, never as images."""
+    return tag.startswith("sha256-") and tag.endswith(COSIGN_SUFFIXES)
+
+
+def select_tags(tags: Iterable[str], wanted: TagFilter) -> list[str]:
+    """The tags a rule replicates, newest first when `latest` ordered them, else sorted."""
+    selected = [tag for tag in tags if not is_signature_tag(tag)]
+    if wanted.include is not None:
+        include = re.compile(wanted.include)
+        selected = [tag for tag in selected if include.fullmatch(tag)]
+    if wanted.exclude is not None:
+        exclude = re.compile(wanted.exclude)
+        selected = [tag for tag in selected if not exclude.fullmatch(tag)]
+    if wanted.semver is not None:
+        allowed = SpecifierSet(wanted.semver)
+        # Said explicitly: packaging admits a pre-release into a range when nothing else matches it.
+        pre = bool(allowed.prereleases)
+        selected = [tag for tag in selected
+                    if (v := as_version(tag)) is not None and allowed.contains(v, prereleases=pre)]
+    if wanted.latest is not None:
+        return sorted(selected, key=_newness, reverse=True)[: wanted.latest]
+    return sorted(selected, key=_newness, reverse=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One destination of a rule, opened."""
+
+    key: str  # Destination.key
+    registry: Registry
+    repository: str
+
+
+@dataclass(slots=True)
+class Job:
+    tag: str
+    source_digest: Digest
+    # Destinations whose tag does not name what this copy would produce (key -> current digest or None).
+    stale: dict[str, Digest | None] = field(default_factory=dict)
+    # Destinations already up to date (key -> digest).
+    current: dict[str, Digest] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Plan:
+    source_tags: list[str]
+    jobs: list[Job]
+    gone: dict[str, list[str]] = field(default_factory=dict)  # dest key -> tags this rule wrote, gone at source
+
+    @property
+    def to_copy(self) -> list[Job]:
+        return [job for job in self.jobs if job.stale]
+
+
+async def tag_digest(registry: Registry, repo: str, tag: str) -> Digest | None:
+    """What `repo:tag` names at a registry (a HEAD), or None when it has no such tag."""
+    try:
+        return (await registry.stat_manifest(repo, tag)).digest
+    except (ManifestUnknown, BlobUnknown):
+        return None
+    except RegistryError as error:
+        if error.status == 404:
+            return None
+        raise
+
+
+async def make_plan(
+    rule: Rule,
+    source: Registry,
+    targets: Sequence[Target],
+    *,
+    expected: dict[str, dict[str, str]] | None = None,
+    written: Mapping[str, Iterable[str]] | None = None,
+) -> Plan:
+    """Resolve `rule`: tags at the source, one HEAD per selected tag, one HEAD per tag per destination.
+
+    `expected` maps a destination key to {source digest: the digest written for it} from earlier runs
+    (a platform-filtered index is a new document, so its digest is not the source's). `written` maps a
+    destination key to the tags this rule wrote there (for prune)."""
+    try:
+        source_tags = await source.list_tags(rule.source.repository)
+    except NameUnknown as exc:
+        raise NameUnknown(f"source {rule.source} does not exist (no tags to list)", detail=exc.detail) from exc
+    slots = asyncio.Semaphore(PLAN_CONCURRENCY)
+
+    async def resolve(tag: str) -> Job | None:
+        async with slots:
+            digest = await tag_digest(source, rule.source.repository, tag)
+            if digest is None:
+                return None  # deleted between the listing and the HEAD
+            job = Job(tag, digest)
+            for target in targets:
+                want = (expected or {}).get(target.key, {}).get(str(digest))
+                at_dest = await tag_digest(target.registry, target.repository, tag)
+                if at_dest is not None and at_dest == (Digest.parse(want) if want else digest):
+                    job.current[target.key] = at_dest
+                else:
+                    job.stale[target.key] = at_dest
+            return job
+
+    # HEADs are cheap but each costs a round trip: a rule of 60 tags resolved one by one waits 60 of them.
+    resolved = await asyncio.gather(*(resolve(tag) for tag in select_tags(source_tags, rule.tags)))
+    jobs = [job for job in resolved if job is not None]
+    present = set(source_tags)
+    gone = {
+        key: sorted(tag for tag in tags if tag not in present)
+        for key, tags in (written or {}).items()
+    }
+    return Plan(source_tags=source_tags, jobs=jobs, gone={k: v for k, v in gone.items() if v})
