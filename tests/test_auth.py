@@ -293,8 +293,19 @@ async def test_mirrored_repositories_are_pull_only_whatever_the_policy_says(clie
 async def test_health_metrics_and_status_are_answered_before_auth(clients: Any) -> None:
     async with clients.anonymous.get("/metrics") as response:
         assert response.status == 200
-    async with clients.anonymous.get("/replication/anything") as response:
-        assert response.status == 401  # anything else the server answers needs a login
+    async with clients.anonymous.get("/api/replication") as response:
+        assert response.status == 401  # the server's own API needs a login...
+    async with (await clients.as_("alice")).get("/api/replication") as response:
+        assert response.status == 403  # ...of an administrator
+
+
+async def test_admins_may_use_the_servers_api(aiohttp_client: Any, tmp_path: Path) -> None:
+    clients = await start(aiohttp_client, auth_config(tmp_path, admins={"users": ["ops"], "groups": ["ci"]}))
+    for user in ("ops", "alice", "bob"):
+        async with (await clients.as_(user)).get("/api/replication") as response:
+            assert response.status == 200, user
+    async with (await clients.as_("carol")).get("/api/replication") as response:
+        assert response.status == 403
 
 
 async def test_every_push_delete_and_denial_is_audited(clients: Any, caplog: pytest.LogCaptureFixture) -> None:

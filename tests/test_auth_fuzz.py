@@ -156,7 +156,9 @@ def test_fuzzed_requests_never_break_anything(server: tuple[ThreadServer, bool, 
     finally:
         connection.close()
     status = response.status
-    assert status < 500, (method, path, headers, status, payload[:300])
+    # The one 5xx allowed: the (deliberately offline) upstream is unavailable for a mirrored repository.
+    upstream_down = status == 503 and (b'"UNAVAILABLE"' in payload or method == "HEAD") and "docker.io" in path
+    assert status < 500 or upstream_down, (method, path, headers, status, payload[:300])
     if status >= 400 and method != "HEAD" and payload:
         errors = json.loads(payload)["errors"]
         assert errors and all(isinstance(e["code"], str) and isinstance(e["message"], str) for e in errors)

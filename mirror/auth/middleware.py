@@ -191,6 +191,9 @@ class AccessControl:
         raise self.unauthorized(request, f"unsupported authorization scheme {scheme[:20]!r}")
 
     # -- what may they do -------------------------------------------------------------------------
+    def is_admin(self, identity: Identity) -> bool:
+        return identity.name in self.config.admin_users or bool(identity.groups & set(self.config.admin_groups))
+
     def effective(self, caller: Caller, client_name: str, target: Target) -> frozenset[str]:
         allowed = self.policy.allowed(caller.identity, canonical_name(target), mirrored=target.upstream is not None)
         token = caller.token_allows("repository", client_name)
@@ -227,9 +230,12 @@ class AccessControl:
         caller = await self.identify(request)
         request["identity"] = caller.identity
         if not path.startswith("/v2"):
-            # Anything else this server answers (an admin API) is for logged-in callers only.
+            # Anything else this server answers (its own API: /api/replication...) is for admins only.
             if caller.identity.anonymous:
                 raise self.unauthorized(request, "authentication required")
+            if not self.is_admin(caller.identity):
+                audit(request, caller.identity.label, "admin", None, None, "denied")
+                raise Denied(f"{caller.identity.label} is not an administrator of this server")
             return await handler(request)
         matched = self.dispatcher.match(request.raw_path)
         if matched is None:

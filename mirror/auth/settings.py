@@ -60,6 +60,9 @@ class AuthConfig:
     token: TokenSettings = field(default_factory=TokenSettings)
     backoff: LoginBackoff = field(default_factory=LoginBackoff)
     credential_cache_ttl: float = 60.0  # a verified Basic credential is not bcrypt-checked again for this long
+    # Who may use the server's own API (/api/..., e.g. running a replication rule): users and groups.
+    admin_users: tuple[str, ...] = ()
+    admin_groups: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         if not self.enabled:
@@ -88,6 +91,7 @@ class AuthConfig:
                 "maximum": self.backoff.maximum,
             },
             "credential_cache_ttl": self.credential_cache_ttl,
+            "admins": {"users": list(self.admin_users), "groups": list(self.admin_groups)},
         }
 
 
@@ -212,6 +216,9 @@ def _parse_auth(root: _Section) -> AuthConfig:
     token = _parse_token(section.section("token"))
     backoff = _parse_backoff(section.section("login_backoff"))
     cache_ttl = _duration(section, "credential_cache_ttl", 60.0)
+    admins = section.section("admins")
+    admin_users, admin_groups = _name_list(admins, "users"), _name_list(admins, "groups")
+    admins.finish()
     section.finish()
     return AuthConfig(
         enabled=enabled,
@@ -227,6 +234,8 @@ def _parse_auth(root: _Section) -> AuthConfig:
         token=token,
         backoff=backoff,
         credential_cache_ttl=cache_ttl,
+        admin_users=admin_users,
+        admin_groups=admin_groups,
     )
 
 
