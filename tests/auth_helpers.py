@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 from typing import Any
 
 import bcrypt
-import base64
-
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mirror.auth.tokens import parse_scopes
 from mirror.auth.users import create_robot
 from mirror.config import ConfigError, load_config_data
-from tests.auth_helpers import PASSWORDS, auth_config, hashed, start
+from tests.auth_helpers import auth_config, hashed, start
 from tests.registry_helpers import (
     OCI_MANIFEST,
     digest_of,

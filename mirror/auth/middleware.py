@@ -30,9 +30,17 @@ from mirror.api.common import LISTING_FILTER, PRELOADED_BODY, read_limited
 from mirror.api.dispatch import Dispatcher
 from mirror.auth.policy import ANONYMOUS, DELETE, OVERWRITE, PULL, PUSH, Identity, Policy
 from mirror.auth.settings import AuthConfig, LoginBackoff
-from mirror.auth.tokens import TokenInvalid, TokenService, granted_actions, load_or_create_key, parse_scopes
+from mirror.auth.tokens import TokenInvalid, TokenService, granted_actions, load_or_create_key
 from mirror.auth.users import UserDirectory
-from mirror.errors import Denied, ManifestUnknown, NameInvalid, NameUnknown, RegistryError, TooManyRequests, Unauthorized
+from mirror.errors import (
+    Denied,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    RegistryError,
+    TooManyRequests,
+    Unauthorized,
+)
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.names import validate_name
 from mirror.routing import Target

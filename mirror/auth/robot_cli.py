@@ -13,14 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-from mirror.config import Config, ConfigError, parse_duration
 from mirror.auth.settings import ROBOT_PREFIX
 from mirror.auth.users import create_robot
+from mirror.config import Config, ConfigError, parse_duration
 
 _ROBOT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
 
 
-def add_robot_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_robot_parser(commands: argparse._SubParsersAction) -> None:
     robot = commands.add_parser("robot", help="manage robot accounts (CI logins with long random secrets)")
     actions = robot.add_subparsers(dest="robot_command", required=True)
     create = actions.add_parser("create", help="create (or replace) a robot and print its secret once")

@@ -83,9 +83,12 @@ class TokenEndpoint:
 
     def _check_service(self, service: str | None) -> None:
         if service and service != self.control.config.service:
-            raise TokenRequestInvalid(f"this token endpoint serves {self.control.config.service!r}, not {service[:100]!r}")
+            served = self.control.config.service
+            raise TokenRequestInvalid(f"this token endpoint serves {served!r}, not {service[:100]!r}")
 
-    def _answer(self, request: web.Request, identity: Identity, scope_values: list[str], offline: bool) -> dict[str, Any]:
+    def _answer(
+        self, request: web.Request, identity: Identity, scope_values: list[str], offline: bool
+    ) -> dict[str, Any]:
         tokens = self.control.tokens
         users = self.control.users
         assert tokens is not None and users is not None
