@@ -28,8 +28,8 @@ from tests.support.fixtures import DockerDaemonFactory, MirrorFactory
 from tests.support.images import BuiltImage
 from tests.support.mirror_proc import MirrorProcess
 from tests.support.procs import CommandFailed, free_port
-from tests.support.tls import PrivateCA, make_private_ca
-from tests.support.token_server import Creds
+from tests.support.tls import PrivateCA, make_client_cert, make_private_ca
+from tests.support.token_server import Creds, TokenServer
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -47,7 +47,7 @@ class Secured:
 
 def secured_mirror(
     mirror_factory: MirrorFactory, tmp_path: Path, upstream: DistributionRegistry, upstream_creds: Creds,
-    challenge: str = "bearer", token_ttl: str = "5m",
+    challenge: str = "bearer", token_ttl: str = "5m", mutual: bool = False,
 ) -> Secured:
     ca = make_private_ca(tmp_path / "tls")
     cert_dir = tmp_path / "certs"
@@ -61,7 +61,8 @@ def secured_mirror(
         "upstreams": [{"name": "docker.io", "url": upstream.url, "timeout": "10s",
                        "username": upstream_creds[0], "password": upstream_creds[1]}],
         "local": {"repositories": ["team/**", "private/**", "other/**"]},
-        "tls": {"cert": str(ca.cert_file), "key": str(ca.key_file)},
+        "tls": {"cert": str(ca.cert_file), "key": str(ca.key_file),
+                **({"client_ca": str(ca.ca_file)} if mutual else {})},
         "auth": {
             "htpasswd": str(htpasswd),
             "challenge": challenge,
@@ -74,7 +75,9 @@ def secured_mirror(
             ],
         },
     }
-    mirror = mirror_factory(config, tls_ca=ca.ca_file)
+    # containers/image reads client.cert/client.key from its cert dir; the readiness check presents them too.
+    client_cert = make_client_cert(ca, cert_dir) if mutual else None
+    mirror = mirror_factory(config, tls_ca=ca.ca_file, client_cert=client_cert)
     return Secured(mirror, ca, cert_dir, "")
 
 
@@ -173,7 +176,7 @@ def test_docker_login_push_deny_anonymous_pull_logout_over_tls(
 @pytest.mark.needs_tools("skopeo", "docker-registry")
 def test_skopeo_with_creds_over_verified_tls(
     mirror_factory: MirrorFactory, tmp_path: Path, upstream_registry: DistributionRegistry,
-    upstream_creds: Creds, busybox_image: BuiltImage,
+    upstream_creds: Creds, busybox_image: BuiltImage, fresh_token_server: TokenServer, unique_repo: Any,
 ) -> None:
     secured = secured_mirror(mirror_factory, tmp_path, upstream_registry, upstream_creds)
     host = secured.mirror.host
@@ -188,6 +191,14 @@ def test_skopeo_with_creds_over_verified_tls(
     with pytest.raises(skopeo.SkopeoError) as anonymous:
         skopeo_tls_copy(busybox_image.ref, f"docker://{host}/team/anon:1", secured.cert_dir)
     assert "unauthorized" in str(anonymous.value).lower() or "401" in str(anonymous.value)
+    # A client's credentials never travel upstream: the mirror asks the upstream's token server as itself.
+    mirrored = unique_repo("library/sk")
+    push_upstream(upstream_registry, upstream_creds, busybox_image, mirrored)
+    fresh_token_server.reset()
+    skopeo_tls_copy(f"docker://{host}/docker.io/{mirrored}:1", f"oci:{tmp_path / 'm'}:1", secured.cert_dir,
+                    src_creds=f"alice:{USERS['alice']}")
+    seen = fresh_token_server.requests
+    assert seen and {r.user for r in seen} == {upstream_creds[0]}, [(r.user, r.scopes) for r in seen]
     # The certificate really is checked: without the CA, skopeo refuses the connection.
     with pytest.raises(skopeo.SkopeoError) as untrusted:
         skopeo._skopeo(["inspect", "--raw", "--creds", f"alice:{USERS['alice']}", ref], timeout=60, what="inspect")
@@ -235,3 +246,23 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(
     except (ConnectionError, http.client.HTTPException):
         pass
     assert secured.mirror.running
+
+
+@pytest.mark.needs_tools("skopeo", "docker-registry")
+def test_client_certificates_are_required_with_a_client_ca(
+    mirror_factory: MirrorFactory, tmp_path: Path, upstream_registry: DistributionRegistry, upstream_creds: Creds,
+    busybox_image: BuiltImage,
+) -> None:
+    secured = secured_mirror(mirror_factory, tmp_path, upstream_registry, upstream_creds, mutual=True)
+    mirror = secured.mirror
+    context = ssl.create_default_context(cafile=str(secured.ca.ca_file))
+    context.load_cert_chain(secured.cert_dir / "client.cert", secured.cert_dir / "client.key")
+    with_cert = http.client.HTTPSConnection("127.0.0.1", mirror.port, context=context, timeout=5)
+    with_cert.request("GET", "/v2/")
+    assert with_cert.getresponse().status == 401  # through TLS to the registry, which asks for a login
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        without = _https("127.0.0.1", mirror.port, secured.ca.ca_file)
+        without.request("GET", "/v2/")
+        without.getresponse()
+    skopeo_tls_copy(busybox_image.ref, f"docker://{mirror.host}/team/m:1", secured.cert_dir,
+                    dest_creds=f"alice:{USERS['alice']}")
