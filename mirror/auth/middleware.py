@@ -192,7 +192,7 @@ class AccessControl:
             subject = claims["sub"]
             if not subject:
                 return Caller(ANONYMOUS, "bearer", claims)
-            account = self.users.current(subject)
+            account = await self.users.current(subject)
             if account is None:
                 raise self.unauthorized(request, "the token's account no longer exists", error="invalid_token")
             return Caller(self.users.identity(account), "bearer", claims)

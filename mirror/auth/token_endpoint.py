@@ -49,6 +49,9 @@ class TokenEndpoint:
                 raise Unauthorized("malformed Basic credentials")
             identity = await self.control.check_password(request, name, password)
         offline = query.get("offline_token", "").lower() == "true"
+        users = self.control.users
+        assert users is not None
+        await users.refresh()  # the refresh-token fingerprint below reads the account as it is now
         body = self._answer(request, identity, query.getall("scope", []), offline)
         return web.json_response(body)
 
@@ -69,7 +72,7 @@ class TokenEndpoint:
             except TokenInvalid as exc:
                 audit(request, None, "refresh", None, None, f"denied: {exc}")
                 raise Unauthorized(f"refresh token refused: {exc}") from None
-            account = users.current(claims["sub"])
+            account = await users.current(claims["sub"])
             if account is None or account.fingerprint() != claims.get("pwh"):
                 audit(request, claims["sub"], "refresh", None, None, "denied: account changed")
                 raise Unauthorized("refresh token refused: the account changed or is gone; log in again")
@@ -108,7 +111,7 @@ class TokenEndpoint:
             "_scopes": granted_scopes,
         }
         if offline and identity.name is not None and self.control.config.token.refresh_ttl > 0:
-            account = users.current(identity.name)
+            account = users.current_loaded(identity.name)
             if account is not None:
                 body["refresh_token"] = tokens.issue_refresh(identity.name, account.fingerprint())
         if request.method == "GET":

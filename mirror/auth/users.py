@@ -190,9 +190,20 @@ class UserDirectory:
         groups |= self._members.get(account.name, set())
         return Identity(account.name, frozenset(groups), account.kind)
 
-    def current(self, name: str) -> Account | None:
-        """The account as it is now (reloading files if due), or None if it is gone or expired."""
-        self._reload_sync()
+    def reload_due(self) -> bool:
+        return time.monotonic() - self._checked_at >= RELOAD_CHECK_SECONDS
+
+    async def refresh(self) -> None:
+        """Look at the htpasswd and robots files (in a thread: never file I/O on the event loop) if due."""
+        if self.reload_due():
+            await asyncio.to_thread(self._reload_sync)
+
+    async def current(self, name: str) -> Account | None:
+        """The account as it is now (files re-read if due), or None if it is gone or expired."""
+        await self.refresh()
+        return self.current_loaded(name)
+
+    def current_loaded(self, name: str) -> Account | None:
         account = self.account(name)
         if account is None or (account.expires is not None and account.expires < time.time()):
             return None
@@ -204,7 +215,7 @@ class UserDirectory:
                        hashlib.sha256).digest()
         hit = self._verified.get(key)
         if hit is not None and hit[0] > time.monotonic():
-            account = self.current(name)
+            account = await self.current(name)
             if account is not None and account.password_hash == hit[1].password_hash:
                 return account
         account = await asyncio.to_thread(self._check_sync, name, password)
