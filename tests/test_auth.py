@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mirror.auth.tokens import parse_scopes
 from mirror.auth.users import create_robot
 from mirror.config import ConfigError, load_config_data
-from tests.auth_helpers import auth_config, hashed, start
+from tests.auth_helpers import PASSWORDS, auth_config, basic, hashed, start
 from tests.registry_helpers import (
     OCI_MANIFEST,
     digest_of,
@@ -28,6 +28,7 @@ from tests.registry_helpers import (
     push_image,
     put_manifest,
 )
+from tests.test_bad_input import raw_request
 
 
 @pytest.fixture
@@ -204,6 +205,14 @@ async def test_immutable_tags_cannot_move_or_be_deleted_even_by_ops(clients: Any
     assert (await put_manifest(ops, "team/release/app", "v1.0", other, OCI_MANIFEST)).status == 403
     async with ops.delete("/v2/team/release/app/manifests/v1.0") as response:
         assert response.status == 403
+    # Spelled with percent-escapes (sent byte for byte) the tag is the same tag to the handler: still immutable.
+    login = f"Authorization: {basic('ops', PASSWORDS['ops'])}\r\nContent-Type: {OCI_MANIFEST}\r\n"
+    escaped = await raw_request(ops, "PUT", "/v2/team/release/app/manifests/%76%31%2e0", other, login)
+    assert escaped.status == 403
+    escaped = await raw_request(ops, "DELETE", "/v2/team/release/app/manifests/%76%31.0", b"", login)
+    assert escaped.status == 403
+    async with ops.get("/v2/team/release/app/manifests/v1.0") as response:
+        assert response.status == 200 and response.headers["Docker-Content-Digest"] != digest_of(other)
     assert (await put_manifest(ops, "team/release/app", "edge", other, OCI_MANIFEST)).status == 201
     assert (await put_manifest(ops, "team/release/app", "edge", b"x" * 10 + other[10:], OCI_MANIFEST)).status != 403
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -249,6 +249,8 @@ class AccessControl:
         if matched is None:
             return await handler(request)  # 404 NOT_FOUND, the same for everyone
         endpoint, params = matched
+        # Exactly as the dispatcher will see them: a tag spelled %76%31 is v1 to the handler, so to us too.
+        params = {k: unquote(v) if k in ("reference", "digest", "upload_id") else v for k, v in params.items()}
         request["endpoint"] = endpoint.name
         request["reference"] = params.get("reference") or params.get("digest")
         method = "GET" if request.method == "HEAD" else request.method
