@@ -52,6 +52,8 @@ audit_log = logging.getLogger("mirror.audit")
 # Answered before auth: health for load balancers, metrics for Prometheus, the status page.
 EXEMPT_PATHS = frozenset({"/livez", "/readyz", "/metrics", "/"})
 TOKEN_PATH = "/auth/token"
+# Docker's and containers/image's token clients raise a shorter expires_in to this and reuse the token.
+MIN_CLIENT_TOKEN_SECONDS = 60
 _SAFE_HOST = re.compile(r"[A-Za-z0-9.\-:\[\]]{1,300}")
 
 # (endpoint, method) -> action; HEAD is GET's.
@@ -128,6 +130,12 @@ class AccessControl:
         auth_dir = data_dir / "auth"
         key_file = self.config.token.key_file or auth_dir / "token-signing.pem"
         robots_file = self.config.robots_file or auth_dir / "robots.json"
+        if self.config.token.ttl < MIN_CLIENT_TOKEN_SECONDS:
+            log.warning(
+                "auth.token.ttl is %gs: Docker and skopeo treat any token as valid for at least %ds and do not "
+                "ask again after a 401, so sessions longer than the ttl will fail", self.config.token.ttl,
+                MIN_CLIENT_TOKEN_SECONDS,
+            )
         key = await asyncio.to_thread(load_or_create_key, key_file, self.config.token.algorithm)
         self.tokens = TokenService(self.config, key)
         self.users = await asyncio.to_thread(UserDirectory, self.config, robots_file)
