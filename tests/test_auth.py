@@ -486,3 +486,22 @@ def test_config_passwords_are_hashed_and_never_shown(monkeypatch: pytest.MonkeyP
     assert user.password_hash.startswith(b"$2b$") and b"from-the-environment" not in user.password_hash
     assert "from-the-environment" not in repr(config) and "$2b$" not in json.dumps(config.to_dict(), default=str)
     assert not load_config_data({}).security.auth.enabled
+
+
+async def test_robot_create_cli_prints_a_secret_that_logs_in(
+    clients: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import yaml
+
+    from mirror.cli import main
+
+    config_file = tmp_path / "mirror.yml"
+    config_file.write_text(yaml.safe_dump(auth_config(tmp_path)))
+    assert main(["robot", "create", "deployer", "--group", "ci", "--expires", "1d", "--config", str(config_file)]) == 0
+    printed = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    assert printed["username"].strip() == "robot$deployer"
+    secret = printed["secret"].strip()
+    time.sleep(1.1)
+    robot = await clients.login("robot$deployer", secret)
+    await push_image(robot, "team/deployed", "1")
+    assert main(["robot", "create", "Bad Name", "--config", str(config_file)]) == 2
