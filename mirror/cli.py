@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from aiohttp import web
 
 from mirror import __version__
 from mirror.auth.robot_cli import add_robot_parser, run_robot_command
@@ -70,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         config = _load(args.config)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from mirror.api.server import run_app
         from mirror.app import create_app
         from mirror.auth.tls import serve_options
 
         app = create_app(config)
-        web.run_app(
+        # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
+        run_app(
             app,
             host=config.listen.host,
             port=config.listen.port,
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
             # the bytes it received and the client resumes it (tests/test_real_registry.py).
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-            print=lambda text: print(text, flush=True),
+            print_line=lambda text: print(text, flush=True),
             **serve_options(app, config.security),  # TLS (reloaded on SIGHUP) and request-size caps
         )
         return 0
