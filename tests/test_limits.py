@@ -60,3 +60,4 @@ def test_url_and_header_caps_answer_before_any_handler(mirror_factory: MirrorFac
     assert _raw(mirror.port, many).split(b" ")[1] in (b"400", b"431")
     assert _raw(mirror.port, b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").split(b" ")[1] == b"200"
     assert mirror.running
+    assert "Traceback" not in mirror.log_text(tail=None)
