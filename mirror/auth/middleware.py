@@ -363,7 +363,7 @@ class AccessControl:
             status = error.status
             raise
         finally:
-            digest = request.query.get("digest") or request.get("reference")
+            digest = request.query.get("digest") or request.query.get("mount") or request.get("reference")
             if request["endpoint"] == "manifest" and response_digest(request) is not None:
                 digest = response_digest(request)
             result = "ok" if status < 400 else f"failed {status}"
