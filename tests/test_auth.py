@@ -385,10 +385,13 @@ async def test_expired_token_is_401_and_a_new_one_works(aiohttp_client: Any, tmp
     clients = await start(aiohttp_client, auth_config(tmp_path, token={"ttl": "1s", "leeway": 0}))
     alice = await clients.as_("alice")
     token = await token_for(alice, "repository:team/app:pull")
+    async with clients.anonymous.get("/v2/team/app/tags/list",
+                                     headers={"Authorization": f"Bearer {token['token']}"}) as response:
+        assert response.status == 404  # valid now (and remembered as verified)...
     time.sleep(2.1)
     async with clients.anonymous.get("/v2/team/app/tags/list",
                                      headers={"Authorization": f"Bearer {token['token']}"}) as response:
-        assert response.status == 401
+        assert response.status == 401  # ...but not past its exp
         challenge = response.headers["WWW-Authenticate"]
         assert 'error="invalid_token"' in challenge
     fresh = await token_for(alice, "repository:team/app:pull")
