@@ -93,6 +93,27 @@ def _no_security() -> SecurityConfig:
     return SecurityConfig()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("plain", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "plain"  # plain or json (one object per line)
+
+
+def _parse_log(section: _Section) -> LogConfig:
+    level = str(section.get("level", "INFO")).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"log.level: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    fmt = str(section.get("format", "plain")).lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"log.format: expected one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    section.finish()
+    return LogConfig(level=level, format=fmt)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
@@ -102,6 +123,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
     security: SecurityConfig = field(default_factory=_no_security)  # `auth:`, `tls:`, `http:`
+    log: LogConfig = field(default_factory=LogConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
 
     @property
@@ -371,6 +393,7 @@ def load_config_data(data: Any) -> Config:
     local_section = root.section("local")
     local = LocalConfig(repositories=_parse_local_patterns(local_section))
     local_section.finish()
+    log_config = _parse_log(root.section("log"))
     from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
 
     replication = parse_rules(root.get("replication"), upstreams)
@@ -380,7 +403,7 @@ def load_config_data(data: Any) -> Config:
     root.finish()
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        replication=replication, security=security,
+        log=log_config, replication=replication, security=security,
     )
 
 

@@ -304,8 +304,18 @@ async def test_mirrored_repositories_are_pull_only_whatever_the_policy_says(clie
 
 
 async def test_health_metrics_and_status_are_answered_before_auth(clients: Any) -> None:
-    async with clients.anonymous.get("/metrics") as response:
-        assert response.status == 200
+    for path in ("/metrics", "/livez", "/readyz", "/"):
+        async with clients.anonymous.get(path) as response:
+            assert response.status in (200, 503), path  # readyz: the test's upstream is offline
+    ops = await clients.as_("ops")
+    await push_image(ops, "private/secret-project", "1")
+    await push_image(ops, "public/open-project", "1")
+    for name in ("private/secret-project", "public/open-project"):
+        async with ops.get(f"/v2/{name}/manifests/1") as response:
+            assert response.status == 200
+    async with clients.anonymous.get("/") as response:
+        page = await response.text()
+    assert "public/open-project" in page and "secret-project" not in page  # the open page names no private repo
     async with clients.anonymous.get("/api/replication") as response:
         assert response.status == 401  # the server's own API needs a login...
     async with (await clients.as_("alice")).get("/api/replication") as response:

@@ -241,6 +241,10 @@ class AccessControl:
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         path = request.path
+        if path == "/":
+            # The status page is open to all, so it names only what anyone may pull.
+            policy = self.policy
+            request[LISTING_FILTER] = lambda name: PULL in policy.allowed(ANONYMOUS, name, mirrored=True)
         if path in EXEMPT_PATHS or path == TOKEN_PATH:
             return await handler(request)
         caller = await self.identify(request)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.metrics import Metrics
+from mirror.observe.requests import FillRecord, note_cache_result
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import is_valid_tag, validate_tag
@@ -118,12 +120,15 @@ class ProxyRegistry(Registry):
         self.tag_ttl = tag_ttl
         self.manifest_limit = manifest_limit
         self.read_only_message = read_only_message
+        # Told of every finished download (the status page's "recent fills"); the app sets it.
+        self.on_fill: Callable[[FillRecord], None] | None = None
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
         self._memo = ManifestMemo()
         self._sizes = ExpectedSizes()
 
     def _count(self, kind: str, result: str) -> None:
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
+        note_cache_result(result)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def _find(self, repo: str, digest: Digest) -> tuple[bool, StoredBlob | None]:
@@ -287,7 +292,7 @@ class ProxyRegistry(Registry):
                 # so the file can go now; nothing is committed or indexed.
                 await asyncio.to_thread(temp.unlink, True)
                 await fill.commit(None)
-                self.metrics.fills.labels(self.name, "passed_through").inc()
+                self._fill_finished(repo, digest, received, started, "passed_through")
                 return
             stored = await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, received)
             linked: set[str] = set()
@@ -297,7 +302,7 @@ class ProxyRegistry(Registry):
             # between the last check and commit(), after which nobody can join this fill.
             await self._link_new_repositories(fill, digest, linked)
             await fill.commit(stored.path)
-            self.metrics.fills.labels(self.name, "ok").inc()
+            self._fill_finished(repo, digest, received, started, "ok")
             elapsed = time.perf_counter() - started
             log.info("filled %s from %s/%s: %d bytes in %.2f s (%.0f MB/s)", digest, self.name, repo, received,
                      elapsed, received / elapsed / 1e6 if elapsed else 0.0)
@@ -308,8 +313,14 @@ class ProxyRegistry(Registry):
             if not fill.has_descriptor:
                 await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
             result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
-            self.metrics.fills.labels(self.name, result).inc()
+            self._fill_finished(repo, digest, fill.written, started, result)
             raise
+
+    def _fill_finished(self, repo: str, digest: Digest, size: int, started: float, result: str) -> None:
+        self.metrics.fills.labels(self.name, result).inc()
+        if self.on_fill is not None:
+            self.on_fill(FillRecord(self.name, repo, str(digest), size, time.perf_counter() - started, result,
+                                    time.time()))
 
     async def _reserve(self, size: int) -> None:
         """Check there is room for the blob before any client is answered, so a full disk is a clean 503 up
