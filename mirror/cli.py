@@ -1,4 +1,4 @@
-"""Command line: `mirror serve`, `mirror check-config`, `mirror verify`, `mirror gc`, `mirror sync`."""
+"""Command line: `mirror serve`, `check-config`, `verify`, `gc`, `sync`, `export`, `import`."""
 
 from __future__ import annotations
 
@@ -60,17 +60,35 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
     sync.add_argument("--rule", help="only this rule (default: every rule)")
     sync.add_argument("--dry-run", action="store_true", help="show what would be copied; write nothing")
+    _add_bundle_commands(commands)
     return parser
 
 
+def _add_bundle_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from mirror.replication.bundle_commands import add_export_arguments, add_import_arguments
+
+    add_export_arguments(commands.add_parser(
+        "export", help="write images into an air-gap bundle (an OCI layout folder or FILE.tar)"
+    ))
+    add_import_arguments(commands.add_parser(
+        "import", help="verify air-gap bundles and store their images (all of an image or none)"
+    ))
+
+
 def _load(path: Path | None) -> Config:
+    """The config, or every problem of the file on stderr and exit status 2 (serve, check-config, ...)."""
     # Containers and service managers pass the config file's path in the environment.
     if path is None and os.environ.get(CONFIG_ENV):
         path = Path(os.environ[CONFIG_ENV])
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"mirror: config error: {exc}", file=sys.stderr)
+        if len(exc.errors) == 1:
+            print(f"mirror: config error: {exc.errors[0]}", file=sys.stderr)
+        else:
+            print(f"mirror: {len(exc.errors)} config errors in {path}:", file=sys.stderr)
+            for message in exc.errors:
+                print(f"  {message}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 
@@ -128,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "robot":
         return run_robot_command(args, _load(args.config))
+    if args.command in ("export", "import"):
+        from mirror.replication import bundle_commands
+
+        run = bundle_commands.run_export if args.command == "export" else bundle_commands.run_import
+        return run(args, _load(args.config))
     if args.command == "sync":
         config = _load(args.config)
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")

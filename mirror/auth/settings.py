@@ -142,16 +142,22 @@ class SecurityConfig:
 
 def parse_security(root: _Section) -> SecurityConfig:
     """Read `auth:`, `tls:` and `http:` from the root section (marking them used)."""
+    auth = root.section("auth", _parse_auth, AuthConfig()) if root.has("auth") else _absent(root, "auth")
     return SecurityConfig(
-        auth=_parse_auth(root) if root.has("auth") else _absent(root, "auth", AuthConfig()),
-        tls=_parse_tls(root.section("tls")),
-        http=_parse_http(root.section("http")),
+        auth=auth,
+        tls=root.section("tls", _parse_tls, TLSConfig()),
+        http=root.section("http", _parse_http, HttpLimits()),
     )
 
 
-def _absent(root: _Section, name: str, default: AuthConfig) -> AuthConfig:
+def _absent(root: _Section, name: str) -> AuthConfig:
     root.get(name)
-    return default
+    return AuthConfig()
+
+
+def _sub(section: _Section, name: str) -> _Section:
+    """The mapping at `name` as a section of its own (an unusable one is recorded and read as empty)."""
+    return _section_of(section.get(name), section.path(name), section)
 
 
 def _positive_int(section: _Section, name: str, default: int) -> int:
@@ -194,8 +200,7 @@ def _name_list(section: _Section, name: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _parse_auth(root: _Section) -> AuthConfig:
-    section = root.section("auth")
+def _parse_auth(section: _Section) -> AuthConfig:
     enabled = section.boolean("enabled", True)
     challenge = section.string("challenge", "bearer") or "bearer"
     if challenge not in ("bearer", "basic"):
@@ -209,14 +214,14 @@ def _parse_auth(root: _Section) -> AuthConfig:
         if '"' in value or "\\" in value:
             raise _error(f"{section.path(key)}: must not contain quotes or backslashes")
     htpasswd = _existing_file(section, "htpasswd")
-    users = _parse_users(section.section("users"))
-    groups = _parse_groups(section.section("groups"))
+    users = _parse_users(_sub(section, "users"))
+    groups = _parse_groups(_sub(section, "groups"))
     robots_text = section.string("robots_file")
     rules = _parse_rules(section)
-    token = _parse_token(section.section("token"))
-    backoff = _parse_backoff(section.section("login_backoff"))
+    token = _parse_token(_sub(section, "token"))
+    backoff = _parse_backoff(_sub(section, "login_backoff"))
     cache_ttl = _duration(section, "credential_cache_ttl", 60.0)
-    admins = section.section("admins")
+    admins = _sub(section, "admins")
     admin_users, admin_groups = _name_list(admins, "users"), _name_list(admins, "groups")
     admins.finish()
     section.finish()
@@ -247,7 +252,7 @@ def _parse_users(section: _Section) -> tuple[ConfigUser, ...]:
         key = section.path(name)
         if not isinstance(name, str) or not _USER_NAME.fullmatch(name) or name.startswith(ROBOT_PREFIX):
             raise _error(f"{key}: not a valid user name (letters, digits, . _ @ - ; not starting with robot$)")
-        entry = section.section(name)
+        entry = _sub(section, name)
         hashed = entry.get("password_hash")
         plain = entry.get("password")
         if (hashed is None) == (plain is None):
@@ -292,7 +297,7 @@ def _parse_rules(section: _Section) -> tuple[Rule, ...]:
         raise _error(f"{section.path('access')}: expected a list of rules")
     rules = []
     for index, entry_raw in enumerate(raw):
-        entry = _section_of(entry_raw, f"{section.path('access')}[{index}]")
+        entry = _section_of(entry_raw, f"{section.path('access')}[{index}]", section)
         pattern = entry.string("repository")
         if not pattern:
             raise _error(f"{entry.path('repository')}: required (a glob like team/** or docker.io/**)")
@@ -307,10 +312,10 @@ def _parse_rules(section: _Section) -> tuple[Rule, ...]:
     return tuple(rules)
 
 
-def _section_of(data: Any, key: str) -> _Section:
+def _section_of(data: Any, key: str, parent: _Section) -> _Section:
     from mirror.config import _Section
 
-    return _Section(data, key)
+    return _Section.of(data, key, parent.errors) or _Section({}, key, parent.errors)
 
 
 def _actions(section: _Section, name: str) -> frozenset[str]:
@@ -326,7 +331,7 @@ def _actions(section: _Section, name: str) -> frozenset[str]:
 
 
 def _subject_grants(section: _Section, name: str) -> dict[str, frozenset[str]]:
-    sub = section.section(name)
+    sub = _sub(section, name)
     grants = {}
     for subject in list(sub.data):
         if not isinstance(subject, str) or not subject:

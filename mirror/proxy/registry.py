@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import time
@@ -57,29 +56,6 @@ DISK_MARGIN_BYTES = 16 << 20
 _MAX_INDEX_DEPTH = 2
 # Errors after which cached content is better than no content (a garbled answer included).
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
-
-
-_NON_DISTRIBUTABLE_PREFIXES = (
-    "application/vnd.oci.image.layer.nondistributable.",
-    "application/vnd.docker.image.rootfs.foreign.",
-)
-
-
-def _is_non_distributable(media_type: str) -> bool:
-    return media_type.startswith(_NON_DISTRIBUTABLE_PREFIXES)
-
-
-def _foreign_layer_digests(body: bytes) -> set[Digest]:
-    """Digests of layers a manifest says are fetched from `urls` elsewhere (already parsed and valid)."""
-    layers = json.loads(body).get("layers")
-    found: set[Digest] = set()
-    for layer in layers if isinstance(layers, list) else []:
-        if isinstance(layer, dict) and layer.get("urls"):
-            try:
-                found.add(Digest.parse(str(layer.get("digest"))))
-            except RegistryError:
-                continue
-    return found
 
 
 def _is_empty_blob(digest: Digest) -> bool:
@@ -532,7 +508,7 @@ class ProxyRegistry(Registry):
         says so, so a crash in between only costs doing it again."""
         vouched: list[Descriptor] = []
         try:
-            vouched = self._link_references_sync(repo, parsed, body, depth)
+            vouched = self._link_references_sync(repo, parsed, depth)
             linked = True
         except OSError as exc:
             # Only a saving: without these links the blobs are confirmed with a HEAD as before.
@@ -541,12 +517,11 @@ class ProxyRegistry(Registry):
         self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body), references_linked=linked))
         return vouched
 
-    def _link_references_sync(self, repo: str, parsed: ParsedManifest, body: bytes, depth: int) -> list[Descriptor]:
+    def _link_references_sync(self, repo: str, parsed: ParsedManifest, depth: int) -> list[Descriptor]:
         # Non-distributable layers are the exception: a registry never checks those (they were never
         # pushed), so naming one is no evidence that `repo` may read bytes stored under that digest.
-        foreign = _foreign_layer_digests(body)
-        vouched = [blob for blob in parsed.blobs
-                   if blob.digest not in foreign and not _is_non_distributable(blob.media_type)]
+        # `parsed.blobs` leaves them out (they are `parsed.foreign`).
+        vouched = list(parsed.blobs)
         for blob in vouched:
             self.repos.link_blob(repo, blob.digest)
         if depth >= _MAX_INDEX_DEPTH:
