@@ -18,6 +18,7 @@ from mirror.api.errors import CLIENT_CLOSED_STATUS, add_api_version, client_clos
 from mirror.api.protocol_log import handler_args as protocol_handler_args
 from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
+from mirror.auth.install import install_access_control
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager
@@ -92,6 +93,7 @@ def create_app(config: Config) -> web.Application:
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(replication_context)  # after the stores it copies between, closed before them
     dispatcher = api_dispatcher()
+    install_access_control(app, config, dispatcher)
     health = app[HEALTH] = HealthChecks(app)
     # Health and the status page come before the registry routes, and (with access control) before auth:
     # a load balancer or an operator must reach them without credentials.

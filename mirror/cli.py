@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from mirror import __version__
+from mirror.auth.robot_cli import add_robot_parser, run_robot_command
 from mirror.cache.maintenance import gc, report_json, verify
 from mirror.config import Config, ConfigError, load_config, parse_duration
 from mirror.observe.logs import configure_logging
@@ -53,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "--grace", default=None,
         help="leave anything younger than this alone (a push may be in flight); default storage.temp_grace",
     )
+    add_robot_parser(commands)
 
     sync = commands.add_parser("sync", help="run replication rules once now (exit 1 unless everything was copied)")
     sync.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
@@ -117,12 +119,14 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(args.log_level or config.log.level, config.log.format)
         from mirror.api.server import run_app
         from mirror.app import create_app
+        from mirror.auth.tls import serve_options
         from mirror.coordination.interface import CoordinatorUnavailable
 
+        app = create_app(config)
         # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
         try:
             run_app(
-                create_app(config),
+                app,
                 host=config.listen.host,
                 port=config.listen.port,
                 access_log=logging.getLogger(ACCESS_LOGGER),
@@ -134,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                 # the bytes it received and the client resumes it (tests/test_real_registry.py).
                 shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
                 print_line=lambda text: print(text, flush=True),
+                **serve_options(app, config.security),  # TLS (reloaded on SIGHUP) and request-size caps
             )
         except CoordinatorUnavailable as exc:  # a cluster node must not serve on its own
             print(f"mirror: cluster.redis: {exc}", file=sys.stderr)
@@ -160,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report_json(gc(config.storage.path, dry_run=args.dry_run, grace_seconds=grace)))
         return 0
+    if args.command == "robot":
+        return run_robot_command(args, _load(args.config))
     if args.command in ("export", "import"):
         from mirror.replication import bundle_commands
 

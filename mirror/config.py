@@ -19,6 +19,7 @@ import yaml
 from mirror.oci.names import is_valid_name
 
 if TYPE_CHECKING:
+    from mirror.auth.settings import SecurityConfig
     from mirror.replication.rules import Rule
 
 T = TypeVar("T")
@@ -93,6 +94,12 @@ class LocalConfig:
     repositories: tuple[str, ...] = ()
 
 
+def _no_security() -> SecurityConfig:
+    from mirror.auth.settings import SecurityConfig  # not at the top: that module reads sections with ours
+
+    return SecurityConfig()
+
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("plain", "json")
 
@@ -149,6 +156,7 @@ class Config:
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    security: SecurityConfig = field(default_factory=_no_security)  # `auth:`, `tls:`, `http:`
     log: LogConfig = field(default_factory=LogConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
     cluster: ClusterConfig | None = None  # None: one node, coordinated in-process
@@ -160,6 +168,8 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         """The effective config as plain data (for `check-config`); passwords are masked."""
         data = asdict(self)
+        data.pop("security")
+        data.update(self.security.to_dict())
         data["replication"] = [rule.to_dict() for rule in self.replication]
         data["listen"] = str(self.listen)
         data["storage"]["path"] = str(self.storage.path)
@@ -559,6 +569,9 @@ def load_config_data(data: Any) -> Config:
         log = root.section("log", _parse_log, LogConfig())
         replication = _parse_replication(root, upstreams)
         cluster = root.section("cluster", _parse_cluster, None) if root.get("cluster") is not None else None
+        from mirror.auth.settings import parse_security  # here: that module reads sections with this one's
+
+        security = parse_security(root)
         root.finish()
     except ConfigError as exc:  # a check that raises instead of recording: still shown with the others
         raise ConfigError(*errors.messages, *exc.errors) from exc
@@ -566,7 +579,7 @@ def load_config_data(data: Any) -> Config:
         raise ConfigError(*errors.messages)
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        log=log, replication=replication, cluster=cluster,
+        log=log, replication=replication, cluster=cluster, security=security,
     )
 
 

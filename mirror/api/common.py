@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import re
 from collections.abc import AsyncIterator
@@ -9,7 +10,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from mirror.errors import ManifestTooLarge, PaginationNumberInvalid
+from mirror.errors import ManifestTooLarge, PaginationNumberInvalid, RegistryError
 from mirror.oci.digest import Digest
 from mirror.routing import Target
 from mirror.state import CONFIG, ROUTER
@@ -19,6 +20,10 @@ READ_CHUNK_BYTES = 1 << 20
 _PAGE_NUMBER = re.compile(r"[0-9]+")
 # More digits than this is "as many as you allow" anyway; int() refuses > 4300 digits with a ValueError.
 _PAGE_NUMBER_MAX_DIGITS = 18
+# Set by access control (mirror/auth): a manifest body it had to read to judge a tag move, and the
+# predicate a listing applies to repository names. Without auth neither is ever set.
+PRELOADED_BODY = "preloaded_body"
+LISTING_FILTER = "listing_filter"
 
 
 def target_for(request: web.Request, name: str) -> Target:
@@ -30,14 +35,43 @@ def target_for(request: web.Request, name: str) -> Target:
     return target
 
 
+class BodyStalled(RegistryError):
+    code, status, default_message = "BLOB_UPLOAD_INVALID", 408, "the request body stopped arriving"
+
+
+class BodyTooLarge(RegistryError):
+    code, status, default_message = "SIZE_INVALID", 413, "request body too large"
+
+
 async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
-    """The request body as it arrives, never held whole in memory."""
-    async for chunk in request.content.iter_chunked(READ_CHUNK_BYTES):
+    """The request body as it arrives, never held whole in memory; a client that stops sending for
+    `http.body_idle_timeout` is cut off (what it sent of an upload stays, to resume), and a body over
+    `http.max_body_bytes` is refused."""
+    limits = request.app[CONFIG].security.http
+    cap = limits.max_body_bytes
+    if cap is not None and (request.content_length or 0) > cap:
+        raise BodyTooLarge(f"request bodies are limited to {cap} bytes")
+    received = 0
+    chunks = request.content.iter_chunked(READ_CHUNK_BYTES).__aiter__()
+    while True:
+        try:
+            async with asyncio.timeout(limits.body_idle_timeout):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise BodyStalled(f"no body data for {limits.body_idle_timeout:g}s") from None
+        received += len(chunk)
+        if cap is not None and received > cap:
+            raise BodyTooLarge(f"request bodies are limited to {cap} bytes")
         yield chunk
 
 
 async def read_limited(request: web.Request, limit: int) -> bytes:
     """Read a small body (a manifest), refusing with 413 as soon as it passes `limit`."""
+    preloaded: bytes | None = request.get(PRELOADED_BODY)
+    if preloaded is not None:
+        return preloaded
     if request.content_length is not None and request.content_length > limit:
         raise ManifestTooLarge(f"manifest is larger than {limit} bytes")
     body = bytearray()
@@ -46,6 +80,12 @@ async def read_limited(request: web.Request, limit: int) -> bytes:
         if len(body) > limit:
             raise ManifestTooLarge(f"manifest is larger than {limit} bytes")
     return bytes(body)
+
+
+def visible(request: web.Request, names: list[str]) -> list[str]:
+    """The repository names this caller may see (all of them without access control)."""
+    allowed = request.get(LISTING_FILTER)
+    return names if allowed is None else [name for name in names if allowed(name)]
 
 
 def content_headers(digest: Digest, media_type: str) -> dict[str, str]:

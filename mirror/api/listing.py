@@ -6,7 +6,7 @@ import json
 
 from aiohttp import web
 
-from mirror.api.common import page, target_for
+from mirror.api.common import page, target_for, visible
 from mirror.api.dispatch import Params
 from mirror.oci.digest import Digest
 from mirror.oci.manifest import OCI_INDEX
@@ -27,7 +27,7 @@ async def tags_list(request: web.Request, params: Params) -> web.StreamResponse:
 
 
 async def catalog(request: web.Request, params: Params) -> web.StreamResponse:
-    repositories, link = page(request, await request.app[ROUTER].list_repositories())
+    repositories, link = page(request, visible(request, await request.app[ROUTER].list_repositories()))
     response = web.json_response({"repositories": repositories})
     if link:
         response.headers["Link"] = link

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -66,12 +67,13 @@ class RegistryAppRunner(web.AppRunner):
 
 
 async def _serve(
-    app: web.Application, host: str, port: int, print_line: Callable[[str], None], **runner_args: Any
+    app: web.Application, host: str, port: int, print_line: Callable[[str], None],
+    ssl_context: ssl.SSLContext | None = None, **runner_args: Any
 ) -> None:
     runner = RegistryAppRunner(app, handle_signals=True, **runner_args)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)  # HTTPS when `tls:` is configured
         await site.start()
         print_line(f"======== Running on {site.name} ========\n(Press CTRL+C to quit)")
         while True:

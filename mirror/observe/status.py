@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import html
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from mirror import __version__
+from mirror.api.common import LISTING_FILTER
 from mirror.observe.health import HealthChecks
 from mirror.observe.requests import PULL_STATS, PullStats
 from mirror.replication.engine import REPLICATION
@@ -144,10 +145,15 @@ class StatusPage:
         app = request.app
         samples = await asyncio.to_thread(Samples, app[METRICS].registry)
         checks = {result.name: result for result in await self.health.run()}
-        page = self.render(app, samples, checks, time.time())
+        page = self.render(app, samples, checks, time.time(), visible=request.get(LISTING_FILTER))
         return web.Response(text=page, content_type="text/html", headers={"Cache-Control": "no-store"})
 
-    def render(self, app: web.Application, samples: Samples, checks: Mapping[str, Any], now: float) -> str:
+    def render(
+        self, app: web.Application, samples: Samples, checks: Mapping[str, Any], now: float,
+        visible: Callable[[str], bool] | None = None,
+    ) -> str:
+        # With access control on, only repositories an anonymous caller may pull are named (the page is open).
+        shown: Callable[[str], bool] = visible or (lambda _name: True)
         stats: PullStats = app[PULL_STATS]
         config = app[CONFIG]
         blob_hits = samples.total("mirror_cache_lookups_total", kind="blob", result=HIT_RESULTS)
@@ -176,13 +182,15 @@ class StatusPage:
             self._upstreams(app, samples, checks),
             self._storage(checks),
             Table("Top repositories by pulls (since start)", ("repository", "pulls"),
-                  [(f"<code>{html.escape(name)}</code>", f"{count}") for name, count in stats.top(10)]).render(),
+                  [(f"<code>{html.escape(name)}</code>", f"{count}")
+                   for name, count in stats.top(50) if shown(name)][:10]).render(),
             Table("Recent fills", ("when", "upstream", "repository", "digest", "size", "time", "result"),
                   [(ago(fill.finished_at, now), html.escape(fill.upstream),
                     f"<code>{html.escape(fill.repository)}</code>",
                     f"<code>{html.escape(fill.digest[:19])}…</code>", size(fill.size), f"{fill.seconds:.2f} s",
-                    _badge(fill.result == "ok", fill.result)) for fill in stats.recent_fills]).render(),
-            self._replication(app, now),
+                    _badge(fill.result == "ok", fill.result)) for fill in stats.recent_fills
+                   if shown(f"{fill.upstream}/{fill.repository}")]).render(),
+            self._replication(app, now) if visible is None else "",
         ]
         started = ago(stats.started_at, now).replace(" ago", "")
         return (

@@ -44,6 +44,8 @@ class MirrorProcess:
         ready_timeout: float = 30.0,
         python: str = sys.executable,
         extra_args: tuple[str, ...] = (),
+        tls_ca: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
         if "listen" not in config:
             raise ValueError("the mirror config needs listen: 127.0.0.1:PORT")
@@ -59,6 +61,9 @@ class MirrorProcess:
         self.ready_timeout = ready_timeout
         self.python = python
         self.extra_args = extra_args
+        # Set when the config has `tls:`: the URL is https and readiness is checked trusting this CA.
+        self.tls_ca = tls_ca
+        self.client_cert = client_cert  # (cert, key) for readiness checks against a mirror requiring mTLS
         base_env = dict(os.environ if env is None else env)
         # Import the package from this checkout, whatever the cwd or installed copies.
         base_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), base_env.get("PYTHONPATH", "")) if p)
@@ -74,7 +79,7 @@ class MirrorProcess:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{'https' if self.tls_ca else 'http'}://{self.host}"
 
     @property
     def pid(self) -> int:
@@ -101,7 +106,8 @@ class MirrorProcess:
             self.proc = ManagedProcess(argv, name="mirror", log_dir=self.workdir, env=self.env, cwd=REPO_ROOT)
         self.proc.start()
         try:
-            wait_http(f"{self.url}/v2/", self.ready_timeout, proc=self.proc)
+            wait_http(f"{self.url}/v2/", self.ready_timeout, proc=self.proc, ca_file=self.tls_ca,
+                      client_cert=self.client_cert)
         except BaseException:
             self.proc.stop()
             raise

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -268,11 +269,21 @@ class ProcessDied(RuntimeError):
         self.log_tail = log_tail
 
 
-def http_status(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> int:
-    """Status code of a GET to ``url``; raises OSError when nothing answers."""
+def http_status(
+    url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None, ca_file: Path | None = None,
+    client_cert: tuple[Path, Path] | None = None,
+) -> int:
+    """Status code of a GET to ``url``; raises OSError when nothing answers. ``ca_file``: trust for https;
+    ``client_cert``: (cert, key) to present for mutual TLS."""
     request = urllib.request.Request(url, headers=dict(headers or {}))
     # No proxies: a stray http_proxy in the environment must not reroute loopback traffic.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if ca_file is not None:
+        context = ssl.create_default_context(cafile=str(ca_file))
+        if client_cert is not None:
+            context.load_cert_chain(*client_cert)
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
     try:
         with opener.open(request, timeout=timeout) as response:
             return int(response.status)
@@ -287,6 +298,8 @@ def wait_http(
     ready: Callable[[int], bool] = lambda status: status < 500,
     proc: ManagedProcess | None = None,
     interval: float = 0.05,
+    ca_file: Path | None = None,
+    client_cert: tuple[Path, Path] | None = None,
 ) -> int:
     """Poll ``url`` until ``ready(status)``; return that status.
 
@@ -298,7 +311,8 @@ def wait_http(
         if proc is not None:
             proc.check_alive()
         try:
-            status = http_status(url, timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            status = http_status(url, timeout=min(2.0, max(0.1, deadline - time.monotonic())), ca_file=ca_file,
+                                 client_cert=client_cert)
             if ready(status):
                 return status
             last = f"status {status}"
