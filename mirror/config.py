@@ -69,6 +69,10 @@ class UpstreamConfig:
     # Replication's GETs pause while this upstream announces this many pulls left or fewer
     # (`ratelimit-remaining`): what remains of the budget is kept for pull-through clients.
     ratelimit_floor: int = 5
+    # Serving an image manifest fetched from this upstream starts downloads of its config and layers at
+    # once, at most `prefetch_concurrency` at a time (blob GETs only: no pull budget is spent).
+    prefetch: bool = True
+    prefetch_concurrency: int = 8
 
     @property
     def host(self) -> str:
@@ -267,7 +271,12 @@ def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
         ca_file=ca_file,
         ratelimit_floor=_non_negative_int(section.get("ratelimit_floor", 5), section.path("ratelimit_floor")),
+        prefetch=section.boolean("prefetch", True),
+        prefetch_concurrency=_non_negative_int(section.get("prefetch_concurrency", 8),
+                                               section.path("prefetch_concurrency")),
     )
+    if upstream.prefetch_concurrency < 1:
+        raise ConfigError(f"{section.path('prefetch_concurrency')}: must be 1 or more")
     section.finish()
     return upstream
 

@@ -79,6 +79,16 @@ class Metrics:
             "mirror_fills", "Finished upstream blob downloads by result (ok, failed, invalid).",
             ["upstream", "result"], registry=r,
         )
+        self.prefetch_fills = Counter(
+            "mirror_prefetch_fills", "Layer prefetches by result (ok, failed, cached: already here, running: a "
+            "fill was under way, no_room: skipped for the cache bound or disk space, cancelled: given up for a "
+            "client's fill).",
+            ["upstream", "result"], registry=r,
+        )
+        self.prefetch_claims = Counter(
+            "mirror_prefetch_claims", "Client blob requests that joined a prefetch already running.",
+            ["upstream"], registry=r,
+        )
 
         self.stored_bytes = Gauge(
             "mirror_stored_bytes", "Bytes on disk by holder (cached: evictable upstream content; local: pushed; "
