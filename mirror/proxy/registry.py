@@ -189,7 +189,7 @@ class ProxyRegistry(Registry):
             running = self.fills.running(self.name, digest)
             if running is not None and (linked or confirmed or running.readable_by(repo)):
                 running.allow(repo)  # linked to `repo` too when it commits: later reads are plain hits
-                self._count("blob", "joined")
+                self._count("blob", "prefetched" if running.prefetch and not running.claimed else "joined")
                 fill = self.fills.join(self.name, digest, repo, lambda f: self._download(f, repo, digest, None))
                 break
             if running is None and stored is None:
