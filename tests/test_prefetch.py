@@ -243,3 +243,12 @@ def test_prefetch_concurrency_must_be_a_positive_whole_number(value: object):
 
     with pytest.raises(ConfigError, match=r"upstreams\[0\]\.prefetch_concurrency"):
         load_config_data({"upstreams": [{"name": "a.io", "url": "https://a.io", "prefetch_concurrency": value}]})
+
+
+def test_prefetch_defaults_to_on_with_eight_at_a_time_and_must_be_a_boolean():
+    from mirror.config import ConfigError, load_config_data
+
+    upstream = load_config_data({"upstreams": [{"name": "a.io", "url": "https://a.io"}]}).upstreams[0]
+    assert (upstream.prefetch, upstream.prefetch_concurrency) == (True, 8)
+    with pytest.raises(ConfigError, match=r"upstreams\[0\]\.prefetch: expected true or false"):
+        load_config_data({"upstreams": [{"name": "a.io", "url": "https://a.io", "prefetch": "yes"}]})
