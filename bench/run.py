@@ -337,7 +337,7 @@ def run_loopback(args: argparse.Namespace, work: Path) -> list[Result]:
         print(f"[loopback] seeding the upstream with a {args.blob_mb} MB blob ...", flush=True)
         image = seed_big_image(upstream.url, work, args.blob_mb)
         box = seed_runnable_image(upstream.host, work) if "5" not in args.skip else ""
-        servers = [MirrorServer(upstream.url), PeerServer(upstream.url)]
+        servers = [MirrorServer(upstream.url, prefetch=not args.no_prefetch), PeerServer(upstream.url)]
         results: list[Result] = []
         steps = [
             ("1", lambda: warm_blob(servers, image, args.seconds, args.rounds)),
@@ -371,7 +371,7 @@ def run_at_distance(args: argparse.Namespace, work: Path, profile: Profile) -> l
         box = "" if "9" in args.skip else seed_runnable_image(upstream.host, work, tag="10", extra_layers=TEN_LAYERS)
         shaper = ShapingProxy("127.0.0.1", upstream.port, profile).start()
         far = f"https://{shaper.host}"
-        servers = [MirrorServer(far, ca.ca_file), PeerServer(far, ca.ca_file)]
+        servers = [MirrorServer(far, ca.ca_file, prefetch=not args.no_prefetch), PeerServer(far, ca.ca_file)]
         label = f"@{profile.name}"
         steps = [
             ("7", lambda: cold_single(servers, upstream, image, args.rounds, label=f"7 cold single client {label}",
@@ -407,12 +407,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rtt-ms", type=float, default=WAN.rtt * 1e3, help="round trip added by the shaper")
     parser.add_argument("--bandwidth-mbps", type=float, default=WAN.bandwidth / 1e6,
                         help="MB/s per connection through the shaper")
+    parser.add_argument("--no-prefetch", action="store_true", help="run the mirror with layer prefetch off")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--skip", action="append", default=[], help="scenario numbers to skip (e.g. 5)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     wan = Profile("wan", rtt=args.rtt_ms / 1e3, bandwidth=args.bandwidth_mbps * 1e6)
-    profiles = {"loopback": "loopback: upstream on plain HTTP, 127.0.0.1", "wan": wan.describe() + ", TLS"}
+    prefetch = "mirror prefetch off" if args.no_prefetch else "mirror prefetch on"
+    profiles = {"loopback": f"loopback: upstream on plain HTTP, 127.0.0.1; {prefetch}",
+                "wan": f"{wan.describe()}, TLS; {prefetch}"}
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     load_before = os.getloadavg()

@@ -118,6 +118,7 @@ class PeerServer:
 class MirrorServer:
     upstream_url: str
     ca_file: Path | None = None  # upstreams[].ca_file
+    prefetch: bool = True  # upstreams[].prefetch (off: to see what layer prefetch is worth)
     name: str = "mirror"
 
     def __post_init__(self) -> None:
@@ -129,7 +130,7 @@ class MirrorServer:
             "listen": f"127.0.0.1:{free_port()}",
             "storage": {"path": str(self.data / "data")},
             "upstreams": [{"name": "docker.io", "url": self.upstream_url, "default": True, "tag_ttl": "10m",
-                           **({"ca_file": str(self.ca_file)} if self.ca_file else {})}],
+                           "prefetch": self.prefetch, **({"ca_file": str(self.ca_file)} if self.ca_file else {})}],
         }
         return MirrorProcess(config, workdir=self.data).start()
 
