@@ -8,17 +8,19 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.api.errors import add_api_version, registry_errors
+from mirror.api.errors import CLIENT_CLOSED_STATUS, add_api_version, client_closed, registry_errors
+from mirror.api.protocol_log import handler_args as protocol_handler_args
 from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
-from mirror.cache.manager import CacheManager, reconcile_sync
+from mirror.cache.manager import CacheManager
 from mirror.config import Config
 from mirror.metrics import Metrics
 from mirror.proxy.fills import FillManager
@@ -41,10 +43,17 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        # A client that left before its response was complete is counted as such, not by the status line
+        # it never read whole (a streamed 200 cut short, a PUT whose body stopped coming).
+        status = CLIENT_CLOSED_STATUS if client_closed(request) else response.status
         return response
     except web.HTTPException as http_error:
         status = http_error.status
+        raise
+    except asyncio.CancelledError:
+        # Handlers are cancelled only when their connection is gone for good (shutdown, or aiohttp's
+        # handler cancellation): no status was sent.
+        status = CLIENT_CLOSED_STATUS
         raise
     finally:
         endpoint = request.get("endpoint", "other")
@@ -61,9 +70,15 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    app = web.Application(middlewares=[count_requests, registry_errors])
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[count_requests, registry_errors],
+        # What aiohttp's connection handler logs (requests it cannot parse, clients gone mid-response)
+        # goes through a logger of this app's, not aiohttp's module-level one.
+        handler_args=protocol_handler_args(metrics.http_malformed.inc),
+    )
     app[CONFIG] = config
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(replication_context)  # after the stores it copies between, closed before them
@@ -81,16 +96,13 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     blobs, local_repos, uploads = await asyncio.to_thread(_open_stores, config)
     removed_temps = await asyncio.to_thread(blobs.remove_stale_temps_sync, config.storage.temp_grace)
     removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.storage.temp_grace)
-    index = await asyncio.to_thread(BlobIndex, config.storage.path / "index")
-    dropped, indexed = await asyncio.to_thread(reconcile_sync, index, blobs, local_repos)
-    if removed_temps or removed_uploads or dropped or indexed:
-        log.info(
-            "start-up recovery: removed %d stale temp files and %d stale uploads; index: dropped %d rows "
-            "without files, indexed %d files without rows",
-            removed_temps, removed_uploads, dropped, indexed,
-        )
+    # Opening the index is quick whatever its size; checking it against the files is not (a scan of every
+    # blob and link): that runs in the background while requests are served (CacheManager.reconcile).
+    index = await asyncio.to_thread(BlobIndex, config.storage.path / "index", migrate=False)
+    if removed_temps or removed_uploads:
+        log.info("start-up recovery: removed %d stale temp files and %d stale uploads", removed_temps, removed_uploads)
     metrics.add_maintenance_stats(functools.partial(read_stats, config.storage.path))
-    cache = CacheManager(index, blobs, config.storage, metrics)
+    cache = CacheManager(index, blobs, config.storage, metrics, reconciled=False)
     await cache.refresh_totals()
     app[CACHE] = cache
     local = LocalRegistry(
@@ -104,6 +116,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     fills = FillManager(metrics)
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
+        stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:
             # One session per upstream: its own connection pool and limits. Bytes are passed through
@@ -142,12 +155,26 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         # Closed in reverse: running fills first, then cache maintenance (which saves last-access times),
         # the index, and last the upstream sessions the fills were using.
         stack.callback(index.close)
-        await stack.enter_async_context(cache.running())
+        await stack.enter_async_context(cache.running(local_repos))
         stack.push_async_callback(fills.close)
+        await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
         yield
+
+
+def _expiring_uploads(uploads: UploadStore, config: Config, metrics: Metrics) -> AbstractAsyncContextManager[None]:
+    """Abandoned push sessions are removed after `uploads.expire` while the server runs, not at its next start."""
+    metrics.uploads_open_bytes.set_function(lambda: uploads.open_bytes)
+
+    def expired(sessions: int, freed: int) -> None:
+        metrics.uploads_expired.inc(sessions)
+        log.info(
+            "removed %d upload sessions idle for more than %.0f s (%d bytes)", sessions, config.uploads.expire, freed
+        )
+
+    return uploads.expiring(config.uploads.expire, expired)
 
 
 def _open_stores(config: Config) -> tuple[BlobStore, RepoStore, UploadStore]:
     root = config.storage.path
     blobs = BlobStore(root)
-    return blobs, RepoStore(root / "repositories"), UploadStore(root, blobs)
+    return blobs, RepoStore(root / "repositories"), UploadStore(root, blobs, max_bytes=config.uploads.max_bytes)

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import yaml
-from aiohttp import web
 
 from mirror import __version__
 from mirror.cache.maintenance import gc, report_json, verify
@@ -68,9 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         config = _load(args.config)
         logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from mirror.api.server import run_app
         from mirror.app import create_app
 
-        web.run_app(
+        # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
+        run_app(
             create_app(config),
             host=config.listen.host,
             port=config.listen.port,
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             # close, last-access flush) never ran. After this grace, handlers are cancelled; an upload keeps
             # the bytes it received and the client resumes it (tests/test_real_registry.py).
             shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
-            print=lambda text: print(text, flush=True),
+            print_line=lambda text: print(text, flush=True),
         )
         return 0
     if args.command == "verify":

@@ -51,6 +51,12 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UploadsConfig:
+    expire: float = 86400.0  # seconds without a byte received before a push session is removed
+    max_bytes: int = 20 * 2**30  # bytes all unfinished push sessions may hold together
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     url: str
@@ -89,6 +95,7 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     storage: StorageConfig = field(default_factory=StorageConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    uploads: UploadsConfig = field(default_factory=UploadsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
@@ -302,6 +309,18 @@ def _parse_local_patterns(section: _Section) -> tuple[str, ...]:
     return tuple(patterns)
 
 
+def _parse_uploads(section: _Section) -> UploadsConfig:
+    defaults = UploadsConfig()
+    expire = parse_duration(section.get("expire", defaults.expire), section.path("expire"))
+    if expire <= 0:
+        raise ConfigError(f"{section.path('expire')}: must be more than 0")
+    max_bytes = parse_size(section.get("max_bytes", defaults.max_bytes), section.path("max_bytes"))
+    if max_bytes < 1:
+        raise ConfigError(f"{section.path('max_bytes')}: must be at least 1 byte")
+    section.finish()
+    return UploadsConfig(expire=expire, max_bytes=max_bytes)
+
+
 def load_config_data(data: Any) -> Config:
     """Build a Config from parsed YAML (after ${ENV} expansion); raises ConfigError naming the key."""
     root = _Section(_expand_env(data), "")
@@ -333,6 +352,8 @@ def load_config_data(data: Any) -> Config:
     limits = LimitsConfig(manifest_bytes=manifest_bytes, page_size_max=page_size_max)
     limits_section.finish()
 
+    uploads = _parse_uploads(root.section("uploads"))
+
     raw_upstreams = root.get("upstreams", [])
     if raw_upstreams is None:
         raw_upstreams = []
@@ -353,8 +374,10 @@ def load_config_data(data: Any) -> Config:
 
     replication = parse_rules(root.get("replication"), upstreams)
     root.finish()
-    return Config(listen=listen, storage=storage, limits=limits, upstreams=upstreams, local=local,
-                  replication=replication)
+    return Config(
+        listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
+        replication=replication,
+    )
 
 
 def load_config(path: Path | None) -> Config:

@@ -7,7 +7,11 @@ registry error.
 
 from __future__ import annotations
 
+import errno
 from typing import Any
+
+# A write that failed for want of room, whoever's quota it was: the clean 503 of StorageFull, not a 500.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class RegistryError(Exception):
@@ -110,6 +114,26 @@ class RangeNotSatisfiable(RegistryError):
     code, status, default_message = "BLOB_UPLOAD_INVALID", 416, "requested range not satisfiable"
 
 
+class BlobRangeInvalid(RegistryError):
+    """A blob GET whose `bytes=` Range is malformed, asks for several ranges, or lies outside the blob.
+
+    The distribution-spec has no code for it; the name says what the client has to fix."""
+
+    code, status, default_message = "RANGE_INVALID", 416, "requested range not satisfiable"
+
+
+class BlobUploadTooLarge(RegistryError):
+    """One upload session alone would hold more than `uploads.max_bytes`: it can never finish here."""
+
+    code, status, default_message = "BLOB_UPLOAD_INVALID", 413, "blob upload too large"
+
+
+class BadRequest(RegistryError):
+    """A request HTTP itself could not parse (bad request line, a NUL in a header, `PUT *`)."""
+
+    code, status, default_message = "UNSUPPORTED", 400, "malformed HTTP request"
+
+
 class UpstreamUnavailable(RegistryError):
     """The upstream could not answer and nothing usable is cached.
 
@@ -129,3 +153,14 @@ class StorageFull(RegistryError):
     """The disk cannot hold a blob even after eviction. 503 sends Docker and containerd to their next endpoint."""
 
     code, status, default_message = "UNAVAILABLE", 503, "mirror storage is full"
+
+
+class UploadsFull(RegistryError):
+    """Open upload sessions together hold `uploads.max_bytes`; room comes back as they finish or expire."""
+
+    code, status, default_message = "UNAVAILABLE", 503, "too many bytes in open uploads"
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` is a write refused for want of disk space or quota (ENOSPC, EDQUOT)."""
+    return isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS

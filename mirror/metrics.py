@@ -37,8 +37,13 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.http_requests = Counter(
-            "mirror_http_requests", "Requests served, by endpoint, method and status.",
+            "mirror_http_requests", "Requests served, by endpoint, method and status (499: the client's "
+            "connection closed before its response was complete).",
             ["endpoint", "method", "status"], registry=r,
+        )
+        self.http_malformed = Counter(
+            "mirror_http_malformed_requests", "Requests HTTP itself could not parse (answered 400 by aiohttp; "
+            "logged as one rate-limited WARNING line each).", registry=r,
         )
         self.http_seconds = Histogram(
             "mirror_http_request_duration_seconds", "Time to the end of the handler (streamed bodies excluded).",
@@ -76,6 +81,13 @@ class Metrics:
             "mirror_fill_joins", "Requests that joined a download already running instead of starting one.",
             registry=r,
         )
+        self.uploads_open_bytes = Gauge(
+            "mirror_uploads_open_bytes", "Bytes held by upload sessions not finished yet (bounded by "
+            "uploads.max_bytes).", registry=r,
+        )
+        self.uploads_expired = Counter(
+            "mirror_uploads_expired", "Upload sessions removed after uploads.expire without activity.", registry=r,
+        )
         self.fills = Counter(
             "mirror_fills", "Finished upstream blob downloads by result (ok, failed, invalid).",
             ["upstream", "result"], registry=r,
@@ -98,6 +110,13 @@ class Metrics:
         )
         self.evictions = Counter("mirror_evictions", "Blobs evicted from the cache.", registry=r)
         self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the cache.", registry=r)
+        self.index_reconciled = Gauge(
+            "mirror_index_reconciled", "1 once the start-up check of the blob index against the files is done "
+            "(it runs while requests are served; nothing is evicted before).", registry=r,
+        )
+        self.index_reconcile_seconds = Gauge(
+            "mirror_index_reconcile_seconds", "How long the start-up check of the blob index took.", registry=r,
+        )
 
         self.replication_runs = Counter(
             "mirror_replication_runs", "Finished replication runs by rule and result (ok, partial, failed).",

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
@@ -367,13 +370,56 @@ async def test_bad_tags(seeded: TestClient, tmp_path: Path) -> None:
 
 
 # -- Range, pagination, disallowed writes -----------------------------------------------------------------
-async def test_bad_range(seeded: TestClient) -> None:
-    layer = digest_of(b"layer one")
-    for value in ("bytes=100-", "bytes=-0", "bytes=x-y", "pages=1-2", "bytes=1-2,4-5", "bytes=" + "9" * 5000 + "-"):
-        response = await raw_request(seeded, "GET", f"/v2/team/app/blobs/{layer}", headers=f"Range: {value}\r\n")
-        assert response.status == 416, value
-        assert response.headers["content-range"] == f"bytes */{len(b'layer one')}"
-        assert response.headers[API_VERSION[0].lower()] == API_VERSION[1]
+UNKNOWN_RANGE_UNITS = ("items=0-1", "pages=1-2", "rows=0-")
+
+
+def refused_byte_ranges(size: int) -> tuple[str, ...]:
+    return ("bytes=5-2", "bytes=0-1,5-6", f"bytes={size}-", "bytes=-0", "bytes=x-y", "bytes=" + "9" * 5000 + "-")
+
+
+def assert_range_refused(response: RawResponse, size: int) -> None:
+    assert_registry_error(response, 416, "RANGE_INVALID")
+    assert response.body, "a 416 needs the registry's JSON error body"
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["content-range"] == f"bytes */{size}"
+
+
+async def test_a_range_in_an_unknown_unit_is_ignored_and_a_bad_byte_range_is_a_registry_416(seeded: TestClient) -> None:
+    layer = b"layer one"
+    target = f"/v2/team/app/blobs/{digest_of(layer)}"
+    for value in UNKNOWN_RANGE_UNITS:  # RFC 9110 section 14.2: ignored, the whole blob
+        response = await raw_request(seeded, "GET", target, headers=f"Range: {value}\r\n")
+        assert (response.status, response.body) == (200, layer), value
+    for value in refused_byte_ranges(len(layer)):
+        assert_range_refused(await raw_request(seeded, "GET", target, headers=f"Range: {value}\r\n"), len(layer))
+    response = await raw_request(seeded, "GET", target, headers="Range: Bytes=2-4\r\n")  # units are case-blind
+    assert (response.status, response.body, response.headers["content-range"]) == (206, b"yer", "bytes 2-4/9")
+
+
+async def test_ranges_of_a_blob_still_being_filled_follow_the_same_rules(aiohttp_server, make_registry) -> None:
+    from tests.fake_upstream import FakeUpstream, Fault, upstream_config
+
+    fake = FakeUpstream()
+    layer = bytes(range(256)) * 4096  # 1 MiB, sent in 64 KiB pieces 50 ms apart: the fill runs ~0.8 s
+    digest = fake.add_blob(layer)
+    fake.faults[f"/blobs/{digest}"] = Fault("slow", delay=0.05)
+    server = await aiohttp_server(fake.app())
+    client = await make_registry(
+        upstreams=[upstream_config(f"http://{server.host}:{server.port}", library_prefix=True)]
+    )
+    target = f"/v2/library/app/blobs/{digest}"
+    first = await client.get(target)  # starts the fill; its body is streamed while the download runs
+    assert first.status == 200
+    try:
+        for value in refused_byte_ranges(len(layer)):
+            assert_range_refused(await raw_request(client, "GET", target, headers=f"Range: {value}\r\n"), len(layer))
+        assert fake.requests[("GET", f"/v2/library/app/blobs/{digest}")] == 1, "the fill had ended: not streamed"
+        response = await raw_request(client, "GET", target, headers="Range: items=0-1\r\n")
+        assert (response.status, len(response.body)) == (200, len(layer))
+        assert response.body == layer
+        assert await first.read() == layer
+    finally:
+        first.release()
 
 
 async def test_bad_and_huge_n(seeded: TestClient) -> None:
@@ -417,3 +463,116 @@ async def test_http_level_garbage_is_a_4xx_without_a_traceback(seeded: TestClien
         assert_clean(data.partition(b"\r\n\r\n")[2])
     # The server is still fine afterwards.
     assert (await seeded.get("/v2/")).status == 200
+
+
+# -- clients that leave, requests HTTP cannot parse -----------------------------------------------------------
+async def _send_and_hang_up(client: TestClient, request: bytes, *, read_head: bool = False, reset: bool = True) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+    writer.write(request)
+    await writer.drain()
+    if read_head:
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+    if reset:
+        writer.transport.abort()  # a reset, as a killed client leaves it (ConnectionResetError)
+    else:
+        writer.close()  # a plain close: the server's next writes meet a broken pipe (BrokenPipeError)
+
+
+async def test_a_client_that_hangs_up_is_counted_as_499_and_logged_quietly(
+    registry: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.proxy_helpers import metric_value, metrics_text
+
+    caplog.set_level(logging.INFO)
+    big = os.urandom(32 << 20)  # more than the socket buffers hold: sendfile is still writing when the client goes
+    await push_blob(registry, "team/app", big)
+    location = (await registry.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    await _send_and_hang_up(  # a manifest PUT whose body stops coming
+        registry,
+        b"PUT /v2/team/app/manifests/v9 HTTP/1.1\r\nHost: x\r\nContent-Type: " + OCI_MANIFEST.encode()
+        + b"\r\nContent-Length: 1000\r\n\r\n{\"schemaVersion\"",
+    )
+    patch = f"PATCH {location} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode() + b"x" * 1000
+    await _send_and_hang_up(registry, patch)  # a chunk cut short
+    get = f"GET /v2/team/app/blobs/{digest_of(big)} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    await _send_and_hang_up(registry, get, read_head=True)  # a blob abandoned mid-body
+    await _send_and_hang_up(registry, get, read_head=True, reset=False)  # ... and closed, not reset
+
+    def counted(endpoint: str, method: str) -> float:
+        return metric_value(text, "mirror_http_requests_total", endpoint=endpoint, method=method, status="499")
+
+    text = ""
+    for _ in range(500):
+        text = await metrics_text(registry)
+        if counted("manifest", "PUT") and counted("upload", "PATCH") and counted("blob", "GET") == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert (counted("manifest", "PUT"), counted("upload", "PATCH"), counted("blob", "GET")) == (1, 1, 2), text
+    assert metric_value(text, "mirror_http_requests_total", status="500") == 0, text
+    noisy = [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info]
+    assert noisy == [], [r.getMessage() for r in noisy]
+    # The server is fine, and the session kept what arrived before the hang-up (the client resumes there).
+    status = await registry.get(location)
+    assert status.status == 204
+
+
+MALFORMED_REQUESTS = [
+    b"GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\nConnection: close\r\n\r\n",
+    b"GET x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"PUT * HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    b"GET /v2/ HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\nConnection: close\r\n\r\n",
+]
+
+
+async def test_malformed_requests_log_one_rate_limited_warning_line_not_a_traceback(
+    registry: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from tests.proxy_helpers import metric_value, metrics_text
+
+    caplog.set_level(logging.INFO)
+    sent = 0
+    for _ in range(10):
+        for request in MALFORMED_REQUESTS:
+            reader, writer = await asyncio.open_connection("127.0.0.1", registry.server.port)
+            writer.write(request)
+            await writer.drain()
+            data = await asyncio.wait_for(reader.read(), timeout=10)
+            writer.close()
+            assert data.startswith(b"HTTP/1.") and data.split(b" ", 2)[1] == b"400", data[:200]
+            sent += 1
+    records = [r for r in caplog.records if r.name.startswith(("aiohttp.server", "mirror"))]
+    assert [r for r in records if r.levelno >= logging.ERROR or r.exc_info] == []
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 5, warnings  # one line each, but rate-limited
+    assert all("\n" not in line and "malformed request" in line for line in warnings), warnings
+    assert metric_value(await metrics_text(registry), "mirror_http_malformed_requests_total") == sent
+    assert (await registry.get("/v2/")).status == 200
+
+
+def test_requests_http_cannot_parse_get_the_registry_error_shape_from_mirror_serve(
+    mirror_factory: Any, tmp_path: Path
+) -> None:
+    """`PUT *`, a NUL in a header, a bad request line: aiohttp answers these before any application code
+    runs; `mirror serve` still answers them as a registry (JSON error body, API version header), and the
+    server goes on serving."""
+    import socket
+
+    mirror = mirror_factory({"storage": {"path": str(tmp_path / "data")}})
+    for request in MALFORMED_REQUESTS:
+        with socket.create_connection(("127.0.0.1", mirror.port), timeout=10) as sock:
+            sock.sendall(request)
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        response = RawResponse(int(lines[0].split(" ")[1]), headers, body)
+        assert_registry_error(response, 400, "UNSUPPORTED")
+        assert headers["content-type"].startswith("application/json"), (request, data)
+        assert "malformed HTTP request" in response.json()["errors"][0]["message"]
+    log = mirror.log_text()
+    assert "Traceback" not in log and "ERROR" not in log, log
+    with socket.create_connection(("127.0.0.1", mirror.port), timeout=10) as sock:
+        sock.sendall(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")

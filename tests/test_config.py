@@ -353,3 +353,29 @@ def test_check_config_on_a_missing_file_exits_2(tmp_path: Path) -> None:
     result = run_cli("check-config", "--config", str(tmp_path / "nope.yml"))
     assert result.returncode == 2
     assert "nope.yml" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"uploads": {"expire": 0}}, "uploads.expire"),
+        ({"uploads": {"expire": "soon"}}, "uploads.expire"),
+        ({"uploads": {"max_bytes": "lots"}}, "uploads.max_bytes"),
+        ({"uploads": {"max_bytes": 0}}, "uploads.max_bytes"),
+        ({"uploads": {"expires": "1h"}}, "uploads.expires"),
+        ({"uploads": "24h"}, "uploads"),
+    ],
+)
+def test_bad_upload_settings_name_the_key(data: dict[str, Any], key: str) -> None:
+    message = config_error(data)
+    assert message.startswith(f"{key}:"), message
+
+
+def test_upload_settings_default_to_a_day_and_20_gib() -> None:
+    from mirror.config import UploadsConfig
+
+    assert load_config_data({}).uploads == UploadsConfig(expire=86400.0, max_bytes=20 * 2**30)
+    uploads = load_config_data({"uploads": {"expire": "30m", "max_bytes": "5GiB"}}).uploads
+    assert (uploads.expire, uploads.max_bytes) == (1800.0, 5 * 2**30)
+    effective = load_config_data({"uploads": {"expire": "2h"}}).to_dict()
+    assert load_config_data(yaml.safe_load(yaml.safe_dump(effective))).uploads.expire == 7200.0

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestClient
 
 from mirror.app import create_app
 from mirror.config import load_config_data
+from mirror.errors import BlobUnknown
 from mirror.oci.digest import Digest
 from mirror.replication.copier import Copier, CopyOptions
 from mirror.state import ROUTER
-from mirror.storage.interface import Registry
+from mirror.storage.interface import Manifest, ManifestInfo, Registry
 from tests.registry_helpers import (
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
@@ -114,3 +118,35 @@ async def test_referrers_and_cosign_tags_come_along(aiohttp_client: Any, tmp_pat
     assert [entry["digest"] for entry in listed] == [digest_of(sbom)]
     async with dest.get(f"/v2/team/app/manifests/{sig_tag}") as response:
         assert response.status == 200 and await response.read() == sig
+
+
+async def test_a_failing_blob_stops_the_other_transfers_of_its_image(aiohttp_client: Any, tmp_path: Path) -> None:
+    source, dest = await _two_registries(aiohttp_client, tmp_path)
+    await push_image(source, "team/app", "1", layers=(b"slow layer", b"broken layer"))
+    stopped = asyncio.Event()
+
+    class Faulty(Registry):
+        """The source: one layer streams forever, the other fails at once."""
+
+        def __init__(self, inner: Registry) -> None:
+            self.inner = inner
+
+        async def stat_manifest(self, repo: str, reference: str) -> ManifestInfo:
+            return await self.inner.stat_manifest(repo, reference)
+
+        async def get_manifest(self, repo: str, reference: str) -> Manifest:
+            return await self.inner.get_manifest(repo, reference)
+
+        async def read_blob(self, repo: str, digest: Digest, *, start: int = 0) -> AsyncIterator[bytes]:
+            if digest == Digest.of(b"broken layer"):
+                raise BlobUnknown(detail={"digest": str(digest)})
+            try:
+                while True:
+                    yield b"x"
+                    await asyncio.sleep(0.01)
+            finally:
+                stopped.set()
+
+    with pytest.raises(BlobUnknown):
+        await Copier().copy(Faulty(_local(source)), "team/app", "1", _local(dest), "copy/app", dest_tag="1")
+    assert stopped.is_set()  # not still streaming after copy() gave up

@@ -20,7 +20,7 @@ import pytest
 
 from mirror.state import CACHE
 from tests.cache_helpers import MiB, add_to_upstream, blob_files, check_store, make_image, pull, push
-from tests.fake_upstream import FakeUpstream, digest_of, upstream_config
+from tests.fake_upstream import OCI_MANIFEST, FakeUpstream, digest_of, upstream_config
 from tests.proxy_helpers import fills_settled, metric_value, metrics_text
 from tests.support.procs import REQUIRE_ENV, real_clients_required
 
@@ -210,4 +210,51 @@ async def test_a_push_onto_a_full_disk_is_a_clean_503_and_resumes_later(make_reg
         assert r.status == 201, await r.text()
     async with client.get(f"/v2/team/app/blobs/{digest_of(blob)}") as r:
         assert r.status == 200 and await r.read() == blob
+    check_store(data)
+
+
+def fill_completely(small_fs: Path) -> Path:
+    """Write a file until the filesystem has not a byte left; returns it (unlink it to make room again)."""
+    filler = small_fs / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        for size in (1 << 20, 4096, 1):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * size)
+    finally:
+        os.close(fd)
+    assert free_bytes(small_fs) == 0
+    return filler
+
+
+async def test_metadata_writes_on_a_full_disk_are_a_clean_503_and_leave_nothing_behind(make_registry, small_fs):
+    """Tags, manifest links and upload sessions are small files written atomically: on a full disk each is
+    the same 503 a blob gets (clients retry elsewhere), never a 500, and no temp file or half session stays."""
+    data = small_fs / "data"
+    client = await make_registry(storage={"path": str(data)})  # a private registry
+    image = make_image("team/app", "v1", [os.urandom(1000)])
+    await push(client, image)
+    filler = fill_completely(small_fs)
+    before = sorted(str(p.relative_to(data)) for p in data.rglob("*") if "index" not in p.parts)
+
+    # The manifest body is stored already: only its link and the new tag need writing.
+    retag = {"data": image.manifest, "headers": {"Content-Type": OCI_MANIFEST}}
+    async with client.put("/v2/team/app/manifests/v2", **retag) as r:
+        assert r.status == 503 and "UNAVAILABLE" in await r.text(), (r.status, await r.text())
+    async with client.post("/v2/team/app/blobs/uploads/") as r:  # a session needs its info file
+        assert r.status == 503 and "UNAVAILABLE" in await r.text(), (r.status, await r.text())
+    after = sorted(str(p.relative_to(data)) for p in data.rglob("*") if "index" not in p.parts)
+    assert after == before  # no .tmp-* file, no session directory without its info file
+    async with client.get("/v2/team/app/manifests/v2") as r:
+        assert r.status == 404
+    async with client.get("/v2/team/app/manifests/v1") as r:
+        assert r.status == 200 and await r.read() == image.manifest
+
+    filler.unlink()  # room again: the same requests succeed
+    async with client.put("/v2/team/app/manifests/v2", **retag) as r:
+        assert r.status == 201, await r.text()
+    async with client.post("/v2/team/app/blobs/uploads/") as r:
+        assert r.status == 202
+    await client.server.app[CACHE].maintain()
     check_store(data)

@@ -844,3 +844,102 @@ async def test_every_response_carries_the_api_version(registry: TestClient) -> N
         assert response.headers.get(API_VERSION[0]) == API_VERSION[1], (method, path)
         if response.status >= 400 and method != "HEAD" and response.status != 416:
             assert "errors" in json.loads(body), (method, path, body)
+
+
+# -- large manifests never hold other clients -------------------------------------------------------------
+@pytest.mark.slow
+async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: ClientFactory) -> None:
+    """Eight 25,000-layer manifests (about 4 MB each) pushed at once: validating them used to hold the event
+    loop for about half a second each, so `GET /v2/` waited for seconds (all eight, back to back). It must
+    answer as usual meanwhile. The bound is generous and scales with the machine: twice the time one such
+    manifest takes to parse right now (at least 1.5 s). What remains is the interpreter's full garbage
+    collections over the parsed manifests, which hold every thread, well under one parse."""
+    import asyncio
+    import time
+
+    from mirror.oci.manifest import parse_manifest
+
+    client = await make_registry(limits={"manifest_bytes": "8MiB"})
+    config, layer = b'{"architecture":"amd64","os":"linux"}', b"one layer, used many times"
+    await push_blob(client, "team/big", config)
+    await push_blob(client, "team/big", layer)
+    body = image_manifest(config, [layer] * 25_000)
+    assert len(body) > 3_500_000
+    started = time.perf_counter()
+    parse_manifest(body, OCI_MANIFEST)
+    bound = max(1.5, 2 * (time.perf_counter() - started))
+
+    async def push(tag: str) -> int:
+        response = await put_manifest(client, "team/big", tag, body, OCI_MANIFEST)
+        return response.status
+
+    pushes = [asyncio.create_task(push(f"v{i}")) for i in range(8)]
+    worst = 0.0
+    while not all(task.done() for task in pushes):
+        started = time.perf_counter()
+        response = await client.get("/v2/")
+        assert response.status == 200
+        worst = max(worst, time.perf_counter() - started)
+        await asyncio.sleep(0.01)
+    assert [task.result() for task in pushes] == [201] * 8
+    assert worst < bound, f"GET /v2/ waited {worst:.2f} s behind manifest validation (bound {bound:.2f} s)"
+
+
+# -- abandoned and oversized uploads ---------------------------------------------------------------------
+async def test_abandoned_uploads_expire_while_the_server_runs(make_registry: ClientFactory, tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.proxy_helpers import metric_value, metrics_text
+
+    client = await make_registry(uploads={"expire": "1s"})
+    abandoned = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    assert (await client.patch(abandoned, data=b"x" * 50_000)).status == 202
+    active = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    sessions = tmp_path / "data" / "uploads"
+    assert len(list(sessions.iterdir())) == 2
+    received = b""
+    for _ in range(12):  # 2.4 s: the active session keeps receiving bytes, the other gets nothing
+        await asyncio.sleep(0.2)
+        chunk = b"y" * 1000
+        response = await client.patch(active, data=chunk)
+        assert response.status == 202, await response.text()
+        received += chunk
+    await expect_error(await client.get(abandoned), 404, "BLOB_UPLOAD_UNKNOWN")
+    assert [p.name for p in sessions.iterdir()] == [active.rsplit("/", 1)[1]]  # files freed, the other kept
+    text = await metrics_text(client)
+    assert metric_value(text, "mirror_uploads_expired_total") == 1
+    assert metric_value(text, "mirror_uploads_open_bytes") == len(received)
+    response = await client.put(active, params={"digest": digest_of(received)})
+    assert response.status == 201, await response.text()
+    assert metric_value(await metrics_text(client), "mirror_uploads_open_bytes") == 0
+
+
+async def test_open_uploads_have_a_byte_bound_of_their_own(make_registry: ClientFactory, tmp_path: Path) -> None:
+    from tests.proxy_helpers import metric_value, metrics_text
+
+    client = await make_registry(uploads={"max_bytes": "1MiB"})
+    first_bytes, second_bytes = b"a" * 700_000, b"b" * 500_000
+    first = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+    assert (await client.patch(first, data=first_bytes, headers={"Content-Range": "0-699999"})).status == 202
+    second = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
+
+    # Together they would pass the bound: refused for now (503, retry later), and refused whole.
+    response = await client.patch(second, data=second_bytes)
+    await expect_error(response, 503, "UNAVAILABLE")
+    assert int(response.headers["Retry-After"]) > 0
+    assert (await client.get(second)).headers["Range"] == "0-0"
+
+    # One upload larger than the whole bound can never fit: 413, and no session is left of it.
+    huge = b"c" * (2 << 20)
+    before = {p.name for p in (tmp_path / "data" / "uploads").iterdir()}
+    response = await client.post("/v2/team/app/blobs/uploads/", params={"digest": digest_of(huge)}, data=huge)
+    await expect_error(response, 413, "BLOB_UPLOAD_INVALID")
+    assert {p.name for p in (tmp_path / "data" / "uploads").iterdir()} == before
+    assert metric_value(await metrics_text(client), "mirror_uploads_open_bytes") == len(first_bytes)
+
+    # Once the first finishes, the room is back.
+    assert (await client.put(first, params={"digest": digest_of(first_bytes)})).status == 201
+    assert (await client.patch(second, data=second_bytes)).status == 202
+    response = await client.put(second, params={"digest": digest_of(second_bytes)})
+    assert response.status == 201, await response.text()
+    assert await (await client.get(f"/v2/team/app/blobs/{digest_of(second_bytes)}")).read() == second_bytes

@@ -8,10 +8,12 @@ import re
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from multidict import CIMultiDict
 
 from mirror.api.common import target_for
 from mirror.api.dispatch import Params
-from mirror.errors import RegistryError
+from mirror.api.errors import note_client_closed
+from mirror.errors import BlobRangeInvalid, RegistryError
 from mirror.oci.digest import Digest
 from mirror.state import CACHE
 from mirror.storage.interface import BlobFile, BlobStream
@@ -19,7 +21,8 @@ from mirror.storage.interface import BlobFile, BlobStream
 log = logging.getLogger(__name__)
 
 BLOB_CONTENT_TYPE = "application/octet-stream"
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+# Offsets of at most 19 digits: no blob is 10^19 bytes, and int() refuses more than 4300 digits anyway.
+_RANGE = re.compile(r"([0-9]{0,19})-([0-9]{0,19})")
 
 
 def blob_headers(digest: Digest) -> dict[str, str]:
@@ -40,15 +43,16 @@ async def get_blob(request: web.Request, params: Params) -> web.StreamResponse:
     with request.app[CACHE].serving(digest):
         body = await target.registry.open_blob(target.repo, digest)
         if isinstance(body, BlobFile):
-            # Judge the Range ourselves first: aiohttp serves `bytes=-0` as the whole blob, where RFC 9110 (and
-            # our streamed path) answer 416. A satisfiable range is left to FileResponse.
-            try:
-                parse_range(request.headers.get("Range"), body.size)
-            except ValueError:
-                return _unsatisfiable(digest, body.size)
-            # sendfile, Range and HEAD for free.
+            # The Range is judged here, by the same rules as for streamed blobs; FileResponse (sendfile,
+            # HEAD, conditional requests) sees it only in the canonical form it agrees with, or not at all.
+            byte_range = requested_range(request, body.digest, body.size)
             response = _PreparedFileResponse(body.path, headers=blob_headers(digest))
-            await response.prepare(request)
+            try:
+                await response.prepare(_with_range(request, byte_range))
+            except ConnectionError:
+                # Only the client's socket is written here (sendfile raises before the transport even knows
+                # it is closed): the client left mid-body. Routine, it retries with Range; nothing to log.
+                note_client_closed(request)
             return response
         return await stream_blob(request, body)
 
@@ -64,12 +68,22 @@ class _PreparedFileResponse(web.FileResponse):
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
-    """A single `bytes=a-b` range as [start, end); None for no Range. Raises ValueError if unsatisfiable."""
-    if not header:
+    """The `Range` a blob GET is answered with, as [start, end); None for the whole blob.
+
+    RFC 9110 section 14.2: a range unit the server does not know is ignored (`items=0-1` gets the whole
+    blob). A `bytes=` range is honoured when it is one satisfiable range; anything else in `bytes=` (several
+    ranges, `5-2`, digits missing, a range past the end) raises ValueError and is refused with 416. No
+    registry client asks for several ranges in one request; a 416 says so where a 200 would silently send
+    a whole (possibly huge) blob.
+    """
+    if header is None:
         return None
-    match = _RANGE.fullmatch(header.strip())
+    unit, equals, spec = header.strip().partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return None
+    match = _RANGE.fullmatch(spec.strip())
     if not match or (not match.group(1) and not match.group(2)):
-        raise ValueError("malformed range")
+        raise ValueError("malformed or multiple byte ranges")
     first, last = match.group(1), match.group(2)
     if not first:  # suffix: the last N bytes
         length = int(last)
@@ -77,23 +91,51 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
             raise ValueError("empty suffix range")
         return max(size - length, 0), size
     start = int(first)
+    if last and int(last) < start:
+        raise ValueError("the last byte is before the first")
     end = min(int(last) + 1, size) if last else size
     if start >= size or end <= start:
         raise ValueError("range outside the blob")
     return start, end
 
 
-def _unsatisfiable(digest: Digest, size: int) -> web.Response:
-    return web.Response(status=416, headers={**blob_headers(digest), "Content-Range": f"bytes */{size}"})
+def requested_range(request: web.Request, digest: Digest, size: int) -> tuple[int, int] | None:
+    """parse_range on the request, or the registry's 416 (JSON body, `Content-Range: bytes */SIZE`)."""
+    header = request.headers.get("Range")
+    try:
+        return parse_range(header, size)
+    except ValueError as exc:
+        assert header is not None  # no header is no range, never an error
+        raise BlobRangeInvalid(
+            f"cannot serve Range {header[:100]!r} of a {size}-byte blob: {exc}; ask for one range within it",
+            detail={"range": header[:100], "size": size},
+            headers={
+                "Content-Range": f"bytes */{size}",
+                "Docker-Content-Digest": str(digest),
+                "Accept-Ranges": "bytes",
+            },
+        ) from None
+
+
+def _with_range(request: web.Request, byte_range: tuple[int, int] | None) -> web.Request:
+    """The request FileResponse should see: the chosen range spelled canonically, or no Range at all."""
+    header = request.headers.get("Range")
+    if header is None:
+        return request
+    canonical = None if byte_range is None else f"bytes={byte_range[0]}-{byte_range[1] - 1}"
+    if header == canonical:
+        return request
+    headers = CIMultiDict(request.headers)
+    del headers["Range"]
+    if canonical is not None:
+        headers["Range"] = canonical
+    return request.clone(headers=headers)
 
 
 async def stream_blob(request: web.Request, body: BlobStream) -> web.StreamResponse:
     """Serve a blob whose bytes are still arriving: headers now, bytes as they land on disk."""
     headers = blob_headers(body.digest)
-    try:
-        byte_range = parse_range(request.headers.get("Range"), body.size)
-    except ValueError:
-        return _unsatisfiable(body.digest, body.size)
+    byte_range = requested_range(request, body.digest, body.size)
     start, end = byte_range or (0, body.size)
     response = web.StreamResponse(status=206 if byte_range else 200, headers=headers)
     if byte_range:
@@ -108,6 +150,7 @@ async def stream_blob(request: web.Request, body: BlobStream) -> web.StreamRespo
             available = await body.readable(offset, end)
             transport = request.transport
             if transport is None or transport.is_closing():
+                note_client_closed(request)
                 return response  # the client left; the fill goes on without it
             # sendfile from our own descriptor: the kernel moves the bytes, the event loop only waits.
             await loop.sendfile(transport, reader, offset, available - offset)
@@ -117,6 +160,11 @@ async def stream_blob(request: web.Request, body: BlobStream) -> web.StreamRespo
         log.warning("aborting %s after a failed fill: %s", body.digest, error.message)
         if request.transport is not None:
             request.transport.abort()
+        return response
+    except ConnectionError:
+        # Raised by sendfile to the client's socket: a client that hangs up mid-blob is routine (it retries
+        # with Range). No traceback, and the fill goes on for the others.
+        note_client_closed(request)
         return response
     finally:
         reader.close()

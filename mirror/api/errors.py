@@ -8,12 +8,16 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from mirror.errors import RegistryError
+from mirror.errors import RegistryError, StorageFull, is_disk_full
 
 log = logging.getLogger(__name__)
 
 API_VERSION_HEADER = "Docker-Distribution-API-Version"
 API_VERSION = "registry/2.0"
+# nginx's "client closed request": the status label of a request whose connection went away before its
+# response was complete. No client ever receives it.
+CLIENT_CLOSED_STATUS = 499
+_CLIENT_CLOSED = "mirror.client_closed"
 
 
 def error_response(error: RegistryError) -> web.Response:
@@ -24,6 +28,21 @@ def error_response(error: RegistryError) -> web.Response:
     )
     response.headers.update(error.headers)
     return response
+
+
+def client_gone(request: web.BaseRequest) -> bool:
+    """Whether the client's connection is closed (or closing): nothing sent now would reach it."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def note_client_closed(request: web.Request) -> None:
+    """Record that the client left before its response was complete (counted as 499, not by its status)."""
+    request[_CLIENT_CLOSED] = True
+
+
+def client_closed(request: web.Request) -> bool:
+    return bool(request.get(_CLIENT_CLOSED))
 
 
 @web.middleware
@@ -40,12 +59,33 @@ async def registry_errors(request: web.Request, handler: Handler) -> web.StreamR
             body = {"errors": [{"code": code, "message": http_error.reason}]}
             return web.json_response(body, status=http_error.status, headers=_passthrough_headers(http_error))
         raise
-    except ConnectionResetError:
-        raise
+    except ConnectionError as exc:
+        if not client_gone(request):
+            # A reset of some other connection (an upstream's) that no layer below turned into a registry
+            # error: a bug, and the client is still waiting for an answer.
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            return _internal_error()
+        # The client hung up (mid-body, or while its response was being sent): nobody is left to answer,
+        # and nothing went wrong on our side. A response is still returned, for the metrics and the access
+        # log; writing it to the closed connection fails quietly inside aiohttp.
+        log.debug("client left during %s %s: %r", request.method, request.path, exc)
+        note_client_closed(request)
+        return web.Response(status=CLIENT_CLOSED_STATUS)
+    except OSError as exc:
+        if not is_disk_full(exc):
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            return _internal_error()
+        # Every write on the way (a tag, a manifest link, an upload's session file) removes its own partial
+        # file when it fails; what is left to do is the same clean 503 the blob path gives.
+        log.warning("disk full serving %s %s: %s", request.method, request.path, exc.strerror)
+        return error_response(StorageFull("no space left on the registry's disk"))
     except Exception:  # noqa: BLE001 - the catch-all that keeps tracebacks in the log, not on the wire
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        body = {"errors": [{"code": "UNKNOWN", "message": "internal server error"}]}
-        return web.json_response(body, status=500)
+        return _internal_error()
+
+
+def _internal_error() -> web.Response:
+    return web.json_response({"errors": [{"code": "UNKNOWN", "message": "internal server error"}]}, status=500)
 
 
 def _passthrough_headers(error: web.HTTPException) -> dict[str, str]:

@@ -271,10 +271,14 @@ class ProxyRegistry(Registry):
             # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
             # A blob larger than the whole cache bound is streamed through without being kept: caching
             # it would mean evicting everything else and still exceeding storage.max_size.
-            keep = self.cache.max_size is None or size is None or size <= self.cache.max_size
-            if _unclaimed_prefetch(fill) and not self._prefetch_fits(size):
-                # No await from here into incoming(): the check holds when the bytes are counted.
-                raise PrefetchSkipped(f"no room to prefetch {digest} within the cache bound")
+            if _unclaimed_prefetch(fill):
+                # A prefetch evicts nothing (should_keep may): it fits as things are, or it is skipped. No
+                # await from here into incoming(): the check holds when the bytes are counted.
+                if not self._prefetch_fits(size):
+                    raise PrefetchSkipped(f"no room to prefetch {digest} within the cache bound")
+                keep = True
+            else:
+                keep = await self.cache.should_keep(digest, size)
             async with self.cache.incoming(size or 0 if keep else 0):
                 await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep)
         finally:
@@ -493,6 +497,10 @@ class ProxyRegistry(Registry):
         )
         self._memo.put(("digest", repo, digest), manifest)
         return manifest
+
+    def forget_tag(self, repo: str, tag: str) -> None:
+        """The tag was rewritten in the cache behind the proxy (by replication): read it from disk next."""
+        self._memo.discard(("tag", repo, tag))
 
     async def _manifest_by_tag(self, repo: str, tag: str) -> Manifest:
         key = ("tag", repo, tag)

@@ -103,7 +103,7 @@ class Copier:
         self.on_bytes = on_bytes
         self._placed: dict[tuple[int, Digest], str] = {}  # (id(dest), digest) -> a dest repo holding it
         self._blob_slots = asyncio.Semaphore(options.blob_concurrency)
-        self._blob_locks: dict[tuple[int, str, Digest], asyncio.Lock] = {}
+        self._blob_locks: dict[tuple[int, Digest], asyncio.Lock] = {}
 
     async def copy(
         self,
@@ -137,10 +137,14 @@ class Copier:
             unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
             return CopyOutcome(source_digest, expected, unchanged=unchanged, stats=stats)
         manifest = await source.get_manifest(src_repo, str(source_digest))
-        written = await self._copy_manifest(source, src_repo, manifest, dest, dest_repo, stats, top=True)
-        if dest_tag is not None:
-            current = await self._dest_tag_digest(dest, dest_repo, dest_tag)
-            if current != written.digest:
+        written, tagged = await self._copy_manifest(
+            source, src_repo, manifest, dest, dest_repo, stats, top=True, tag=dest_tag
+        )
+        if dest_tag is not None and not tagged:
+            # The manifest was there already (untagged, or under another tag): only the tag is new. The
+            # tag was seen not to name `expected`; a filtered index has a digest of its own to check.
+            moved = written.digest == expected
+            if moved or await self._dest_tag_digest(dest, dest_repo, dest_tag) != written.digest:
                 await dest.put_manifest(dest_repo, dest_tag, written.body, written.media_type)
         if self.options.referrers:
             await self._copy_referrers(source, src_repo, source_digest, dest, dest_repo, stats, source_tags)
@@ -171,15 +175,17 @@ class Copier:
         stats: CopyStats,
         *,
         top: bool = False,
-    ) -> Manifest:
-        """Write `manifest` and everything below it; returns what was written (filtered, for an index)."""
+        tag: str | None = None,
+    ) -> tuple[Manifest, bool]:
+        """Write `manifest` and everything below it; returns what was written (filtered, for an index) and
+        whether it was written under `tag` (one PUT by tag, after everything it references: the tag last)."""
         parsed = parse_manifest(manifest.body, manifest.media_type)
         if parsed.is_index and top and self.options.platforms is not None:
             manifest = self._filter_index(manifest)
             parsed = parse_manifest(manifest.body, manifest.media_type)
         if await self._dest_has_manifest(dest, dest_repo, manifest.digest):
             stats.manifests_present += 1
-            return manifest
+            return manifest, False
         for child in parsed.manifests:
             if await self._dest_has_manifest(dest, dest_repo, child.digest):
                 stats.manifests_present += 1  # known without a source GET (a resumed or overlapping copy)
@@ -187,10 +193,20 @@ class Copier:
             child_manifest = await source.get_manifest(src_repo, str(child.digest))
             await self._copy_manifest(source, src_repo, child_manifest, dest, dest_repo, stats)
         blobs = [d for d in parsed.blobs if is_distributable(d)]
-        await asyncio.gather(*(self._copy_blob(source, src_repo, d, dest, dest_repo, stats) for d in blobs))
-        await dest.put_manifest(dest_repo, str(manifest.digest), manifest.body, manifest.media_type)
+        transfers = [asyncio.ensure_future(self._copy_blob(source, src_repo, d, dest, dest_repo, stats))
+                     for d in blobs]
+        try:
+            await asyncio.gather(*transfers)
+        except BaseException:
+            # One blob failed (or the run was cancelled): stop the others instead of letting them stream on
+            # unobserved, into sessions the caller is about to close. The first error is what the caller sees.
+            for transfer in transfers:
+                transfer.cancel()
+            await asyncio.gather(*transfers, return_exceptions=True)
+            raise
+        await dest.put_manifest(dest_repo, tag or str(manifest.digest), manifest.body, manifest.media_type)
         stats.manifests_written += 1
-        return manifest
+        return manifest, tag is not None
 
     def _filter_index(self, index: Manifest) -> Manifest:
         wanted = self.options.platforms or frozenset()
@@ -239,8 +255,9 @@ class Copier:
                 stats.manifests_present += 1
                 continue
             attached = await source.get_manifest(src_repo, str(info.digest))
-            written = await self._copy_manifest(source, src_repo, attached, dest, dest_repo, stats)
-            await dest.put_manifest(dest_repo, tag, written.body, written.media_type)
+            written, tagged = await self._copy_manifest(source, src_repo, attached, dest, dest_repo, stats, tag=tag)
+            if not tagged:
+                await dest.put_manifest(dest_repo, tag, written.body, written.media_type)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def _copy_blob(
@@ -248,8 +265,10 @@ class Copier:
         stats: CopyStats,
     ) -> None:
         digest = descriptor.digest
-        # Two manifests of one image (platforms sharing a layer) must not upload the same blob at once.
-        lock = self._blob_locks.setdefault((id(dest), dest_repo, digest), asyncio.Lock())
+        # One blob goes to one destination once at a time, whatever the repository: two platforms of an
+        # image sharing a layer, or images of several repositories copied at once sharing a base layer.
+        # The second waits for the first upload, then finds it (same repository) or mounts it (another).
+        lock = self._blob_locks.setdefault((id(dest), digest), asyncio.Lock())
         async with lock, self._blob_slots:
             try:
                 await dest.stat_blob(dest_repo, digest)
@@ -262,7 +281,7 @@ class Copier:
             if holder is not None and holder != dest_repo and await self._mount(dest, dest_repo, holder, digest):
                 stats.blobs_mounted += 1
                 return
-            await dest.put_blob(dest_repo, digest, self._counted(source.read_blob(src_repo, digest), stats),
+            await dest.put_blob(dest_repo, digest, _SourceBytes(source, src_repo, digest, self._counter(stats)),
                                 size=descriptor.size)
             stats.blobs_written += 1
             self._placed[(id(dest), digest)] = dest_repo
@@ -274,9 +293,28 @@ class Copier:
         except Unsupported:
             return False
 
-    async def _counted(self, chunks: AsyncIterator[bytes], stats: CopyStats) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            stats.bytes_written += len(chunk)
+    def _counter(self, stats: CopyStats) -> OnBytes:
+        def count(size: int) -> None:
+            stats.bytes_written += size
             if self.on_bytes is not None:
-                self.on_bytes(len(chunk))
+                self.on_bytes(size)
+
+        return count
+
+
+class _SourceBytes:
+    """A source blob as `put_blob` reads it: from the start, or (a destination resuming an interrupted
+    upload) from an offset, so the part the destination already holds is not read from the source again.
+    Nothing is requested from the source until it is iterated: a destination that finds the blob already
+    stored costs the source nothing."""
+
+    def __init__(self, source: Registry, repo: str, digest: Digest, on_bytes: OnBytes) -> None:
+        self.source, self.repo, self.digest, self.on_bytes = source, repo, digest, on_bytes
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.from_offset(0)
+
+    async def from_offset(self, offset: int) -> AsyncIterator[bytes]:
+        async for chunk in self.source.read_blob(self.repo, self.digest, start=offset):
+            self.on_bytes(len(chunk))
             yield chunk

@@ -9,7 +9,7 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
 
 from mirror.errors import BlobUnknown, Unsupported
 from mirror.oci.digest import Digest
@@ -48,6 +48,17 @@ class BlobStream(Protocol):
 
 
 BlobBody = BlobFile | BlobStream
+
+
+@runtime_checkable
+class ReopenableBytes(Protocol):
+    """A blob's bytes that can be read again from any offset: what the copier hands to `put_blob`, so a
+    destination resuming an interrupted upload reads only the missing part from the source. Iterating it
+    reads from the start; a writer that cannot resume needs nothing else."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def from_offset(self, offset: int) -> AsyncIterator[bytes]: ...
 
 
 @dataclass(frozen=True, slots=True)

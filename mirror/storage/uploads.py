@@ -4,28 +4,44 @@
 The id is 32 lowercase hex characters and is checked before it is used in a path. A running sha256 of
 each session is kept in memory so finishing a 1 GiB upload does not read it again; after a restart the
 state is rebuilt from the file once.
+
+Sessions are not kept forever: those idle for `uploads.expire` are removed while the server runs
+(`expiring`), and the bytes all open sessions hold together are bounded by `uploads.max_bytes`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import contextlib
 import hashlib
 import json
+import logging
 import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mirror.errors import BlobUploadUnknown, RangeNotSatisfiable, SizeInvalid, StorageFull
+from mirror.errors import (
+    BlobUploadTooLarge,
+    BlobUploadUnknown,
+    RangeNotSatisfiable,
+    SizeInvalid,
+    StorageFull,
+    UploadsFull,
+    is_disk_full,
+)
 from mirror.oci.digest import Digest
 from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob, hash_file
 from mirror.storage.files import atomic_write
 
+log = logging.getLogger(__name__)
+
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+# What a client over uploads.max_bytes is told to wait: long enough for other pushes to make progress.
+_RETRY_AFTER_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +58,49 @@ class _HashState:
 
 
 class UploadStore:
-    def __init__(self, root: Path, blobs: BlobStore) -> None:
+    def __init__(self, root: Path, blobs: BlobStore, *, max_bytes: int | None = None) -> None:
+        """Blocking (reads the sessions on disk): construct it in a thread."""
         self.root = root / "uploads"
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = blobs
+        self.max_bytes = max_bytes
         self._hash_states: dict[str, _HashState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Bytes each open session holds on disk, and their sum: what uploads.max_bytes bounds.
+        self._sizes: dict[str, int] = {}
+        self.open_bytes = 0
+        for entry in self.root.iterdir():
+            with contextlib.suppress(OSError):
+                self._set_size(entry.name, (entry / "data").stat().st_size)
+
+    def _set_size(self, upload_id: str, size: int | None) -> None:
+        """Record what a session holds now (None: it is gone)."""
+        previous = self._sizes.pop(upload_id, 0)
+        if size is not None:
+            self._sizes[upload_id] = size
+        self.open_bytes += (size or 0) - previous
+
+    def _reserve(self, upload_id: str, more: int) -> None:
+        """Count `more` bytes of a chunk against uploads.max_bytes before they are written."""
+        if self.max_bytes is None:
+            return
+        size = self._sizes.get(upload_id, 0) + more
+        if size > self.max_bytes:
+            raise BlobUploadTooLarge(
+                f"this upload would hold more than uploads.max_bytes ({self.max_bytes} bytes) on its own"
+            )
+        if self.open_bytes + more > self.max_bytes:
+            raise UploadsFull(
+                f"unfinished uploads already hold {self.open_bytes} bytes of the {self.max_bytes} allowed "
+                "(uploads.max_bytes); retry once others have finished",
+                headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
+            )
+        self._set_size(upload_id, size)
+
+    async def _within_bound(self, upload_id: str, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self._reserve(upload_id, len(chunk))
+            yield chunk
 
     def _dir(self, upload_id: str) -> Path:
         if not _UPLOAD_ID.fullmatch(upload_id):
@@ -66,12 +119,18 @@ class UploadStore:
 
         def create_sync() -> None:
             directory.mkdir(parents=True)
-            (directory / "data").touch()
-            info = {"repository": repository, "started": time.time()}
-            atomic_write(directory / "info.json", json.dumps(info).encode())
+            try:
+                (directory / "data").touch()
+                info = {"repository": repository, "started": time.time()}
+                atomic_write(directory / "info.json", json.dumps(info).encode())
+            except BaseException:
+                # A session without its info file (a full disk) could never be used or finished: not kept.
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
 
         await asyncio.to_thread(create_sync)
         self._hash_states[upload_id] = _HashState(0, hashlib.sha256())
+        self._set_size(upload_id, 0)
         return Upload(upload_id, repository, 0)
 
     async def get(self, repository: str, upload_id: str) -> Upload:
@@ -129,22 +188,36 @@ class UploadStore:
                 f"upload has {upload.size} bytes; a chunk must start there, not at {start}",
                 headers=range_header(upload.size),
             )
+        self._set_size(upload.id, upload.size)  # what is on disk now, whatever was counted before
+        if self.max_bytes is not None and length is not None and upload.size + length > self.max_bytes:
+            raise BlobUploadTooLarge(
+                f"this upload would hold {upload.size + length} bytes, more than uploads.max_bytes "
+                f"({self.max_bytes})"
+            )
         state = await self._hash_state(upload)
         writer = await BlobWriter.open(
             self.root / upload.id / "data", "sha256", append_to=upload.size, hasher=state.hasher
         )
         try:
             try:
-                async for chunk in chunks:
+                async for chunk in self._within_bound(upload.id, chunks):
                     await writer.write(chunk)
             finally:
                 await writer.close()
                 state.size = writer.size
+                self._set_size(upload.id, writer.size)
+        except (BlobUploadTooLarge, UploadsFull):
+            # Refused whole, as a chunk of the wrong length is: the session is what it was before this
+            # request, and the client can send the same chunk again once there is room.
+            await asyncio.to_thread(_truncate, self.root / upload.id / "data", upload.size)
+            self._hash_states.pop(upload.id, None)
+            self._set_size(upload.id, upload.size)
+            raise
         except OSError as exc:
             # A full disk is a clean 503 (the client can ask the status and resume once there is room), not
             # a 500. The session keeps what reached the disk; its running hash is rebuilt from the file.
             self._hash_states.pop(upload.id, None)
-            if exc.errno == errno.ENOSPC:
+            if is_disk_full(exc):
                 raise StorageFull("no space left on the registry's disk for this upload") from exc
             raise
         received = writer.size - upload.size
@@ -153,6 +226,7 @@ class UploadStore:
             # what it was and the client can resend (the running hash is rebuilt from the file next time).
             await asyncio.to_thread(_truncate, self.root / upload.id / "data", upload.size)
             self._hash_states.pop(upload.id, None)
+            self._set_size(upload.id, upload.size)
             raise SizeInvalid(f"chunk declared {length} bytes but {received} arrived")
         return Upload(upload.id, upload.repository, writer.size)
 
@@ -196,7 +270,70 @@ class UploadStore:
     async def _remove(self, upload_id: str) -> None:
         self._hash_states.pop(upload_id, None)
         self._locks.pop(upload_id, None)
+        self._set_size(upload_id, None)
         await asyncio.to_thread(shutil.rmtree, self.root / upload_id, True)
+
+    async def expire(self, idle_seconds: float) -> tuple[int, int]:
+        """Remove sessions that received nothing for `idle_seconds`; return (sessions, bytes) freed.
+
+        A session a request is writing to right now is left alone (its lock is held); the others are
+        removed under their lock, so a request arriving meanwhile finds the session gone (404) rather
+        than half of it."""
+        cutoff = time.time() - idle_seconds
+        removed = freed = 0
+        for upload_id in await asyncio.to_thread(self._idle_sync, cutoff):
+            lock = self._locks.get(upload_id)
+            if lock is not None and lock.locked():
+                continue
+            async with self._lock(upload_id):
+                if upload_id not in await asyncio.to_thread(self._idle_sync, cutoff, upload_id):
+                    continue  # a request wrote to it while we waited
+                freed += self._sizes.get(upload_id, 0)
+                removed += 1
+                await self._remove(upload_id)
+        return removed, freed
+
+    def _idle_sync(self, cutoff: float, only: str | None = None) -> list[str]:
+        """Blocking: ids of sessions whose files were last written before `cutoff`."""
+        entries = [self.root / only] if only is not None else list(self.root.iterdir())
+        idle: list[str] = []
+        for entry in entries:
+            if not _UPLOAD_ID.fullmatch(entry.name):
+                continue
+            try:
+                last_write = max(path.stat().st_mtime for path in (entry, entry / "data") if path.exists())
+            except (OSError, ValueError):  # removed meanwhile
+                continue
+            if last_write < cutoff:
+                idle.append(entry.name)
+        return idle
+
+    @contextlib.asynccontextmanager
+    async def expiring(
+        self, idle_seconds: float, on_expired: Callable[[int, int], None]
+    ) -> AsyncIterator[None]:
+        """While open, a task of the app's removes sessions idle for `idle_seconds` (uploads.expire)."""
+        task = asyncio.create_task(self._expire_forever(idle_seconds, on_expired), name="upload-expiry")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _expire_forever(self, idle_seconds: float, on_expired: Callable[[int, int], None]) -> None:
+        # Checked a few times per expiry period (at most every 5 minutes): a session lives at most a
+        # quarter longer than uploads.expire.
+        interval = min(max(idle_seconds / 4, 0.05), 300.0)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                removed, freed = await self.expire(idle_seconds)
+            except Exception:  # noqa: BLE001 - a failed pass (a disk error) must not end expiry for good
+                log.exception("expiring idle upload sessions failed; retrying in %.0f s", interval)
+                continue
+            if removed:
+                on_expired(removed, freed)
 
     def remove_stale_sync(self, grace_seconds: float) -> int:
         """Blocking: delete sessions untouched for longer than the grace period (start-up recovery)."""
@@ -210,6 +347,7 @@ class UploadStore:
                 continue
             if mtime < cutoff:
                 shutil.rmtree(entry, ignore_errors=True)
+                self._set_size(entry.name, None)
                 removed += 1
         return removed
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import http.client
 import json
 import logging
@@ -149,10 +150,20 @@ class UpstreamClient:
 
     # -- public ------------------------------------------------------------------------------------
     async def open(
-        self, method: str, path: str, *, scope: str, headers: Mapping[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        scope: str,
+        headers: Mapping[str, str] | None = None,
+        data: bytes | None = None,
     ) -> aiohttp.ClientResponse:
-        """Send a request (auth, redirects and retries handled); the caller releases the response."""
-        return await self._open(method, path, scope, headers, self._send_aiohttp)
+        """Send a request (auth, redirects and retries handled); the caller releases the response.
+
+        `data` is a body held in memory (a manifest, one chunk of an upload): bytes, so it can be sent
+        again after a 401 challenge, a redirect or a retry."""
+        send = self._send_aiohttp if data is None else functools.partial(self._send_aiohttp, data=data)
+        return await self._open(method, path, scope, headers, send)
 
     async def open_blocking(
         self, method: str, path: str, *, scope: str, headers: Mapping[str, str] | None = None
@@ -332,12 +343,16 @@ class UpstreamClient:
             url = target
         raise UpstreamUnavailable(f"upstream {self.name} redirected more than {MAX_REDIRECTS} times")
 
-    async def _send_aiohttp(self, method: str, url: str, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _send_aiohttp(
+        self, method: str, url: str, headers: dict[str, str], data: bytes | None = None
+    ) -> aiohttp.ClientResponse:
         timeout = aiohttp.ClientTimeout(
             total=None, connect=self.config.timeout, sock_connect=self.config.timeout, sock_read=self.config.timeout
         )
         try:
-            return await self.session.request(method, url, headers=headers, allow_redirects=False, timeout=timeout)
+            return await self.session.request(
+                method, url, headers=headers, data=data, allow_redirects=False, timeout=timeout
+            )
         except (TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
 

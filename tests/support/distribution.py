@@ -1,16 +1,22 @@
 """The CNCF distribution registry (``docker-registry``, 2.8) as a test upstream or peer.
 
 Modes: ``open`` (no auth), ``token`` (Docker Hub style bearer auth through a
-``TokenServer``, see token_server.py), ``proxy`` (distribution's pull-through
-cache of another registry, optionally with upstream credentials).
+``TokenServer``, see token_server.py), ``htpasswd`` (Basic auth, one user, a
+bcrypt htpasswd file), ``proxy`` (distribution's pull-through cache of another
+registry, optionally with upstream credentials).
+
+``requests(since=mark)`` reads the access log (one line per request) so a test
+can count what a client asked for: ``mark = registry.log_mark()`` first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +32,12 @@ __all__ = [
 ]
 
 
-RegistryMode = Literal["open", "token", "proxy"]
+RegistryMode = Literal["open", "token", "htpasswd", "proxy"]
+
+HTPASSWD_USER = "dc2-writer"
+HTPASSWD_PASSWORD = "dc2-pa55word"
+# distribution's access log (gorilla's combined format): `... "PATCH /v2/x/blobs/uploads/u?.. HTTP/1.1" 202 0 ...`
+_ACCESS_LINE = re.compile(r'^\S+ - \S+ \[[^\]]+\] "([A-Z]+) (\S+) HTTP/[\d.]+" (\d{3}) ', re.MULTILINE)
 
 
 class DistributionRegistry:
@@ -47,6 +58,7 @@ class DistributionRegistry:
         workdir: Path | None = None,
         port: int | None = None,
         delete_enabled: bool = True,
+        htpasswd_creds: Creds = (HTPASSWD_USER, HTPASSWD_PASSWORD),
     ) -> None:
         if mode == "token" and token_server is None:
             raise ValueError("token mode needs a TokenServer")
@@ -62,6 +74,7 @@ class DistributionRegistry:
         self._fixed_port = port
         self.port = port or 0
         self.delete_enabled = delete_enabled
+        self.htpasswd_creds = htpasswd_creds
         self.proc: ManagedProcess | None = None
 
     @classmethod
@@ -71,6 +84,11 @@ class DistributionRegistry:
     @classmethod
     def token_auth(cls, token_server: TokenServer, **kwargs: Any) -> DistributionRegistry:
         return cls(mode="token", token_server=token_server, **kwargs)
+
+    @classmethod
+    def htpasswd(cls, **kwargs: Any) -> DistributionRegistry:
+        """Basic auth for one user (``.default_creds``), like a registry in another data centre."""
+        return cls(mode="htpasswd", **kwargs)
 
     @classmethod
     def proxy_of(
@@ -129,6 +147,8 @@ class DistributionRegistry:
                     "rootcertbundle": str(self.token_server.cert_path),
                 }
             }
+        if self.mode == "htpasswd":
+            cfg["auth"] = {"htpasswd": {"realm": "mirror-test", "path": str(self.workdir / "htpasswd")}}
         if self.mode == "proxy":
             proxy: dict[str, Any] = {"remoteurl": self.remote_url}
             if self.remote_creds is not None:
@@ -145,6 +165,8 @@ class DistributionRegistry:
             if self._fixed_port is None:
                 self.port = free_port()
             self.config_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+            if self.mode == "htpasswd":
+                self._write_htpasswd()
             proc = ManagedProcess(
                 [binary, "serve", str(self.config_path)],
                 name=f"registry-{self.mode}",
@@ -165,9 +187,34 @@ class DistributionRegistry:
                 raise
         raise AssertionError("unreachable")
 
+    def _write_htpasswd(self) -> None:
+        import bcrypt  # the test extra; only this mode needs it
+
+        user, password = self.htpasswd_creds
+        hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode()
+        (self.workdir / "htpasswd").write_text(f"{user}:{hashed}\n")
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.stop()
+
+    def log_mark(self) -> int:
+        """Where the log ends now: pass it to ``requests(since=...)``."""
+        return len(self.log_text(None))
+
+    def requests(self, since: int = 0, *, settle: float = 0.3) -> list[tuple[str, str, int]]:
+        """(method, path with query, status) of every request answered since ``since``.
+
+        The access line is written as the response completes: wait until the log stops growing."""
+        text = self.log_text(None)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            time.sleep(settle)
+            again = self.log_text(None)
+            if again == text:
+                break
+            text = again
+        return [(m.group(1), m.group(2), int(m.group(3))) for m in _ACCESS_LINE.finditer(text[since:])]
 
     def cleanup(self) -> None:
         """Stop and delete the storage (only when we created the workdir)."""
@@ -187,6 +234,8 @@ class DistributionRegistry:
 
     @property
     def default_creds(self) -> Creds | None:
+        if self.mode == "htpasswd":
+            return self.htpasswd_creds
         return self.token_server.creds if self.token_server is not None else None
 
     def push(self, image: BuiltImage, repo_tag: str, creds: Creds | None | Literal["default"] = "default") -> str:

@@ -108,6 +108,9 @@ class RegistryFactory:
     def token_auth(self, token_server: TokenServer, **kwargs: Any) -> DistributionRegistry:
         return self._start(DistributionRegistry.token_auth(token_server, **kwargs))
 
+    def htpasswd(self, **kwargs: Any) -> DistributionRegistry:
+        return self._start(DistributionRegistry.htpasswd(**kwargs))
+
     def proxy_of(
         self, remote_url: str, username: str | None = None, password: str | None = None, **kwargs: Any
     ) -> DistributionRegistry:

@@ -1,0 +1,247 @@
+"""Replication registry to registry: the mirror's copier against `skopeo sync`, same data, same run.
+
+    python3 -m bench.replication [--repos 20] [--tags 3] [--rounds 1] [--json FILE]
+
+A distribution registry with token auth (like Docker Hub) holds REPOS x TAGS images: each a config, a base
+layer shared by every image, and an application layer of its own. Each round gives each tool a fresh,
+empty distribution registry as destination and measures, from outside the process (start-up included):
+
+- the first run: every tag of every repository listed and copied;
+- a rerun with nothing changed: its wall time, and the requests it made at the source, counted in the
+  source's access log (manifest and blob GETs are what Docker Hub's rate limit and bandwidth bill).
+
+The mirror's side is driven through the copier directly (`python3 -m bench.replication_worker`: list the
+tags, copy each with RemoteRegistry source and destination), the pieces a replication rule runs; the rule
+engine (`mirror sync`) is on another branch. Goals (issue 10): first run <= 0.6x skopeo's wall time;
+rerun <= 0.2x skopeo's wall time with zero manifest/blob GETs at the source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import yaml
+
+from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
+from mirror.replication.remote import RemoteSpec, open_remote
+from tests.support.distribution import DistributionRegistry
+from tests.support.mirror_proc import REPO_ROOT
+from tests.support.procs import require_tool
+from tests.support.skopeo import _env as skopeo_env
+from tests.support.skopeo import _global_args as skopeo_args
+from tests.support.token_server import TokenServer
+
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+BASE_LAYER_BYTES = 1 << 20
+APP_LAYER_BYTES = 256 << 10
+
+
+# -- the data ------------------------------------------------------------------------------------
+def _repo(number: int) -> str:
+    return f"bench/app{number:02d}"
+
+
+async def _seed(url: str, creds: tuple[str, str], repos: int, tags: int) -> None:
+    """Push the images through the RemoteRegistry itself (the source is a token-auth registry)."""
+    base = os.urandom(BASE_LAYER_BYTES)
+    async with open_remote(RemoteSpec(url, *creds), Metrics()) as registry:
+
+        async def push_blob(repo: str, data: bytes) -> dict[str, object]:
+            digest = Digest.of(data)
+            await registry.put_blob(repo, digest, _once(data), size=len(data))
+            return {"digest": str(digest), "size": len(data)}
+
+        async def push(repo: str, tag: int) -> None:
+            config = json.dumps({"architecture": "amd64", "os": "linux", "repo": repo, "tag": tag}).encode()
+            descriptors = [await push_blob(repo, data) for data in (config, base, os.urandom(APP_LAYER_BYTES))]
+            manifest = json.dumps({
+                "schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **descriptors[0]},
+                "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", **d} for d in descriptors[1:]],
+            }).encode()
+            await registry.put_manifest(repo, f"1.{tag}.0", manifest, OCI_MANIFEST)
+
+        slots = asyncio.Semaphore(8)
+
+        async def push_repo(repo: str) -> None:
+            # One repository's tags one after another: distribution can answer DIGEST_INVALID while two
+            # uploads of one blob into one repository write its link file at the same moment.
+            async with slots:
+                for tag in range(tags):
+                    await push(repo, tag)
+
+        await asyncio.gather(*(push_repo(_repo(r)) for r in range(repos)))
+
+
+async def _once(data: bytes):  # type: ignore[no-untyped-def]
+    yield data
+
+
+# -- the mirror's side: one run, as its own process (bench/replication_worker.py) --------------------
+def _run_mirror(source: str, dest: str, repos: list[str]) -> tuple[float, dict[str, object]]:
+    argv = [sys.executable, "-m", "bench.replication_worker", "--source", source, "--dest", dest, *repos]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, env=env, cwd=REPO_ROOT, timeout=600, check=False)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"mirror worker failed: {result.stderr.decode()[-3000:]}")
+    return elapsed, json.loads(result.stdout.decode().strip().splitlines()[-1])
+
+
+def _run_sync(source: str, dest: str, repos: list[str], workdir: Path) -> tuple[float, dict[str, object]]:
+    """`mirror sync --config`: one rule per repository (a rule has one source repository), every tag."""
+    data = workdir / f"sync-data-{urlsplit(dest).port}"
+    config = {
+        "storage": {"path": str(data)},
+        "upstreams": [{"name": "src", "url": source}],
+        "replication": [{"name": f"r{number:02d}", "source": f"src/{repo}",
+                         "destinations": [{"registry": dest, "repository": f"mirror/{repo}"}]}
+                        for number, repo in enumerate(repos)],
+    }
+    config_path = workdir / "sync.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    argv = [sys.executable, "-m", "mirror", "sync", "--config", str(config_path)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, env=env, cwd=REPO_ROOT, timeout=900, check=False)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"mirror sync failed: {result.stdout.decode()[-2000:]} {result.stderr.decode()[-2000:]}")
+    return elapsed, {"images": 0, "inside_s": float("nan")}  # its own table went to stderr
+
+
+def _run_skopeo(source: DistributionRegistry, dest: DistributionRegistry, repos: list[str], workdir: Path) -> float:
+    spec = {source.host: {"tls-verify": False, "images-by-tag-regex": {repo: ".*" for repo in repos}}}
+    spec_path = workdir / "skopeo-sync.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    argv = [*skopeo_args(), "sync", "--src", "yaml", "--dest", "docker", "--dest-tls-verify=false",
+            "--src-no-creds", "--dest-no-creds", "--preserve-digests", str(spec_path),
+            f"{dest.host}/skopeo"]
+    started = time.perf_counter()
+    result = subprocess.run(argv, capture_output=True, env=skopeo_env(), timeout=600, check=False)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"skopeo sync failed: {result.stderr.decode()[-3000:]}")
+    return elapsed
+
+
+def _source_counts(requests: list[tuple[str, str, int]]) -> dict[str, int]:
+    reads = [r for r in requests if r[0] == "GET" and ("/manifests/" in r[1] or "/blobs/" in r[1])]
+    return {"requests": len(requests), "manifest_blob_gets": len(reads),
+            "heads": sum(1 for r in requests if r[0] == "HEAD")}
+
+
+@dataclass
+class Round:
+    mirror_first_s: float
+    skopeo_first_s: float
+    mirror_rerun_s: float
+    skopeo_rerun_s: float
+    mirror_rerun_source: dict[str, int]
+    skopeo_rerun_source: dict[str, int]
+    mirror_first_source: dict[str, int]
+    skopeo_first_source: dict[str, int]
+    mirror_images: int
+    mirror_first_inside_s: float  # the same runs without interpreter and import start-up
+    mirror_rerun_inside_s: float
+
+
+def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str) -> Round:
+    mirror_dest = DistributionRegistry.open().start()
+    skopeo_dest = DistributionRegistry.open().start()
+
+    def run_mirror() -> tuple[float, dict[str, object]]:
+        if via == "sync":
+            return _run_sync(source.url, mirror_dest.url, repos, workdir)
+        return _run_mirror(source.url, mirror_dest.url, repos)
+
+    try:
+        mark = source.log_mark()
+        mirror_first, first_stats = run_mirror()
+        mirror_first_source = _source_counts(source.requests(mark))
+        mark = source.log_mark()
+        skopeo_first = _run_skopeo(source, skopeo_dest, repos, workdir)
+        skopeo_first_source = _source_counts(source.requests(mark))
+        mark, dest_mark = source.log_mark(), mirror_dest.log_mark()
+        mirror_rerun, rerun_stats = run_mirror()
+        mirror_rerun_source = _source_counts(source.requests(mark))
+        writes = [r for r in mirror_dest.requests(dest_mark) if r[0] in ("POST", "PATCH", "PUT", "DELETE")]
+        assert not writes, f"the no-change rerun wrote at the destination: {writes[:5]}"
+        mark = source.log_mark()
+        skopeo_rerun = _run_skopeo(source, skopeo_dest, repos, workdir)
+        skopeo_rerun_source = _source_counts(source.requests(mark))
+    finally:
+        mirror_dest.cleanup()
+        skopeo_dest.cleanup()
+    return Round(mirror_first, skopeo_first, mirror_rerun, skopeo_rerun, mirror_rerun_source, skopeo_rerun_source,
+                 mirror_first_source, skopeo_first_source, int(first_stats["images"]),  # type: ignore[call-overload]
+                 float(first_stats["inside_s"]), float(rerun_stats["inside_s"]))  # type: ignore[arg-type]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.replication")
+    parser.add_argument("--repos", type=int, default=20)
+    parser.add_argument("--tags", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--via", choices=("copier", "sync"), default="copier",
+                        help="the mirror side: the copier driven directly, or `mirror sync --config` (a rule per repo)")
+    args = parser.parse_args(argv)
+
+    require_tool("skopeo")
+    require_tool("docker-registry")
+    workdir = Path(tempfile.mkdtemp(prefix="bench-replication-"))
+    tokens = TokenServer().start()
+    source = DistributionRegistry.token_auth(tokens).start()
+    try:
+        repos = [_repo(n) for n in range(args.repos)]
+        asyncio.run(_seed(source.url, tokens.creds, args.repos, args.tags))
+        rounds = [_round(source, repos, workdir, args.via) for _ in range(args.rounds)]
+    finally:
+        source.cleanup()
+        tokens.stop()
+
+    def median(name: str) -> float:
+        return statistics.median(getattr(r, name) for r in rounds)
+
+    last = rounds[-1]
+    first_ratio = median("mirror_first_s") / median("skopeo_first_s")
+    rerun_ratio = median("mirror_rerun_s") / median("skopeo_rerun_s")
+    print(f"replication: {args.repos} repositories x {args.tags} tags, mirror side via {args.via}, "
+          f"{args.rounds} round(s), medians")
+    print(f"{'':28} {'mirror':>10} {'skopeo sync':>12} {'ratio':>7}  goal")
+    print(f"{'first run, wall s':28} {median('mirror_first_s'):10.2f} {median('skopeo_first_s'):12.2f} "
+          f"{first_ratio:7.2f}  <= 0.6")
+    print(f"{'no-change rerun, wall s':28} {median('mirror_rerun_s'):10.2f} {median('skopeo_rerun_s'):12.2f} "
+          f"{rerun_ratio:7.2f}  <= 0.2")
+    if args.via == "copier":
+        inside_first, inside_rerun = median("mirror_first_inside_s"), median("mirror_rerun_inside_s")
+        print(f"{'  mirror without start-up':28} {inside_first:10.2f} (first) {inside_rerun:.2f} (rerun): ratios "
+              f"{inside_first / median('skopeo_first_s'):.2f} / {inside_rerun / median('skopeo_rerun_s'):.2f}")
+    for label, key in (("rerun source requests", "requests"), ("rerun manifest/blob GETs", "manifest_blob_gets"),
+                       ("rerun source HEADs", "heads")):
+        print(f"{label:28} {last.mirror_rerun_source[key]:10d} {last.skopeo_rerun_source[key]:12d}"
+              + ("           0" if key == "manifest_blob_gets" else ""))
+    print(f"{'first run source requests':28} {last.mirror_first_source['requests']:10d} "
+          f"{last.skopeo_first_source['requests']:12d}")
+    if args.json:
+        args.json.write_text(json.dumps({"repos": args.repos, "tags": args.tags,
+                                         "rounds": [asdict(r) for r in rounds]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
