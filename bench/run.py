@@ -265,24 +265,27 @@ def manifests(servers: list[Server], image: BigImage, seconds: float, rounds: in
 
 
 def docker_pull(servers: list[Server], image_name: str, *, label: str = "5 docker pull, 3 layers",
-                cold_target: float | None = None, profile: str = "loopback") -> list[Result]:
-    times: dict[str, dict[str, float]] = {}
-    for server in servers:
-        server.reset()
-        daemon = DockerDaemon(mirror_url=server.url).start()
-        try:
-            measured = {}
-            for phase in ("cold", "warm"):
-                started = time.perf_counter()
-                daemon.docker("pull", image_name, timeout=600)
-                measured[phase] = time.perf_counter() - started
-                daemon.docker("rmi", "-f", image_name)
-            times[server.name] = measured
-        finally:
-            daemon.stop()
+                cold_target: float | None = None, profile: str = "loopback", rounds: int = 1) -> list[Result]:
+    """Cold then warm `docker pull` through each server (a fresh cache and a fresh dockerd every round),
+    alternating; the median of `rounds`."""
+    times: dict[str, dict[str, list[float]]] = {s.name: {"cold": [], "warm": []} for s in servers}
+    for _ in range(rounds):
+        for server in servers:
+            server.reset()
+            daemon = DockerDaemon(mirror_url=server.url).start()
+            try:
+                for phase in ("cold", "warm"):
+                    started = time.perf_counter()
+                    daemon.docker("pull", image_name, timeout=600)
+                    times[server.name][phase].append(time.perf_counter() - started)
+                    daemon.docker("rmi", "-f", image_name)
+            finally:
+                daemon.stop()
     return [
-        Result(label, f"{phase} wall time", "s", times["mirror"][phase], times["peer"][phase], False,
-               cold_target if phase == "cold" else None, {}, profile)
+        Result(label, f"{phase} wall time", "s", statistics.median(times["mirror"][phase]),
+               statistics.median(times["peer"][phase]), False, cold_target if phase == "cold" else None,
+               {"samples_mirror_s": [round(v, 2) for v in times["mirror"][phase]],
+                "samples_peer_s": [round(v, 2) for v in times["peer"][phase]]}, profile)
         for phase in ("cold", "warm")
     ]
 
@@ -344,7 +347,7 @@ def run_loopback(args: argparse.Namespace, work: Path) -> list[Result]:
             ("2", lambda: cold_many(servers, upstream, image, args.clients)),
             ("3", lambda: cold_single(servers, upstream, image, args.rounds)),
             ("4", lambda: manifests(servers, image, args.seconds, args.rounds)),
-            ("5", lambda: docker_pull(servers, box)),
+            ("5", lambda: docker_pull(servers, box, rounds=args.rounds)),
         ]
         for number, step in steps:
             if number not in args.skip:
@@ -379,7 +382,7 @@ def run_at_distance(args: argparse.Namespace, work: Path, profile: Profile) -> l
             ("8", lambda: cold_many(servers, upstream, image, args.clients, label=f"8 cold blob, 20 clients {label}",
                                     rss_label=f"8 peak RSS {label}", target=None, profile=profile.name)),
             ("9", lambda: docker_pull(servers, box, label=f"9 docker pull, 10 layers {label}", cold_target=0.7,
-                                      profile=profile.name)),
+                                      profile=profile.name, rounds=args.rounds)),
         ]
         results: list[Result] = []
         for number, step in steps:
