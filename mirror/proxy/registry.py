@@ -18,10 +18,10 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.metrics import Metrics
+from mirror.observe.requests import FillRecord, note_cache_result
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import is_valid_tag, validate_tag
@@ -63,43 +64,19 @@ _MAX_INDEX_DEPTH = 2
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
 
 
-_NON_DISTRIBUTABLE_PREFIXES = (
-    "application/vnd.oci.image.layer.nondistributable.",
-    "application/vnd.docker.image.rootfs.foreign.",
-)
-
-
-def _is_non_distributable(media_type: str) -> bool:
-    return media_type.startswith(_NON_DISTRIBUTABLE_PREFIXES)
-
-
-def _foreign_layer_digests(body: bytes) -> set[Digest]:
-    """Digests of layers a manifest says are fetched from `urls` elsewhere (already parsed and valid)."""
-    layers = json.loads(body).get("layers")
-    found: set[Digest] = set()
-    for layer in layers if isinstance(layers, list) else []:
-        if isinstance(layer, dict) and layer.get("urls"):
-            try:
-                found.add(Digest.parse(str(layer.get("digest"))))
-            except RegistryError:
-                continue
-    return found
-
-
 class PrefetchSkipped(StorageFull):
     """A prefetch no client asked for found no room: it is not worth evicting anything for."""
 
 
-def _prefetchable(parsed: ParsedManifest, body: bytes) -> list[Descriptor]:
+def _prefetchable(parsed: ParsedManifest) -> list[Descriptor]:
     """The config and layers of an image manifest worth fetching ahead: not an index's (the client picks
-    one platform), and not non-distributable layers (fetched from their `urls`, never from a registry)."""
+    one platform). Non-distributable layers are not in `parsed.blobs` (they are `parsed.foreign`): their
+    bytes come from their `urls`, never from a registry."""
     if parsed.is_index or parsed.manifests:
         return []
-    foreign = _foreign_layer_digests(body)
     wanted: dict[Digest, Descriptor] = {}
     for blob in parsed.blobs:
-        if blob.digest not in foreign and not _is_non_distributable(blob.media_type):
-            wanted.setdefault(blob.digest, blob)
+        wanted.setdefault(blob.digest, blob)
     return list(wanted.values())
 
 
@@ -145,6 +122,8 @@ class ProxyRegistry(Registry):
         self.tag_ttl = tag_ttl
         self.manifest_limit = manifest_limit
         self.read_only_message = read_only_message
+        # Told of every finished download (the status page's "recent fills"); the app sets it.
+        self.on_fill: Callable[[FillRecord], None] | None = None
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
         self._memo = ManifestMemo()
         self._sizes = ExpectedSizes()
@@ -153,6 +132,7 @@ class ProxyRegistry(Registry):
 
     def _count(self, kind: str, result: str) -> None:
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
+        note_cache_result(result)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def _find(self, repo: str, digest: Digest) -> tuple[bool, StoredBlob | None]:
@@ -323,7 +303,7 @@ class ProxyRegistry(Registry):
                 # so the file can go now; nothing is committed or indexed.
                 await asyncio.to_thread(temp.unlink, True)
                 await fill.commit(None)
-                self.metrics.fills.labels(self.name, "passed_through").inc()
+                self._fill_finished(repo, digest, received, started, "passed_through")
                 return
             stored = await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, received)
             linked: set[str] = set()
@@ -333,7 +313,7 @@ class ProxyRegistry(Registry):
             # between the last check and commit(), after which nobody can join this fill.
             await self._link_new_repositories(fill, digest, linked)
             await fill.commit(stored.path)
-            self.metrics.fills.labels(self.name, "ok").inc()
+            self._fill_finished(repo, digest, received, started, "ok")
             elapsed = time.perf_counter() - started
             log.info("filled %s from %s/%s: %d bytes in %.2f s (%.0f MB/s)", digest, self.name, repo, received,
                      elapsed, received / elapsed / 1e6 if elapsed else 0.0)
@@ -345,8 +325,14 @@ class ProxyRegistry(Registry):
                 await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
             if not isinstance(exc, PrefetchSkipped):  # counted as a prefetch result instead
                 result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
-                self.metrics.fills.labels(self.name, result).inc()
+                self._fill_finished(repo, digest, fill.written, started, result)
             raise
+
+    def _fill_finished(self, repo: str, digest: Digest, size: int, started: float, result: str) -> None:
+        self.metrics.fills.labels(self.name, result).inc()
+        if self.on_fill is not None:
+            self.on_fill(FillRecord(self.name, repo, str(digest), size, time.perf_counter() - started, result,
+                                    time.time()))
 
     async def _reserve(self, size: int, fill: Fill) -> None:
         """Check there is room for the blob before any client is answered, so a full disk is a clean 503 up
@@ -389,11 +375,11 @@ class ProxyRegistry(Registry):
         return cache.high_bytes is None or cache.cached_bytes + cache.incoming_bytes + size <= cache.high_bytes
 
     # -- prefetch ----------------------------------------------------------------------------------
-    def _start_prefetch(self, repo: str, parsed: ParsedManifest, body: bytes) -> None:
+    def _start_prefetch(self, repo: str, parsed: ParsedManifest) -> None:
         """Fetch ahead what an image manifest just served through `repo` names (see the module docstring)."""
         if not self.client.config.prefetch:
             return
-        for blob in _prefetchable(parsed, body):
+        for blob in _prefetchable(parsed):
             task = asyncio.create_task(self._prefetch(repo, blob), name=f"prefetch {self.name} {blob.digest}")
             self._prefetches.add(task)
             task.add_done_callback(self._prefetches.discard)
@@ -603,7 +589,7 @@ class ProxyRegistry(Registry):
             vouched = await asyncio.to_thread(self._link_manifest_sync, repo, digest, parsed, body)
             await self.cache.hold(digest, len(body), CACHED)
         self._record_sizes(repo, vouched)
-        self._start_prefetch(repo, parsed, body)
+        self._start_prefetch(repo, parsed)
         return Manifest(digest, parsed.media_type, body)
 
     def _link_manifest_sync(
@@ -622,7 +608,7 @@ class ProxyRegistry(Registry):
         says so, so a crash in between only costs doing it again."""
         vouched: list[Descriptor] = []
         try:
-            vouched = self._link_references_sync(repo, parsed, body, depth)
+            vouched = self._link_references_sync(repo, parsed, depth)
             linked = True
         except OSError as exc:
             # Only a saving: without these links the blobs are confirmed with a HEAD as before.
@@ -631,12 +617,11 @@ class ProxyRegistry(Registry):
         self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body), references_linked=linked))
         return vouched
 
-    def _link_references_sync(self, repo: str, parsed: ParsedManifest, body: bytes, depth: int) -> list[Descriptor]:
+    def _link_references_sync(self, repo: str, parsed: ParsedManifest, depth: int) -> list[Descriptor]:
         # Non-distributable layers are the exception: a registry never checks those (they were never
         # pushed), so naming one is no evidence that `repo` may read bytes stored under that digest.
-        foreign = _foreign_layer_digests(body)
-        vouched = [blob for blob in parsed.blobs
-                   if blob.digest not in foreign and not _is_non_distributable(blob.media_type)]
+        # `parsed.blobs` leaves them out (they are `parsed.foreign`).
+        vouched = list(parsed.blobs)
         for blob in vouched:
             self.repos.link_blob(repo, blob.digest)
         if depth >= _MAX_INDEX_DEPTH:
