@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from bench import blobload
-from bench.seed import BigImage, seed_big_image, seed_runnable_image
-from bench.servers import MirrorServer, PeerServer, Server, peak_rss_bytes
+from bench.seed import TEN_LAYERS, BigImage, seed_big_image, seed_runnable_image
+from bench.servers import MirrorServer, PeerServer, Server, TlsDistribution, peak_rss_bytes
+from bench.shaper import WAN, Profile, ShapingProxy
 from tests.support.distribution import DistributionRegistry
 from tests.support.dockerd import DockerDaemon
+from tests.support.tls import make_private_ca
 
 ACCEPT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 
@@ -40,6 +42,7 @@ class Result:
     higher_is_better: bool
     target: float | None = None  # required ratio (mirror/peer when higher is better, else mirror/peer max)
     extra: dict[str, Any] = field(default_factory=dict)
+    profile: str = "loopback"  # where the upstream was: bench/shaper.py's profile, or plain loopback
 
     @property
     def ratio(self) -> float:
@@ -81,9 +84,10 @@ def _wrk(
             "p50": latency.get("50", 0.0), "p99": latency.get("99", 0.0)}
 
 
-def _curl(url: str) -> dict[str, float]:
+def _curl(url: str, ca_file: Path | None = None) -> dict[str, float]:
     fmt = "%{http_code} %{size_download} %{time_starttransfer} %{time_total} %{speed_download}"
-    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", fmt, url], capture_output=True, text=True,
+    trust = ["--cacert", str(ca_file)] if ca_file else []
+    out = subprocess.run(["curl", "-s", *trust, "-o", "/dev/null", "-w", fmt, url], capture_output=True, text=True,
                          timeout=600, check=True).stdout.split()
     return {"status": float(out[0]), "size": float(out[1]), "ttfb": float(out[2]), "total": float(out[3]),
             "speed": float(out[4])}
@@ -102,7 +106,7 @@ class RssSampler:
 def _upstream_gets(log: str, digest: str) -> tuple[int, int]:
     """Blob GETs and bytes the upstream served for `digest`, from distribution's access log."""
     count = total = 0
-    for match in re.finditer(rf'"GET /v2/[^ ]*/blobs/{re.escape(digest)} HTTP/1\.1" (\d+) (\d+)', log):
+    for match in re.finditer(rf'"GET /v2/[^ ]*/blobs/{re.escape(digest)} HTTP/[\d.]+" (\d+) (\d+)', log):
         if match.group(1) in ("200", "206"):
             count += 1
             total += int(match.group(2))
@@ -139,7 +143,9 @@ def warm_blob(servers: list[Server], image: BigImage, seconds: float, rounds: in
     return results
 
 
-def cold_many(servers: list[Server], upstream: DistributionRegistry, image: BigImage, clients: int) -> list[Result]:
+def cold_many(servers: list[Server], upstream: DistributionRegistry, image: BigImage, clients: int,
+              *, label: str = "2 cold blob, 20 clients", rss_label: str = "6 peak RSS during scenario 2",
+              target: float | None = 0.5, profile: str = "loopback") -> list[Result]:
     measured: dict[str, dict[str, float]] = {}
     for server in servers:
         server.reset()
@@ -167,12 +173,12 @@ def cold_many(servers: list[Server], upstream: DistributionRegistry, image: BigI
     m, p = measured["mirror"], measured["peer"]
     extra = {"mirror_failed_clients": m["bad"], "peer_failed_clients": p["bad"]}
     return [
-        Result("2 cold blob, 20 clients", "wall time", "s", m["wall"], p["wall"], False, 0.5, extra),
-        Result("2 cold blob, 20 clients", "upstream blob GETs", "count", m["gets"], p["gets"], False, None,
-               {"mirror_target": "exactly 1"}),
-        Result("2 cold blob, 20 clients", "upstream bytes", "MB", m["bytes"] / 1e6, p["bytes"] / 1e6, False),
-        Result("6 peak RSS during scenario 2", "VmHWM", "MB", m["rss"] / 1e6, p["rss"] / 1e6, False, None,
-               {"mirror_target": "< 100 MB"}),
+        Result(label, "wall time", "s", m["wall"], p["wall"], False, target, extra, profile),
+        Result(label, "upstream blob GETs", "count", m["gets"], p["gets"], False, None,
+               {"mirror_target": "exactly 1"}, profile),
+        Result(label, "upstream bytes", "MB", m["bytes"] / 1e6, p["bytes"] / 1e6, False, None, {}, profile),
+        Result(rss_label, "VmHWM", "MB", m["rss"] / 1e6, p["rss"] / 1e6, False, None,
+               {"mirror_target": "< 100 MB"}, profile),
     ]
 
 
@@ -182,11 +188,11 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _measured_curl(url: str, pids: dict[str, int]) -> dict[str, float]:
+def _measured_curl(url: str, pids: dict[str, int], ca_file: Path | None = None) -> dict[str, float]:
     """_curl, plus the CPU seconds each process in `pids` and curl itself spent on the transfer."""
     before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    outcome = _curl(url)
+    outcome = _curl(url, ca_file)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     for name, pid in pids.items():
         outcome[f"cpu_{name}"] = _cpu_seconds(pid) - before[name]
@@ -194,14 +200,18 @@ def _measured_curl(url: str, pids: dict[str, int]) -> dict[str, float]:
     return outcome
 
 
-def cold_single(servers: list[Server], upstream: DistributionRegistry, image: BigImage, rounds: int) -> list[Result]:
-    """One client misses: throughput and time to first byte, against pulling straight from the upstream.
-    CPU seconds per transfer are recorded too: on two shared cores they, not the network, set the pace."""
+def cold_single(servers: list[Server], upstream: DistributionRegistry, image: BigImage, rounds: int,
+                *, label: str = "3 cold single client", direct_url: str | None = None, ca_file: Path | None = None,
+                ttfb_target: float | None = None, profile: str = "loopback") -> list[Result]:
+    """One client misses: throughput and time to first byte, against pulling straight from the upstream
+    (`direct_url`: the upstream as the servers reach it). CPU seconds per transfer are recorded too: on two
+    shared cores they, not the network, set the pace on loopback."""
     assert upstream.proc is not None
+    direct = direct_url or upstream.url
     samples: dict[str, list[dict[str, float]]] = {"mirror": [], "peer": [], "upstream": []}
     for _ in range(rounds):
-        samples["upstream"].append(_measured_curl(f"{upstream.url}/v2/{image.repo}/blobs/{image.blob_digest}",
-                                                  {"upstream": upstream.proc.pid}))
+        samples["upstream"].append(_measured_curl(f"{direct}/v2/{image.repo}/blobs/{image.blob_digest}",
+                                                  {"upstream": upstream.proc.pid}, ca_file))
         for server in servers:
             server.reset()
             samples[server.name].append(_measured_curl(f"{server.url}/v2/{image.repo}/blobs/{image.blob_digest}",
@@ -213,18 +223,20 @@ def cold_single(servers: list[Server], upstream: DistributionRegistry, image: Bi
     def cpu_total(name: str) -> float:
         return statistics.median(sum(v for k, v in s.items() if k.startswith("cpu_")) for s in samples[name])
 
-    direct = med("upstream", "speed") / 1e6
+    direct_mbps = med("upstream", "speed") / 1e6
     return [
-        Result("3 cold single client", "throughput", "MB/s", med("mirror", "speed") / 1e6, med("peer", "speed") / 1e6,
-               True, None, {"direct_from_upstream_MBps": direct,
-                            "mirror_vs_direct": med("mirror", "speed") / 1e6 / direct if direct else 0.0,
-                            "mirror_vs_direct_target": 0.8}),
-        Result("3 cold single client", "time to first byte", "ms", med("mirror", "ttfb") * 1e3,
-               med("peer", "ttfb") * 1e3, False, None, {"direct_from_upstream_ms": med("upstream", "ttfb") * 1e3}),
-        Result("3 cold single client", "server CPU per transfer", "s", med("mirror", "cpu_server"),
+        Result(label, "throughput", "MB/s", med("mirror", "speed") / 1e6, med("peer", "speed") / 1e6,
+               True, 1.0, {"direct_from_upstream_MBps": direct_mbps,
+                           "mirror_vs_direct": med("mirror", "speed") / 1e6 / direct_mbps if direct_mbps else 0.0,
+                           "samples_mirror_MBps": [round(s["speed"] / 1e6) for s in samples["mirror"]],
+                           "samples_peer_MBps": [round(s["speed"] / 1e6) for s in samples["peer"]]}, profile),
+        Result(label, "time to first byte", "ms", med("mirror", "ttfb") * 1e3,
+               med("peer", "ttfb") * 1e3, False, ttfb_target,
+               {"direct_from_upstream_ms": med("upstream", "ttfb") * 1e3}, profile),
+        Result(label, "server CPU per transfer", "s", med("mirror", "cpu_server"),
                med("peer", "cpu_server"), False, None,
                {"all_processes_cpu_mirror_s": cpu_total("mirror"), "all_processes_cpu_peer_s": cpu_total("peer"),
-                "all_processes_cpu_direct_s": cpu_total("upstream")}),
+                "all_processes_cpu_direct_s": cpu_total("upstream")}, profile),
     ]
 
 
@@ -252,39 +264,49 @@ def manifests(servers: list[Server], image: BigImage, seconds: float, rounds: in
     return results
 
 
-def docker_pull(servers: list[Server], image_name: str) -> list[Result]:
-    times: dict[str, dict[str, float]] = {}
-    for server in servers:
-        server.reset()
-        daemon = DockerDaemon(mirror_url=server.url).start()
-        try:
-            measured = {}
-            for phase in ("cold", "warm"):
-                started = time.perf_counter()
-                daemon.docker("pull", image_name, timeout=600)
-                measured[phase] = time.perf_counter() - started
-                daemon.docker("rmi", "-f", image_name)
-            times[server.name] = measured
-        finally:
-            daemon.stop()
+def docker_pull(servers: list[Server], image_name: str, *, label: str = "5 docker pull, 3 layers",
+                cold_target: float | None = None, profile: str = "loopback", rounds: int = 1) -> list[Result]:
+    """Cold then warm `docker pull` through each server (a fresh cache and a fresh dockerd every round),
+    alternating; the median of `rounds`."""
+    times: dict[str, dict[str, list[float]]] = {s.name: {"cold": [], "warm": []} for s in servers}
+    for _ in range(rounds):
+        for server in servers:
+            server.reset()
+            daemon = DockerDaemon(mirror_url=server.url).start()
+            try:
+                for phase in ("cold", "warm"):
+                    started = time.perf_counter()
+                    daemon.docker("pull", image_name, timeout=600)
+                    times[server.name][phase].append(time.perf_counter() - started)
+                    daemon.docker("rmi", "-f", image_name)
+            finally:
+                daemon.stop()
     return [
-        Result("5 docker pull", f"{phase} wall time", "s", times["mirror"][phase], times["peer"][phase], False)
+        Result(label, f"{phase} wall time", "s", statistics.median(times["mirror"][phase]),
+               statistics.median(times["peer"][phase]), False, cold_target if phase == "cold" else None,
+               {"samples_mirror_s": [round(v, 2) for v in times["mirror"][phase]],
+                "samples_peer_s": [round(v, 2) for v in times["peer"][phase]]}, profile)
         for phase in ("cold", "warm")
     ]
 
 
 # -- reporting -----------------------------------------------------------------------------------
-def print_table(results: list[Result]) -> None:
-    header = f"{'scenario':34} {'metric':26} {'mirror':>12} {'peer':>12} {'unit':>6} {'ratio':>7} {'target':>8}  ok"
-    print(header)
-    print("-" * len(header))
-    for r in results:
-        target = "" if r.target is None else (f">={r.target:g}x" if r.higher_is_better else f"<={r.target:g}x")
-        ok = {True: "yes", False: "NO", None: ""}[r.meets_target]
-        print(f"{r.scenario:34} {r.metric:26} {r.mirror:12.2f} {r.peer:12.2f} {r.unit:>6} {r.ratio:7.2f} "
-              f"{target:>8}  {ok}")
-        for key, value in r.extra.items():
-            print(f"{'':34}   {key}: {value:.3f}" if isinstance(value, float) else f"{'':34}   {key}: {value}")
+def print_table(results: list[Result], profiles: dict[str, str]) -> None:
+    header = f"{'scenario':38} {'metric':26} {'mirror':>12} {'peer':>12} {'unit':>6} {'ratio':>7} {'target':>8}  ok"
+    for profile, description in profiles.items():
+        rows = [r for r in results if r.profile == profile]
+        if not rows:
+            continue
+        print(f"\nprofile {description}")
+        print(header)
+        print("-" * len(header))
+        for r in rows:
+            target = "" if r.target is None else (f">={r.target:g}x" if r.higher_is_better else f"<={r.target:g}x")
+            ok = {True: "yes", False: "NO", None: ""}[r.meets_target]
+            print(f"{r.scenario:38} {r.metric:26} {r.mirror:12.2f} {r.peer:12.2f} {r.unit:>6} {r.ratio:7.2f} "
+                  f"{target:>8}  {ok}")
+            for key, value in r.extra.items():
+                print(f"{'':38}   {key}: {value:.3f}" if isinstance(value, float) else f"{'':38}   {key}: {value}")
 
 
 def write_plot(results: list[Result], path: Path) -> bool:
@@ -295,7 +317,7 @@ def write_plot(results: list[Result], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    labels = [f"{r.scenario}\n{r.metric}" for r in results if r.peer and r.mirror]
+    labels = [f"{r.scenario} [{r.profile}]\n{r.metric}" for r in results if r.peer and r.mirror]
     # Plot "how many times better than the peer" so every bar reads the same way.
     values = [r.ratio if r.higher_is_better else 1 / r.ratio for r in results if r.peer and r.mirror]
     fig, ax = plt.subplots(figsize=(10, 0.45 * len(labels) + 1.5))
@@ -310,50 +332,114 @@ def write_plot(results: list[Result], path: Path) -> bool:
     return True
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--blob-mb", type=int, default=200)
-    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario")
-    parser.add_argument("--clients", type=int, default=20, help="concurrent clients in the cold-miss scenario")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
-    parser.add_argument("--skip", action="append", default=[], help="scenario numbers to skip (e.g. 5)")
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    work = Path(tempfile.mkdtemp(prefix="bench-"))
+def run_loopback(args: argparse.Namespace, work: Path) -> list[Result]:
+    """Scenarios 1-6: the upstream on plain HTTP on loopback, 0.1 ms away."""
     upstream = DistributionRegistry.open().start()
     servers: list[Server] = []
     try:
-        print(f"seeding the upstream with a {args.blob_mb} MB blob ...", flush=True)
+        print(f"[loopback] seeding the upstream with a {args.blob_mb} MB blob ...", flush=True)
         image = seed_big_image(upstream.url, work, args.blob_mb)
         box = seed_runnable_image(upstream.host, work) if "5" not in args.skip else ""
-        servers = [MirrorServer(upstream.url), PeerServer(upstream.url)]
+        servers = [MirrorServer(upstream.url, prefetch=not args.no_prefetch), PeerServer(upstream.url)]
         results: list[Result] = []
         steps = [
             ("1", lambda: warm_blob(servers, image, args.seconds, args.rounds)),
             ("2", lambda: cold_many(servers, upstream, image, args.clients)),
             ("3", lambda: cold_single(servers, upstream, image, args.rounds)),
             ("4", lambda: manifests(servers, image, args.seconds, args.rounds)),
-            ("5", lambda: docker_pull(servers, box)),
+            ("5", lambda: docker_pull(servers, box, rounds=args.rounds)),
         ]
         for number, step in steps:
-            if number in args.skip:
-                continue
-            print(f"scenario {number} ...", flush=True)
-            results.extend(step())
-        print()
-        print_table(results)
-        data = [dict(vars(r), ratio=r.ratio, meets_target=r.meets_target) for r in results]
+            if number not in args.skip:
+                print(f"scenario {number} ...", flush=True)
+                results.extend(step())
+        return results
+    finally:
+        for server in servers:
+            server.stop()
+        upstream.cleanup()
+
+
+def run_at_distance(args: argparse.Namespace, work: Path, profile: Profile) -> list[Result]:
+    """Scenarios 7-9: the upstream serving TLS from a private CA, behind bench/shaper.py. The mirror
+    trusts the CA with upstreams[].ca_file, the peer with SSL_CERT_FILE; both reach it through the proxy."""
+    ca = make_private_ca(work / "ca")
+    upstream = TlsDistribution(ca).start()
+    shaper: ShapingProxy | None = None
+    servers: list[Server] = []
+    try:
+        print(f"[{profile.name}] seeding the TLS upstream with a {args.wan_blob_mb} MB blob and a 10-layer image ...",
+              flush=True)
+        image = seed_big_image(upstream.url, work, args.wan_blob_mb, repo="bench/far", ca_file=ca.ca_file)
+        box = "" if "9" in args.skip else seed_runnable_image(upstream.host, work, tag="10", extra_layers=TEN_LAYERS)
+        shaper = ShapingProxy("127.0.0.1", upstream.port, profile).start()
+        far = f"https://{shaper.host}"
+        servers = [MirrorServer(far, ca.ca_file, prefetch=not args.no_prefetch), PeerServer(far, ca.ca_file)]
+        label = f"@{profile.name}"
+        steps = [
+            ("7", lambda: cold_single(servers, upstream, image, args.rounds, label=f"7 cold single client {label}",
+                                      direct_url=far, ca_file=ca.ca_file, ttfb_target=1.0, profile=profile.name)),
+            ("8", lambda: cold_many(servers, upstream, image, args.clients, label=f"8 cold blob, 20 clients {label}",
+                                    rss_label=f"8 peak RSS {label}", target=None, profile=profile.name)),
+            ("9", lambda: docker_pull(servers, box, label=f"9 docker pull, 10 layers {label}", cold_target=0.7,
+                                      profile=profile.name, rounds=args.rounds)),
+        ]
+        results: list[Result] = []
+        for number, step in steps:
+            if number not in args.skip:
+                print(f"scenario {number} ...", flush=True)
+                results.extend(step())
+        return results
+    finally:
+        for server in servers:
+            server.stop()
+        if shaper is not None:
+            shaper.stop()
+        upstream.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--blob-mb", type=int, default=200)
+    parser.add_argument("--wan-blob-mb", type=int, default=100, help="blob size of the scenarios at distance")
+    parser.add_argument("--seconds", type=float, default=5.0, help="duration of each wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario (1: quick look)")
+    parser.add_argument("--clients", type=int, default=20, help="concurrent clients in the cold-miss scenarios")
+    parser.add_argument("--profile", choices=("loopback", "wan", "both"), default="both",
+                        help="loopback: scenarios 1-6; wan: 7-9, the upstream behind TLS and bench/shaper.py")
+    parser.add_argument("--rtt-ms", type=float, default=WAN.rtt * 1e3, help="round trip added by the shaper")
+    parser.add_argument("--bandwidth-mbps", type=float, default=WAN.bandwidth / 1e6,
+                        help="MB/s per connection through the shaper")
+    parser.add_argument("--no-prefetch", action="store_true", help="run the mirror with layer prefetch off")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--skip", action="append", default=[], help="scenario numbers to skip (e.g. 5)")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    wan = Profile("wan", rtt=args.rtt_ms / 1e3, bandwidth=args.bandwidth_mbps * 1e6)
+    prefetch = "mirror prefetch off" if args.no_prefetch else "mirror prefetch on"
+    profiles = {"loopback": f"loopback: upstream on plain HTTP, 127.0.0.1; {prefetch}",
+                "wan": f"{wan.describe()}, TLS; {prefetch}"}
+
+    work = Path(tempfile.mkdtemp(prefix="bench-"))
+    load_before = os.getloadavg()
+    try:
+        results: list[Result] = []
+        if args.profile in ("loopback", "both"):
+            results += run_loopback(args, work)
+        if args.profile in ("wan", "both"):
+            results += run_at_distance(args, work, wan)
+        load_after = os.getloadavg()
+        print_table(results, profiles)
+        print(f"\nload average (1/5/15 min) before: {' '.join(f'{v:.2f}' for v in load_before)}; "
+              f"after: {' '.join(f'{v:.2f}' for v in load_after)}")
+        data = {"profiles": profiles, "load_before": load_before, "load_after": load_after,
+                "results": [dict(vars(r), ratio=r.ratio, meets_target=r.meets_target) for r in results]}
         (args.out / "results.json").write_text(json.dumps(data, indent=2))
         plotted = write_plot(results, args.out / "ratios.png")
         print(f"\nwrote {args.out / 'results.json'}" + (f" and {args.out / 'ratios.png'}" if plotted else
                                                         " (install matplotlib for the plot)"))
         return 0
     finally:
-        for server in servers:
-            server.stop()
-        upstream.cleanup()
         import shutil
 
         shutil.rmtree(work, ignore_errors=True)

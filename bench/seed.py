@@ -7,6 +7,7 @@ import hashlib
 import http.client
 import json
 import os
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,13 +27,17 @@ class BigImage:
     manifest_digest: str
 
 
-def _connection(base_url: str) -> http.client.HTTPConnection:
+def _connection(base_url: str, ca_file: Path | None = None) -> http.client.HTTPConnection:
     parts = urlsplit(base_url)
-    return http.client.HTTPConnection(parts.hostname, parts.port, timeout=300, blocksize=1 << 20)
+    if parts.scheme == "https":
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+        return http.client.HTTPSConnection(parts.hostname or "127.0.0.1", parts.port, timeout=300, blocksize=1 << 20,
+                                           context=context)
+    return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=300, blocksize=1 << 20)
 
 
-def _push_blob(base_url: str, repo: str, path: Path, digest: str) -> None:
-    conn = _connection(base_url)
+def _push_blob(base_url: str, repo: str, path: Path, digest: str, ca_file: Path | None = None) -> None:
+    conn = _connection(base_url, ca_file)
     conn.request("POST", f"/v2/{repo}/blobs/uploads/", headers={"Content-Length": "0"})
     response = conn.getresponse()
     response.read()
@@ -55,7 +60,8 @@ def _push_blob(base_url: str, repo: str, path: Path, digest: str) -> None:
     conn.close()
 
 
-def seed_big_image(base_url: str, workdir: Path, size_mb: int, repo: str = "bench/big", tag: str = "1") -> BigImage:
+def seed_big_image(base_url: str, workdir: Path, size_mb: int, repo: str = "bench/big", tag: str = "1",
+                   *, ca_file: Path | None = None) -> BigImage:
     blob = workdir / "big.blob"
     hasher = hashlib.sha256()
     with open(blob, "wb") as handle:
@@ -64,12 +70,12 @@ def seed_big_image(base_url: str, workdir: Path, size_mb: int, repo: str = "benc
             hasher.update(chunk)
             handle.write(chunk)
     blob_digest = f"sha256:{hasher.hexdigest()}"
-    _push_blob(base_url, repo, blob, blob_digest)
+    _push_blob(base_url, repo, blob, blob_digest, ca_file)
     config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
     config_path = workdir / "config.json"
     config_path.write_bytes(config)
     config_digest = f"sha256:{hashlib.sha256(config).hexdigest()}"
-    _push_blob(base_url, repo, config_path, config_digest)
+    _push_blob(base_url, repo, config_path, config_digest, ca_file)
     manifest = json.dumps(
         {
             "schemaVersion": 2,
@@ -80,7 +86,7 @@ def seed_big_image(base_url: str, workdir: Path, size_mb: int, repo: str = "benc
                         "size": size_mb << 20}],
         }
     ).encode()
-    conn = _connection(base_url)
+    conn = _connection(base_url, ca_file)
     conn.request("PUT", f"/v2/{repo}/manifests/{tag}", body=manifest, headers={"Content-Type": OCI_MANIFEST})
     response = conn.getresponse()
     response.read()
@@ -90,8 +96,14 @@ def seed_big_image(base_url: str, workdir: Path, size_mb: int, repo: str = "benc
     return BigImage(repo, tag, blob_digest, size_mb << 20, f"sha256:{hashlib.sha256(manifest).hexdigest()}")
 
 
-def seed_runnable_image(upstream_host: str, workdir: Path, repo: str = "library/benchbox", tag: str = "1") -> str:
+# The image pulled at distance: busybox and nine more layers, from 12 MiB down to 8 KiB (28 MiB in all),
+# the spread of a typical application image (a big base, a few middling layers, several small ones).
+TEN_LAYERS = (12 << 20, 6 << 20, 4 << 20, 2 << 20, 1 << 20, 512 << 10, 256 << 10, 64 << 10, 8 << 10)
+
+
+def seed_runnable_image(upstream_host: str, workdir: Path, repo: str = "library/benchbox", tag: str = "1",
+                        extra_layers: tuple[int, ...] = (16 << 20, 16 << 20, 8 << 20)) -> str:
     """A busybox image with a few extra layers; returns the name Docker pulls through a mirror."""
-    image = build_busybox_image(workdir / "benchbox", tag=tag, extra_layers=(16 << 20, 16 << 20, 8 << 20))
+    image = build_busybox_image(workdir / f"benchbox-{tag}", tag=tag, extra_layers=extra_layers)
     skopeo_copy(image.ref, f"docker://{upstream_host}/{repo}:{tag}")
     return f"{repo.removeprefix('library/')}:{tag}"

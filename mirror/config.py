@@ -83,6 +83,10 @@ class UpstreamConfig:
     # Replication's GETs pause while this upstream announces this many pulls left or fewer
     # (`ratelimit-remaining`): what remains of the budget is kept for pull-through clients.
     ratelimit_floor: int = 5
+    # Serving an image manifest fetched from this upstream starts downloads of its config and layers at
+    # once, at most `prefetch_concurrency` at a time (blob GETs only: no pull budget is spent).
+    prefetch: bool = True
+    prefetch_concurrency: int = 8
 
     @property
     def host(self) -> str:
@@ -472,6 +476,8 @@ def _parse_upstream(section: _Section) -> UpstreamConfig | None:
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
         ca_file=section.value("ca_file", None, _parse_ca_file),
         ratelimit_floor=section.value("ratelimit_floor", 5, _non_negative_int),
+        prefetch=section.boolean("prefetch", True),
+        prefetch_concurrency=section.value("prefetch_concurrency", 8, _positive_int),
     )
     return None if name is None or url is None else upstream
 

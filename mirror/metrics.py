@@ -84,7 +84,8 @@ class Metrics:
         )
         self.cache_lookups = Counter(
             "mirror_cache_lookups", "Pull-through lookups by upstream, kind (blob/manifest/tag) and result "
-            "(hit, miss, stale, revalidated).",
+            "(hit, miss, stale, revalidated; for blobs also joined: a download under way, prefetched: a prefetch "
+            "under way).",
             ["upstream", "kind", "result"], registry=r,
         )
         self.upstream_requests = Counter(
@@ -133,6 +134,16 @@ class Metrics:
         self.fills = Counter(
             "mirror_fills", "Finished upstream blob downloads by result (ok, failed, invalid).",
             ["upstream", "result"], registry=r,
+        )
+        self.prefetch_fills = Counter(
+            "mirror_prefetch_fills", "Layer prefetches by result (ok, failed, cached: already here, running: a "
+            "fill was under way, no_room: skipped for the cache bound or disk space, cancelled: given up for a "
+            "client's fill).",
+            ["upstream", "result"], registry=r,
+        )
+        self.prefetch_claims = Counter(
+            "mirror_prefetch_claims", "Client blob requests that joined a prefetch already running.",
+            ["upstream"], registry=r,
         )
 
         self.stored_bytes = Gauge(

@@ -361,4 +361,7 @@ class FakeUpstream:
 
 
 def upstream_config(url: str, **extra: Any) -> dict[str, Any]:
-    return {"name": "fake.io", "url": url, "default": True, **extra}
+    """The fake as the mirror's default upstream. Layer prefetch is off unless a test turns it on: these
+    tests count the upstream requests each client request causes, and prefetch adds blob GETs of its own
+    (tests/test_prefetch.py covers it; the real-client tests run with the default, on)."""
+    return {"name": "fake.io", "url": url, "default": True, "prefetch": False, **extra}

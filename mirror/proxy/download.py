@@ -1,9 +1,11 @@
 """A blob body from the upstream into a file and a hash, in two threads of its own.
 
-The receiving thread reads the socket and writes each piece to the file as it arrives, then hands the
-piece to the hashing thread through a bounded queue (at most QUEUE_PIECES pieces, so memory stays
-bounded when hashing falls behind). The event loop only hears how many bytes are on disk, at most once
-per loop iteration, so readers can send them with sendfile.
+The receiving thread fills a buffer of PIECE_BYTES from the socket (`readinto`: no bytes object per
+read), writes it to the file, then hands it to the hashing thread, which gives it back once hashed. At
+most QUEUE_PIECES buffers exist per download, allocated only when the hash falls behind, so memory stays
+bounded. The event loop only hears how many bytes are on disk, at most once per piece and per loop
+iteration, so readers can send them with sendfile: whole pieces mean few wake-ups, also when the
+upstream is far away and its bytes trickle in one TLS record (16 KiB) at a time.
 
 Dedicated threads, not the default executor: a fill holds its threads for as long as the download
 takes, and the default executor's few workers serve every file and index call of the server.
@@ -41,7 +43,9 @@ class BodyDownload:
         self.received = 0
         self._reported = 0
         self._report_scheduled = False
-        self._pieces: queue.Queue[bytes | None] = queue.Queue(QUEUE_PIECES)
+        self._pieces: queue.Queue[tuple[bytearray, int] | None] = queue.Queue(QUEUE_PIECES)
+        self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # hashed, ready to be filled again
+        self._buffers = 0
         self._error: BaseException | None = None
         self._aborted = False
 
@@ -70,28 +74,39 @@ class BodyDownload:
         return self.received
 
     # -- threads -----------------------------------------------------------------------------------
+    def _buffer(self) -> bytearray:
+        """A buffer to fill: a hashed one, or a new one while fewer than QUEUE_PIECES + 1 exist."""
+        if self._buffers > QUEUE_PIECES:
+            return self._free.get()
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            self._buffers += 1
+            return bytearray(PIECE_BYTES)
+
     def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             expected = self._size
             while True:
+                buffer = self._buffer()
                 try:
-                    piece = self._response.read1(PIECE_BYTES)
+                    count = self._response.readinto(memoryview(buffer))
                 except OSError as exc:  # reset, timeout, TLS error: the stream, not the disk
                     raise UpstreamUnavailable(f"upstream {self._upstream} stream broke: {exc}") from exc
                 except Exception as exc:  # http.client: a garbled chunked encoding
                     raise UpstreamUnavailable(f"upstream {self._upstream} stream broke: {type(exc).__name__}") from exc
                 if self._aborted:
                     raise UpstreamUnavailable("download cancelled")
-                if not piece:
+                if not count:
                     break
-                if expected is not None and self.received + len(piece) > expected:
+                if expected is not None and self.received + count > expected:
                     # Never written: readers may only ever see bytes within the size they were promised.
                     raise UpstreamInvalid(
                         f"upstream {self._upstream} sent more than the {expected} bytes the blob has"
                     )
-                _write_all(self._fd, piece)
-                self.received += len(piece)
-                self._pieces.put(piece)
+                _write_all(self._fd, memoryview(buffer)[:count])
+                self.received += count
+                self._pieces.put((buffer, count))
                 if not self._report_scheduled:
                     self._report_scheduled = True
                     loop.call_soon_threadsafe(self._report)
@@ -108,11 +123,13 @@ class BodyDownload:
         # Drains the queue to the end whatever happens: a receiver blocked on a full queue must never hang.
         failure: BaseException | None = None
         while (piece := self._pieces.get()) is not None:
+            buffer, count = piece
             if failure is None:
                 try:
-                    self._hasher.update(piece)
+                    self._hasher.update(memoryview(buffer)[:count])
                 except BaseException as exc:  # noqa: BLE001 - raised once the stream is drained
                     failure = exc
+            self._free.put(buffer)
         if failure is not None:
             raise failure
 
@@ -130,8 +147,7 @@ class BodyDownload:
         self._response.abort()
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
+def _write_all(fd: int, view: memoryview) -> None:
     while view:
         view = view[os.write(fd, view):]
 

@@ -54,6 +54,10 @@ class Fill:
         self.committed = False
         self.path: Path | None = None  # the committed blob file
         self.error: RegistryError | None = None
+        # Started by layer prefetch (a manifest named it), not by a client; `claimed` once a client asks
+        # for it. An unclaimed prefetch is the first thing given up when a client's fill needs the room.
+        self.prefetch = False
+        self.claimed = True
         self._fd: int | None = None
         self._detached = False  # no longer joinable: the descriptor may close
         self._ready = asyncio.Event()
@@ -189,6 +193,7 @@ class FillManager:
         self.metrics = metrics
         self._fills: dict[tuple[str, Digest], Fill] = {}
         self._tasks: dict[asyncio.Task[None], Fill] = {}
+        self._closed = False  # no prefetch starts once shutdown began
 
     def running(self, upstream: str, digest: Digest) -> Fill | None:
         return self._fills.get((upstream, digest))
@@ -199,13 +204,45 @@ class FillManager:
         fill = self._fills.get(key)
         if fill is not None:
             self.metrics.fill_waiters.inc()
+            if fill.prefetch and not fill.claimed:
+                self.metrics.prefetch_claims.labels(upstream).inc()
+            fill.claimed = True
             return fill
         fill = Fill(digest, upstream, repo)
-        self._fills[key] = fill
-        task = asyncio.create_task(self._run(fill, download), name=f"fill {upstream} {digest}")
+        self._start(fill, download)
+        return fill
+
+    def prefetch(
+        self, upstream: str, digest: Digest, repo: str, download: Download
+    ) -> tuple[Fill, asyncio.Task[None]] | None:
+        """Start a fill no client asked for yet (its manifest was just served); None when one is running
+        (or the server is stopping). The task ends when the fill does."""
+        if self._closed or (upstream, digest) in self._fills:
+            return None
+        fill = Fill(digest, upstream, repo)
+        fill.prefetch, fill.claimed = True, False
+        return fill, self._start(fill, download)
+
+    def _start(self, fill: Fill, download: Download) -> asyncio.Task[None]:
+        self._fills[(fill.upstream, fill.digest)] = fill
+        task = asyncio.create_task(self._run(fill, download), name=f"fill {fill.upstream} {fill.digest}")
         self._tasks[task] = fill
         task.add_done_callback(lambda done: self._tasks.pop(done, None))
-        return fill
+        return task
+
+    async def give_up_unclaimed_prefetches(self) -> int:
+        """Cancel every prefetch no client has asked for yet and whose bytes are not verified, and wait for
+        them to end (their room is released then): a client's fill that finds no room comes first.
+        Returns how many were cancelled. They leave the table at once, so nobody joins them meanwhile."""
+        doomed = [(task, fill) for task, fill in self._tasks.items()
+                  if fill.prefetch and not fill.claimed and not fill.verified]
+        for task, fill in doomed:
+            if self._fills.get((fill.upstream, fill.digest)) is fill:
+                del self._fills[(fill.upstream, fill.digest)]
+            task.cancel()
+        if doomed:
+            await asyncio.wait([task for task, _ in doomed])
+        return len(doomed)
 
     async def _run(self, fill: Fill, download: Download) -> None:
         self.metrics.fills_in_progress.inc()
@@ -232,6 +269,7 @@ class FillManager:
         """Stop every download; one whose bytes are already verified is given COMMIT_GRACE_SECONDS to
         finish its commit (an fsync and a rename), so a pull that completed just before a shutdown is
         still cached after it."""
+        self._closed = True
         for task, fill in list(self._tasks.items()):
             if not fill.verified:
                 task.cancel()

@@ -4,6 +4,12 @@ Blobs: a hit is a file; a miss joins (or starts) the one fill for that digest. M
 immutable and verified before they are stored; by tag they are trusted for `tag_ttl`, then revalidated
 with a HEAD (free under Docker Hub's limits) and fetched again only when the digest moved. When the
 upstream fails, whatever is cached is served (stale-if-error) and counted.
+
+Layer prefetch: an image manifest fetched from the upstream starts fills for its config and layers at
+once (at most `prefetch_concurrency` per upstream), so the round trip to the upstream is paid while the
+client is still reading the manifest; the client's blob GETs join those fills. A prefetch never evicts:
+without room it is skipped, and a client's fill that finds no room cancels the prefetches no client has
+asked for yet.
 """
 
 from __future__ import annotations
@@ -58,6 +64,22 @@ _MAX_INDEX_DEPTH = 2
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
 
 
+class PrefetchSkipped(StorageFull):
+    """A prefetch no client asked for found no room: it is not worth evicting anything for."""
+
+
+def _prefetchable(parsed: ParsedManifest) -> list[Descriptor]:
+    """The config and layers of an image manifest worth fetching ahead: not an index's (the client picks
+    one platform). Non-distributable layers are not in `parsed.blobs` (they are `parsed.foreign`): their
+    bytes come from their `urls`, never from a registry."""
+    if parsed.is_index or parsed.manifests:
+        return []
+    wanted: dict[Digest, Descriptor] = {}
+    for blob in parsed.blobs:
+        wanted.setdefault(blob.digest, blob)
+    return list(wanted.values())
+
+
 def _is_empty_blob(digest: Digest) -> bool:
     return hashlib.new(digest.algorithm, b"").hexdigest() == digest.hex
 
@@ -70,6 +92,10 @@ def _open_pair(path: Path) -> tuple[int, int]:
     except BaseException:
         os.close(write_fd)
         raise
+
+
+def _unclaimed_prefetch(fill: Fill) -> bool:
+    return fill.prefetch and not fill.claimed
 
 
 class ProxyRegistry(Registry):
@@ -101,6 +127,8 @@ class ProxyRegistry(Registry):
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
         self._memo = ManifestMemo()
         self._sizes = ExpectedSizes()
+        self._prefetch_slots = asyncio.Semaphore(client.config.prefetch_concurrency)
+        self._prefetches: set[asyncio.Task[None]] = set()
 
     def _count(self, kind: str, result: str) -> None:
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
@@ -141,7 +169,7 @@ class ProxyRegistry(Registry):
             running = self.fills.running(self.name, digest)
             if running is not None and (linked or confirmed or running.readable_by(repo)):
                 running.allow(repo)  # linked to `repo` too when it commits: later reads are plain hits
-                self._count("blob", "joined")
+                self._count("blob", "prefetched" if running.prefetch and not running.claimed else "joined")
                 fill = self.fills.join(self.name, digest, repo, lambda f: self._download(f, repo, digest, None))
                 break
             if running is None and stored is None:
@@ -223,7 +251,14 @@ class ProxyRegistry(Registry):
             # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
             # A blob larger than the whole cache bound is streamed through without being kept: caching
             # it would mean evicting everything else and still exceeding storage.max_size.
-            keep = await self.cache.should_keep(digest, size)
+            if _unclaimed_prefetch(fill):
+                # A prefetch evicts nothing (should_keep may): it fits as things are, or it is skipped. No
+                # await from here into incoming(): the check holds when the bytes are counted.
+                if not self._prefetch_fits(size):
+                    raise PrefetchSkipped(f"no room to prefetch {digest} within the cache bound")
+                keep = True
+            else:
+                keep = await self.cache.should_keep(digest, size)
             async with self.cache.incoming(size or 0 if keep else 0):
                 await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep)
         finally:
@@ -243,7 +278,7 @@ class ProxyRegistry(Registry):
             # Readers are answered now only when there is a last byte to hold back; an empty or unsized
             # body is published once verified.
             if size:
-                await self._reserve(size)
+                await self._reserve(size, fill)
                 fill.begin(size, read_fd)
             upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
 
@@ -288,8 +323,9 @@ class ProxyRegistry(Registry):
             await asyncio.to_thread(temp.unlink, True)
             if not fill.has_descriptor:
                 await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
-            result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
-            self._fill_finished(repo, digest, fill.written, started, result)
+            if not isinstance(exc, PrefetchSkipped):  # counted as a prefetch result instead
+                result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
+                self._fill_finished(repo, digest, fill.written, started, result)
             raise
 
     def _fill_finished(self, repo: str, digest: Digest, size: int, started: float, result: str) -> None:
@@ -298,7 +334,7 @@ class ProxyRegistry(Registry):
             self.on_fill(FillRecord(self.name, repo, str(digest), size, time.perf_counter() - started, result,
                                     time.time()))
 
-    async def _reserve(self, size: int) -> None:
+    async def _reserve(self, size: int, fill: Fill) -> None:
         """Check there is room for the blob before any client is answered, so a full disk is a clean 503 up
         front rather than a connection cut halfway. Counts the other fills still on their way; evicts
         cached content once if that makes room.
@@ -309,17 +345,80 @@ class ProxyRegistry(Registry):
         # Only fills already admitted count, plus this one: with every started fill counted, concurrent
         # fills on a nearly full disk each counted all the others and all of them got 503. (No await
         # between computing `needed` and admit(), or two fills could both take the same space.)
+        #
+        # A prefetch no client asked for evicts nothing: without room it is skipped. A client's fill that
+        # still finds no room after evicting cancels such prefetches (theirs is the room it needs).
         free = await self.blobs.free_bytes()
         needed = self.cache.admitted_bytes + size + DISK_MARGIN_BYTES
         if free >= needed:
             self.cache.admit()
             return
+        if _unclaimed_prefetch(fill):
+            raise PrefetchSkipped(f"no disk space to prefetch {size} bytes")
         await self.cache.evict_to(max(self.cache.cached_bytes - (needed - free), 0), force_bytes=needed - free)
         free = await self.blobs.free_bytes()
+        short = free < self.cache.admitted_bytes + size + DISK_MARGIN_BYTES
+        if short and await self.fills.give_up_unclaimed_prefetches():
+            free = await self.blobs.free_bytes()
         if free < self.cache.admitted_bytes + size + DISK_MARGIN_BYTES:
             self.metrics.upstream_errors.labels(self.name, "disk_full").inc()
             raise StorageFull(f"no space left to cache {size} bytes")
         self.cache.admit()
+
+    def _prefetch_fits(self, size: int | None) -> bool:
+        """Whether a prefetch of `size` bytes fits under the cache bound without evicting anything."""
+        cache = self.cache
+        if size is None:
+            return True  # checked against the disk once the upstream says how big it is
+        if cache.max_size is not None and size > cache.max_size:
+            return False
+        return cache.high_bytes is None or cache.cached_bytes + cache.incoming_bytes + size <= cache.high_bytes
+
+    # -- prefetch ----------------------------------------------------------------------------------
+    def _start_prefetch(self, repo: str, parsed: ParsedManifest) -> None:
+        """Fetch ahead what an image manifest just served through `repo` names (see the module docstring)."""
+        if not self.client.config.prefetch:
+            return
+        for blob in _prefetchable(parsed):
+            task = asyncio.create_task(self._prefetch(repo, blob), name=f"prefetch {self.name} {blob.digest}")
+            self._prefetches.add(task)
+            task.add_done_callback(self._prefetches.discard)
+
+    async def _prefetch(self, repo: str, blob: Descriptor) -> None:
+        result = "failed"
+        try:
+            async with self._prefetch_slots:
+                result = await self._prefetch_now(repo, blob)
+        except asyncio.CancelledError:
+            result = "cancelled"
+            raise
+        except Exception:  # noqa: BLE001 - a prefetch is only a saving: the client's own GET still works
+            log.exception("prefetch of %s from %s failed", blob.digest, self.name)
+        finally:
+            self.metrics.prefetch_fills.labels(self.name, result).inc()
+
+    async def _prefetch_now(self, repo: str, blob: Descriptor) -> str:
+        digest = blob.digest
+        if self.fills.running(self.name, digest) is not None:
+            return "running"
+        _linked, stored = await self._find(repo, digest)
+        if stored is not None:
+            return "cached"
+        if not self._prefetch_fits(blob.size):
+            return "no_room"
+        if await self.blobs.free_bytes() < self.cache.admitted_bytes + blob.size + DISK_MARGIN_BYTES:
+            return "no_room"
+        download = functools.partial(self._download, repo=repo, digest=digest, expected=blob.size)
+        started = self.fills.prefetch(self.name, digest, repo, download)
+        if started is None:
+            return "running"  # a client's fill began during the look at the disk
+        fill, task = started
+        await asyncio.wait({task})  # never cancels the fill: a client may have joined it
+        if fill.committed:
+            return "ok"
+        if task.cancelled():
+            return "cancelled"
+        return "no_room" if isinstance(fill.error, PrefetchSkipped) else "failed"
 
     async def _link_new_repositories(self, fill: Fill, digest: Digest, linked: set[str]) -> None:
         """Link the committed blob to every repository the fill was confirmed for and `linked` lacks."""
@@ -490,6 +589,7 @@ class ProxyRegistry(Registry):
             vouched = await asyncio.to_thread(self._link_manifest_sync, repo, digest, parsed, body)
             await self.cache.hold(digest, len(body), CACHED)
         self._record_sizes(repo, vouched)
+        self._start_prefetch(repo, parsed)
         return Manifest(digest, parsed.media_type, body)
 
     def _link_manifest_sync(
@@ -617,4 +717,7 @@ class ProxyRegistry(Registry):
         return await asyncio.to_thread(self.repos.repositories)
 
     async def close(self) -> None:
+        for task in list(self._prefetches):
+            task.cancel()
+        await asyncio.gather(*self._prefetches, return_exceptions=True)
         await self._manifest_flights.close()

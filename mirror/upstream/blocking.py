@@ -83,6 +83,19 @@ class BlockingResponse:
                 self._response.close()  # read1 never marks a complete body done (read does)
         return data
 
+    def readinto(self, buffer: memoryview) -> int:
+        """Blocking: fill `buffer` with body bytes (fewer only at the end); 0 at the end. Reads into the
+        caller's memory, so a receiver can reuse its buffers instead of allocating a bytes per read.
+        Raises like read1."""
+        count = self._response.readinto(buffer)
+        if self._response.chunked:
+            self._complete = self._complete or (not count and len(buffer) > 0)
+        elif self._response.length == 0 or (not count and len(buffer) > 0):
+            # http.client closes a body it read to its announced length itself; without a length, the
+            # server closing the connection is the end (will_close then keeps it out of the pool).
+            self._complete = True
+        return count
+
     def read_small_body(self) -> None:
         """Blocking: read a short body now (an error page), so the connection can carry the next request."""
         length = self.content_length
