@@ -95,6 +95,7 @@ class Config:
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
+    replication_concurrency: int = 4  # rules run at once (mirror serve's scheduler and mirror sync)
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -364,10 +365,13 @@ def load_config_data(data: Any) -> Config:
     from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
 
     replication = parse_rules(root.get("replication"), upstreams)
+    replication_concurrency = _non_negative_int(root.get("replication_concurrency", 4), "replication_concurrency")
+    if replication_concurrency < 1:
+        raise ConfigError("replication_concurrency: must be at least 1")
     root.finish()
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        replication=replication,
+        replication=replication, replication_concurrency=replication_concurrency,
     )
 
 

@@ -3,9 +3,9 @@
 - Schedules: `schedule` (cron, UTC, parsed by cronsim), `interval` (+ a random `jitter`), `on_push` (local
   sources: a tag pushed to the source repository starts the rule at once; pushes during a run start one
   more run after it), and always on demand (`POST /api/replication/<rule>/run`, `mirror sync`).
-- At most MAX_CONCURRENT_RULES rules run at once; one rule never runs twice at the same time, in this
-  process (a lock) or across processes sharing the data directory (`mirror sync` beside `mirror serve`:
-  a file lock per rule).
+- At most `replication_concurrency` (config, default 4) rules run at once; one rule never runs twice at
+  the same time, in this process (a lock) or across processes sharing the data directory (`mirror sync`
+  beside `mirror serve`: a file lock per rule).
 - A run: plan (tag list + HEADs, see planner.py), then copy what changed. Each image is retried with
   backoff (tenacity) on transient failures; a 429 waits its Retry-After (not counted as an attempt); an
   upstream at its `ratelimit_floor` pauses the rule's GETs (gate.py). The state, the API and the metrics
@@ -58,7 +58,6 @@ from mirror.upstream.ratelimit import parse_retry_after
 
 log = logging.getLogger(__name__)
 
-MAX_CONCURRENT_RULES = 2
 IMAGE_CONCURRENCY = 4  # images of one rule copied at once
 BLOB_CONCURRENCY = 8  # blobs of one run in flight at once, all its images together
 RETRY_ATTEMPTS = 3
@@ -180,7 +179,7 @@ class ReplicationEngine:
         *,
         remote: RemoteFactory = remote_registry,
         recheck: float | None = None,
-        max_concurrent: int = MAX_CONCURRENT_RULES,
+        max_concurrent: int | None = None,
         retry_wait: float = 1.0,
     ) -> None:
         config = app[CONFIG]
@@ -192,7 +191,7 @@ class ReplicationEngine:
         self.recheck = recheck
         self.retry_wait = retry_wait
         self._floors = {u.name: u.ratelimit_floor for u in config.upstreams}
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._slots = asyncio.Semaphore(max_concurrent or config.replication_concurrency)
         self._locks = {name: asyncio.Lock() for name in self.rules}
         self._wake = {name: asyncio.Event() for name in self.rules}
         self._states: dict[str, RuleState] = {name: RuleState(name) for name in self.rules}
@@ -247,6 +246,17 @@ class ReplicationEngine:
         else:
             self._spawn(self._run_logged(self.rules[name]))
         return "queued" if running else "started"
+
+    async def run_and_wait(self, name: str) -> RunReport:
+        """Start `name` now (after the run in progress, if one is) and wait for the run to end. The run
+        is the engine's, not the caller's: a caller that goes away (a client closing its connection)
+        does not cancel it."""
+        if name not in self.rules:
+            raise KeyError(name)
+        task: asyncio.Task[RunReport] = asyncio.create_task(self.run_rule(name))
+        self._tasks.add(task)  # type: ignore[arg-type]
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
 
     async def _push_listener(self) -> None:
         local = self.app[ROUTER].local
@@ -559,7 +569,7 @@ class ReplicationEngine:
                         continue
                 state.written.get(key, {}).pop(tag, None)
                 pruned += 1
-                log.info("replication rule %s: pruned %s:%s (gone at the source)", rule.name, key, tag)
+                log.info("replication rule %s: pruned %s:%s (no longer selected)", rule.name, key, tag)
         return pruned
 
     async def _with_retries(
