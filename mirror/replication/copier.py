@@ -163,6 +163,16 @@ class Copier:
         unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
         return CopyOutcome(source_digest, written.digest, unchanged=unchanged, stats=stats)
 
+    async def copy_referrers(
+        self, source: Registry, src_repo: str, subject: Digest, dest: Registry, dest_repo: str, *,
+        source_tags: Collection[str] | None = None,
+    ) -> CopyStats:
+        """Only the signatures, SBOMs and attestations of `subject`: for an image the caller has just seen
+        up to date at the destination (the planner's HEAD), so it is not asked again."""
+        stats = CopyStats()
+        await self._copy_referrers(source, src_repo, subject, dest, dest_repo, stats, source_tags)
+        return stats
+
     # -- manifests ---------------------------------------------------------------------------------
     async def _dest_has_manifest(self, dest: Registry, repo: str, digest: Digest) -> bool:
         return await tag_digest(dest, repo, str(digest)) == digest

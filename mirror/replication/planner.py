@@ -28,7 +28,7 @@ from mirror.replication.rules import Rule, TagFilter
 from mirror.storage.interface import Registry
 
 _DIGITS = re.compile(r"(\d+)")
-PLAN_CONCURRENCY = 8  # tags resolved (HEAD at the source and at each destination) at once
+PLAN_CONCURRENCY = 16  # tags resolved at once (each: a HEAD at the source and at every destination, together)
 
 
 def as_version(tag: str) -> Version | None:
@@ -130,13 +130,16 @@ async def make_plan(
 
     async def resolve(tag: str) -> Job | None:
         async with slots:
-            digest = await tag_digest(source, rule.source.repository, tag)
+            # The source's and the destinations' HEADs do not depend on each other: one round trip, not two.
+            digest, *at_dests = await asyncio.gather(
+                tag_digest(source, rule.source.repository, tag),
+                *(tag_digest(target.registry, target.repository, tag) for target in targets),
+            )
             if digest is None:
                 return None  # deleted between the listing and the HEAD
             job = Job(tag, digest)
-            for target in targets:
+            for target, at_dest in zip(targets, at_dests, strict=True):
                 want = (expected or {}).get(target.key, {}).get(str(digest))
-                at_dest = await tag_digest(target.registry, target.repository, tag)
                 if at_dest is not None and at_dest == (Digest.parse(want) if want else digest):
                     job.current[target.key] = at_dest
                 else:

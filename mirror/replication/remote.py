@@ -258,7 +258,9 @@ class RemoteRegistry(Registry):
         tag = referrers_tag(subject)
         lock = self._referrer_locks.setdefault((repo, tag), asyncio.Lock())
         async with lock:
-            entries = [entry for entry in await self._referrers_from_tag(repo, subject)
+            # Read fresh, never from a tag list remembered earlier: an entry another writer added since
+            # would be lost.
+            entries = [entry for entry in await self._referrers_from_tag(repo, subject, fresh=True)
                        if entry.digest != referrer.digest]
             entries.append(referrer)
             index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
@@ -354,9 +356,9 @@ class RemoteRegistry(Registry):
             self.referrers_api = False
         return await self._referrers_from_tag(repo, subject)
 
-    async def _referrers_from_tag(self, repo: str, subject: Digest) -> list[Descriptor]:
+    async def _referrers_from_tag(self, repo: str, subject: Digest, *, fresh: bool = False) -> list[Descriptor]:
         tag = referrers_tag(subject)
-        listed = self._listed.get(repo)
+        listed = None if fresh else self._listed.get(repo)
         if listed is not None and tag not in listed:
             return []  # not in the tag list read in this run: no GET at all
         try:
