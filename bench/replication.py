@@ -117,9 +117,11 @@ def _run_sync(source: str, dest: str, repos: list[str], workdir: Path) -> tuple[
     return elapsed, {"images": 0, "inside_s": float("nan")}  # its own table went to stderr
 
 
-def _rules_config(source: str, dest: str, repos: list[str], data: Path) -> dict[str, object]:
+def _rules_config(source: str, dest: str, repos: list[str], data: Path, concurrency: int | None = None
+                  ) -> dict[str, object]:
     """One rule per repository (a rule has one source repository), every tag, on demand only."""
     return {
+        **({"replication_concurrency": concurrency} if concurrency else {}),
         "storage": {"path": str(data)},
         "upstreams": [{"name": "src", "url": source}],
         "replication": [{"name": f"r{number:02d}", "source": f"src/{repo}",
@@ -134,10 +136,11 @@ class _ServeSide:
     server runs `replication_concurrency` of them at a time. The server's own start-up is not timed:
     it is already running when a schedule or a user triggers a rule."""
 
-    def __init__(self, source: str, dest: str, repos: list[str], workdir: Path) -> None:
+    def __init__(self, source: str, dest: str, repos: list[str], workdir: Path, concurrency: int | None) -> None:
         port = free_port()
         self.rules = [f"r{number:02d}" for number in range(len(repos))]
-        config = {**_rules_config(source, dest, repos, workdir / f"serve-data-{port}"), "listen": f"127.0.0.1:{port}"}
+        config = {**_rules_config(source, dest, repos, workdir / f"serve-data-{port}", concurrency),
+                  "listen": f"127.0.0.1:{port}"}
         self.process = MirrorProcess(config, workdir=workdir / f"serve-{port}")
         (workdir / f"serve-{port}").mkdir(parents=True, exist_ok=True)
         self.process.start()
@@ -218,10 +221,11 @@ class Round:
     load_average: tuple[float, float, float]  # when the round ended
 
 
-def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str) -> Round:
+def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str, concurrency: int | None
+           ) -> Round:
     mirror_dest = DistributionRegistry.open().start()
     skopeo_dest = DistributionRegistry.open().start()
-    serve = _ServeSide(source.url, mirror_dest.url, repos, workdir) if via == "serve" else None
+    serve = _ServeSide(source.url, mirror_dest.url, repos, workdir, concurrency) if via == "serve" else None
 
     def run_mirror() -> tuple[float, dict[str, object]]:
         if serve is not None:
@@ -265,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tags", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="replication_concurrency of the mirror's config (default: the config's default)")
     parser.add_argument("--via", choices=("serve", "copier", "sync"), default="serve",
                         help="the mirror side: rules inside a running `mirror serve` triggered through its API "
                              "(default, how production runs them), the copier driven directly in a one-shot "
@@ -279,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repos = [_repo(n) for n in range(args.repos)]
         asyncio.run(_seed(source.url, tokens.creds, args.repos, args.tags))
-        rounds = [_round(source, repos, workdir, args.via) for _ in range(args.rounds)]
+        rounds = [_round(source, repos, workdir, args.via, args.concurrency) for _ in range(args.rounds)]
     finally:
         source.cleanup()
         tokens.stop()
@@ -291,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     first_ratio = median("mirror_first_s") / median("skopeo_first_s")
     rerun_ratio = median("mirror_rerun_s") / median("skopeo_rerun_s")
     print(f"replication: {args.repos} repositories x {args.tags} tags, mirror side via {args.via}, "
-          f"{args.rounds} round(s), medians")
+          f"replication_concurrency {args.concurrency or 'default'}, {args.rounds} round(s), medians")
     print(f"{'':28} {'mirror':>10} {'skopeo sync':>12} {'ratio':>7}  goal")
     print(f"{'first run, wall s':28} {median('mirror_first_s'):10.2f} {median('skopeo_first_s'):12.2f} "
           f"{first_ratio:7.2f}  <= 0.6")

@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -383,7 +384,7 @@ class ReplicationEngine:
             state.result, state.last_run_started = "running", started
             state.bytes = state.images = state.skipped = state.failed = 0
             state.errors = []
-            await asyncio.to_thread(save_state_sync, self.root, _snapshot(state))
+            await asyncio.to_thread(partial(save_state_sync, durable=False), self.root, _snapshot(state))
             self.metrics.replication_running.labels(rule.name).set(1)
         self._live_bytes[rule.name] = 0
         log.info("replication rule %s: %s%s", rule.name, "dry run" if dry_run else "run",

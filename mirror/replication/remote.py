@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_MANIFEST_LIMIT = 4 << 20
 READ_PIECE_BYTES = 1 << 20
 TAG_PAGE_SIZE = 1000
+REFERRERS_API_RECHECK = 3600.0  # seconds a registry's answer "no referrers API" is believed
 HEAD_CONCURRENCY = 16  # HEADs in flight at once when one call needs many
 MAX_TAG_PAGES = 1000  # a million tags: past that a Link loop is more likely than a real repository
 _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
@@ -143,7 +145,6 @@ class RemoteRegistry(Registry):
         self.push = push
         self.page_size = page_size
         self.read_only_message = f"{client.name} is used read-only here"
-        self.referrers_api: bool | None = None  # unknown until the first referrers request
         self._listed: dict[str, set[str]] = {}  # repo -> the tags list_tags found (this instance's run)
         self._referrer_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -338,22 +339,25 @@ class RemoteRegistry(Registry):
 
     async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
         """The OCI 1.1 referrers API, or, from a registry without it (distribution 2.8 answers 404), the
-        referrers tag `sha256-<hex>` (OCI's fallback). The first 404 teaches this instance that the registry
-        has no API: from then on only the tag is asked, and not even that when the tag list this instance
-        read for `repo` does not have it. (cosign's `.sig/.att/.sbom` tags are the copier's business.)"""
-        if self.referrers_api is not False:
+        referrers tag `sha256-<hex>` (OCI's fallback). A 404 teaches the client (shared by every run from
+        that registry) that it has no API: for the next REFERRERS_API_RECHECK seconds only the tag is asked,
+        and not even that when the tag list this instance read for `repo` does not have it — a referrer
+        pushed there since is still found, since its pusher must update that tag. (cosign's
+        `.sig/.att/.sbom` tags are the copier's business.)"""
+        known = self.client.referrers_api
+        if known is None or known[0] or time.monotonic() - known[1] > REFERRERS_API_RECHECK:
             response = await self._request("GET", f"/v2/{repo}/referrers/{subject}", repo)
             try:
                 if response.status not in (400, 404, 405):
                     _check_auth(response, self.name, f"{repo} referrers")
                     if response.status != 200:
                         raise _unexpected(response, self.name, "GET referrers")
-                    self.referrers_api = True
+                    self.client.referrers_api = (True, time.monotonic())
                     return _descriptors(await _read_capped(response, self.manifest_limit, self.name))
             finally:
                 response.release()
             # A registry with the API answers 200 (an empty list) for any subject: this one has none.
-            self.referrers_api = False
+            self.client.referrers_api = (False, time.monotonic())
         return await self._referrers_from_tag(repo, subject)
 
     async def _referrers_from_tag(self, repo: str, subject: Digest, *, fresh: bool = False) -> list[Descriptor]:
