@@ -1,19 +1,26 @@
-"""Replication registry to registry: the mirror's copier against `skopeo sync`, same data, same run.
+"""Replication registry to registry: the mirror's rules against `skopeo sync`, same data, same run.
 
-    python3 -m bench.replication [--repos 20] [--tags 3] [--rounds 1] [--json FILE]
+    python3 -m bench.replication [--repos 20] [--tags 3] [--rounds 1] [--via serve|copier|sync]
+                                 [--concurrency N] [--json FILE]
 
 A distribution registry with token auth (like Docker Hub) holds REPOS x TAGS images: each a config, a base
 layer shared by every image, and an application layer of its own. Each round gives each tool a fresh,
-empty distribution registry as destination and measures, from outside the process (start-up included):
+empty distribution registry as destination and measures:
 
 - the first run: every tag of every repository listed and copied;
 - a rerun with nothing changed: its wall time, and the requests it made at the source, counted in the
   source's access log (manifest and blob GETs are what Docker Hub's rate limit and bandwidth bill).
 
-The mirror's side is driven through the copier directly (`python3 -m bench.replication_worker`: list the
-tags, copy each with RemoteRegistry source and destination), the pieces a replication rule runs; the rule
-engine (`mirror sync`) is on another branch. Goals (issue 10): first run <= 0.6x skopeo's wall time;
-rerun <= 0.2x skopeo's wall time with zero manifest/blob GETs at the source.
+The mirror's side (`--via`):
+- `serve` (default): one rule per repository inside a running `mirror serve`, as production runs them;
+  every rule is triggered at once with `POST /api/replication/<rule>/run?wait=1` and timed until the
+  last answers (the server's start-up is not timed: it is running before anyone triggers a rule). The
+  round also times `mirror sync --config` beside that server (it goes through the API), start-up of its
+  own Python process included. skopeo is a one-shot process either way: that is how it is run.
+- `copier`: the copier driven directly in a one-shot process (`bench/replication_worker.py`).
+- `sync`: a one-shot `mirror sync --config` with no server (it opens the stores itself).
+Goals (issue 10): first run <= 0.6x skopeo's wall time; rerun <= 0.2x skopeo's wall time with zero
+manifest/blob GETs at the source.
 """
 
 from __future__ import annotations
