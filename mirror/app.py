@@ -20,9 +20,12 @@ from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
-from mirror.cache.manager import CacheManager, reconcile_sync
+from mirror.cache.manager import CacheManager
 from mirror.config import Config
 from mirror.metrics import Metrics
+from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
+from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
+from mirror.observe.status import StatusPage
 from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.engine import replication_context
@@ -63,6 +66,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def serve_metrics(request: web.Request) -> web.Response:
+    request["endpoint"] = "metrics"
     body, content_type = await asyncio.to_thread(request.app[METRICS].render)
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
@@ -72,17 +76,27 @@ async def serve_metrics(request: web.Request) -> web.Response:
 def create_app(config: Config) -> web.Application:
     metrics = Metrics()
     app = web.Application(
-        middlewares=[count_requests, registry_errors],
+        middlewares=[count_requests, observe_requests, registry_errors],
         # What aiohttp's connection handler logs (requests it cannot parse, clients gone mid-response)
         # goes through a logger of this app's, not aiohttp's module-level one.
         handler_args=protocol_handler_args(metrics.http_malformed.inc),
     )
     app[CONFIG] = config
     app[METRICS] = metrics
+    app[PULL_STATS] = PullStats()
+    if config.storage.max_size is not None:
+        metrics.cache_max_bytes.set(config.storage.max_size)
+    metrics.add_filesystem(config.storage.path)
     app.on_response_prepare.append(add_api_version)
     app.cleanup_ctx.append(_storage)
     app.cleanup_ctx.append(replication_context)  # after the stores it copies between, closed before them
     dispatcher = api_dispatcher()
+    health = app[HEALTH] = HealthChecks(app)
+    # Health and the status page come before the registry routes, and (with access control) before auth:
+    # a load balancer or an operator must reach them without credentials.
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz_handler(health))
+    app.router.add_get("/", StatusPage(health).handle)
     app.router.add_get("/metrics", serve_metrics)
     add_replication_routes(app)
     app.router.add_route("*", "/v2{tail:.*}", dispatcher.handle)
@@ -95,17 +109,15 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
     blobs, local_repos, uploads = await asyncio.to_thread(_open_stores, config)
     removed_temps = await asyncio.to_thread(blobs.remove_stale_temps_sync, config.storage.temp_grace)
-    removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.storage.temp_grace)
-    index = await asyncio.to_thread(BlobIndex, config.storage.path / "index")
-    dropped, indexed = await asyncio.to_thread(reconcile_sync, index, blobs, local_repos)
-    if removed_temps or removed_uploads or dropped or indexed:
-        log.info(
-            "start-up recovery: removed %d stale temp files and %d stale uploads; index: dropped %d rows "
-            "without files, indexed %d files without rows",
-            removed_temps, removed_uploads, dropped, indexed,
-        )
+    # The same age as the run-time expiry: a restart must not end a push session `uploads.expire` still allows.
+    removed_uploads = await asyncio.to_thread(uploads.remove_stale_sync, config.uploads.expire)
+    # Opening the index is quick whatever its size; checking it against the files is not (a scan of every
+    # blob and link): that runs in the background while requests are served (CacheManager.reconcile).
+    index = await asyncio.to_thread(BlobIndex, config.storage.path / "index", migrate=False)
+    if removed_temps or removed_uploads:
+        log.info("start-up recovery: removed %d stale temp files and %d stale uploads", removed_temps, removed_uploads)
     metrics.add_maintenance_stats(functools.partial(read_stats, config.storage.path))
-    cache = CacheManager(index, blobs, config.storage, metrics)
+    cache = CacheManager(index, blobs, config.storage, metrics, reconciled=False)
     await cache.refresh_totals()
     app[CACHE] = cache
     local = LocalRegistry(
@@ -150,6 +162,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                     f"push to a local namespace ({local_hint})"
                 ),
             )
+            proxy.on_fill = app[PULL_STATS].record_fill
             stack.push_async_callback(proxy.close)
             upstreams[upstream_config.name] = Upstream(upstream_config.name, proxy, upstream_config.library_prefix)
         default = config.default_upstream
@@ -158,7 +171,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         # Closed in reverse: running fills first, then cache maintenance (which saves last-access times),
         # the index, and last the upstream sessions the fills were using.
         stack.callback(index.close)
-        await stack.enter_async_context(cache.running())
+        await stack.enter_async_context(cache.running(local_repos))
         stack.push_async_callback(fills.close)
         await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
         yield

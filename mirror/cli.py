@@ -1,10 +1,13 @@
-"""Command line: `mirror serve`, `mirror check-config`, `mirror verify`, `mirror gc`, `mirror sync`."""
+"""Command line: `mirror serve`, `check-config`, `verify`, `gc`, `sync`, `export`, `import`."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -12,9 +15,13 @@ import yaml
 from mirror import __version__
 from mirror.cache.maintenance import gc, report_json, verify
 from mirror.config import Config, ConfigError, load_config, parse_duration
+from mirror.observe.logs import configure_logging
+from mirror.observe.requests import ACCESS_LOGGER, RequestLogger
 
 # How long `mirror serve` lets in-flight requests finish after SIGTERM/SIGINT before cancelling them.
 SHUTDOWN_GRACE_SECONDS = 5.0
+# Read when --config is not given.
+CONFIG_ENV = "MIRROR_CONFIG"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -24,7 +31,11 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the registry (embedded defaults without --config)")
     serve.add_argument("--config", type=Path, help="YAML config file")
-    serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: log.level, INFO)")
+
+    health = commands.add_parser("healthcheck", help="exit 0 when the server on this config's port answers /livez")
+    health.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
 
     check = commands.add_parser("check-config", help="validate a config file and print the effective config")
     check.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
@@ -47,14 +58,35 @@ def _parser() -> argparse.ArgumentParser:
     sync.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
     sync.add_argument("--rule", help="only this rule (default: every rule)")
     sync.add_argument("--dry-run", action="store_true", help="show what would be copied; write nothing")
+    _add_bundle_commands(commands)
     return parser
 
 
+def _add_bundle_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from mirror.replication.bundle_commands import add_export_arguments, add_import_arguments
+
+    add_export_arguments(commands.add_parser(
+        "export", help="write images into an air-gap bundle (an OCI layout folder or FILE.tar)"
+    ))
+    add_import_arguments(commands.add_parser(
+        "import", help="verify air-gap bundles and store their images (all of an image or none)"
+    ))
+
+
 def _load(path: Path | None) -> Config:
+    """The config, or every problem of the file on stderr and exit status 2 (serve, check-config, ...)."""
+    # Containers and service managers pass the config file's path in the environment.
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
     try:
         return load_config(path)
     except ConfigError as exc:
-        print(f"mirror: config error: {exc}", file=sys.stderr)
+        if len(exc.errors) == 1:
+            print(f"mirror: config error: {exc.errors[0]}", file=sys.stderr)
+        else:
+            print(f"mirror: {len(exc.errors)} config errors in {path}:", file=sys.stderr)
+            for message in exc.errors:
+                print(f"  {message}", file=sys.stderr)
         raise SystemExit(2) from exc
 
 
@@ -66,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "serve":
         config = _load(args.config)
-        logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        configure_logging(args.log_level or config.log.level, config.log.format)
         from mirror.api.server import run_app
         from mirror.app import create_app
 
@@ -75,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
             create_app(config),
             host=config.listen.host,
             port=config.listen.port,
-            access_log=None,
+            access_log=logging.getLogger(ACCESS_LOGGER),
+            access_log_class=RequestLogger,
             # aiohttp waits 60 s by default for in-flight handlers after SIGTERM: one client stalled in the
             # middle of a PATCH (or slowly pulling a big blob) then holds shutdown past `docker stop`'s 10 s
             # and Kubernetes' 30 s, so the process always ended SIGKILLed and the cleanup context (index
@@ -85,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print_line=lambda text: print(text, flush=True),
         )
         return 0
+    if args.command == "healthcheck":
+        return _healthcheck(_load(args.config), args.timeout)
     if args.command == "verify":
         config = _load(args.config)
         if args.sample is not None and args.sample < 0:
@@ -104,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(report_json(gc(config.storage.path, dry_run=args.dry_run, grace_seconds=grace)))
         return 0
+    if args.command in ("export", "import"):
+        from mirror.replication import bundle_commands
+
+        run = bundle_commands.run_export if args.command == "export" else bundle_commands.run_import
+        return run(args, _load(args.config))
     if args.command == "sync":
         config = _load(args.config)
         logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
@@ -111,3 +151,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_sync(config, args.rule, args.dry_run)
     return 2
+
+
+def _healthcheck(config: Config, timeout: float) -> int:
+    """For a container's HEALTHCHECK: no shell, no curl in the image, the port from the config itself."""
+    host = config.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{config.listen.port}/livez"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our own loopback URL
+            ok = response.status == 200
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"mirror healthcheck: {url}: {exc}", file=sys.stderr)
+        return 1
+    return 0 if ok else 1

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -20,9 +21,15 @@ from mirror.oci.names import is_valid_name
 if TYPE_CHECKING:
     from mirror.replication.rules import Rule
 
+T = TypeVar("T")
+
 
 class ConfigError(ValueError):
-    """A config file or value that cannot be used; the message names the key."""
+    """A config file or values that cannot be used: every problem found, each naming its key."""
+
+    def __init__(self, *errors: str) -> None:
+        super().__init__("\n".join(errors))
+        self.errors: tuple[str, ...] = errors
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +93,37 @@ class LocalConfig:
     repositories: tuple[str, ...] = ()
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("plain", "json")
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "plain"  # plain or json (one object per line)
+
+
+def _parse_log_level(value: Any, key: str) -> str:
+    level = str(value).upper()
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    return level
+
+
+def _parse_log_format(value: Any, key: str) -> str:
+    fmt = str(value).lower()
+    if fmt not in LOG_FORMATS:
+        raise ConfigError(f"{key}: expected one of {', '.join(LOG_FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def _parse_log(section: _Section) -> LogConfig:
+    return LogConfig(
+        level=section.value("level", "INFO", _parse_log_level),
+        format=section.value("format", "plain", _parse_log_format),
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
     listen: Listen = field(default_factory=Listen)
@@ -94,6 +132,7 @@ class Config:
     uploads: UploadsConfig = field(default_factory=UploadsConfig)
     upstreams: tuple[UpstreamConfig, ...] = ()
     local: LocalConfig = field(default_factory=LocalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
     replication_concurrency: int = 4  # rules run at once (mirror serve's scheduler and mirror sync)
 
@@ -182,20 +221,49 @@ def parse_size(value: Any, key: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[(match.group(2) or "b").lower()])
 
 
-class _Section:
-    """Reads one mapping of the file, remembering its key path for error messages."""
+class _Errors:
+    """Every problem of one file, in the order found: an operator fixes them all in one round."""
 
-    def __init__(self, data: Any, key: str) -> None:
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.messages.append(message)
+
+    def reported(self, *keys: str) -> bool:
+        """Whether a problem with any of these keys is already recorded."""
+        return any(message.startswith(f"{key}:") for message in self.messages for key in keys)
+
+
+class _Section:
+    """Reads one mapping of the file, remembering its key path for error messages.
+
+    A value that cannot be used is recorded (naming its key) and its default taken instead, so parsing goes
+    on and one run reports every problem of the file.
+    """
+
+    def __init__(self, data: dict[str, Any], key: str, errors: _Errors) -> None:
+        self.data = data
+        self.key = key
+        self.errors = errors
+        self.used: set[str] = set()
+        self.finished = False
+
+    @classmethod
+    def of(cls, data: Any, key: str, errors: _Errors) -> _Section | None:
+        """The mapping at `key` (absent: empty); None, recorded, when it is not a mapping."""
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(data).__name__}")
-        self.data: dict[str, Any] = data
-        self.key = key
-        self.used: set[str] = set()
+            errors.add(f"{key or 'config'}: expected a mapping, got {type(data).__name__}")
+            return None
+        return cls(data, key, errors)
 
     def path(self, name: str) -> str:
         return f"{self.key}.{name}" if self.key else name
+
+    def error(self, name: str, message: str) -> None:
+        self.errors.add(f"{self.path(name)}: {message}")
 
     def get(self, name: str, default: Any = None) -> Any:
         self.used.add(name)
@@ -204,80 +272,185 @@ class _Section:
     def has(self, name: str) -> bool:
         return name in self.data
 
+    def value(self, name: str, default: Any, parse: Callable[[Any, str], Any], *, required: bool = False) -> Any:
+        """`parse(value, key)` of the value at `name` (absent: `default`, or when `required` parse(None));
+        its ConfigError is recorded and `default` returned."""
+        if not self.has(name) and not required:
+            self.used.add(name)
+            return default
+        try:
+            return parse(self.get(name), self.path(name))
+        except ConfigError as exc:
+            for message in exc.errors:
+                self.errors.add(message)
+            return default
+
     def boolean(self, name: str, default: bool) -> bool:
-        value = self.get(name, default)
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self.path(name)}: expected true or false, got {value!r}")
-        return value
+        return bool(self.value(name, default, _boolean))
 
     def string(self, name: str, default: str | None = None) -> str | None:
-        value = self.get(name, default)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise ConfigError(f"{self.path(name)}: expected a string, got {value!r}")
-        return value
+        return self.value(name, default, _string)
 
     def fraction(self, name: str, default: float) -> float:
-        value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-            raise ConfigError(f"{self.path(name)}: expected a number in (0, 1], got {value!r}")
-        return float(value)
+        return float(self.value(name, default, _fraction))
 
-    def section(self, name: str) -> _Section:
-        return _Section(self.get(name), self.path(name))
+    def size(self, name: str, default: int | None) -> int | None:
+        """A size; an explicit null is the default (check-config prints an unbounded max_size so)."""
+        return self.value(name, default, lambda value, key: default if value is None else parse_size(value, key))
+
+    def duration(self, name: str, default: float) -> float:
+        return float(self.value(name, default, parse_duration))
+
+    def section(self, name: str, parse: Callable[[_Section], T], default: T) -> T:
+        """Parse the mapping at `name` with `parse`, then report its unknown keys; `default` if it is unusable.
+
+        A `parse` that raises ConfigError instead of recording loses only the rest of its own section."""
+        section = _Section.of(self.get(name), self.path(name), self.errors)
+        if section is None:
+            return default
+        try:
+            result = parse(section)
+        except ConfigError as exc:
+            for message in exc.errors:
+                self.errors.add(message)
+            section.finished = True  # the keys it did not get to are not unknown
+            return default
+        section.finish()
+        return result
 
     def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.path(unknown[0])}: unknown key")
+        """Report the keys nothing read (once, however often called)."""
+        if self.finished:
+            return
+        self.finished = True
+        for name in sorted(set(self.data) - self.used, key=str):
+            self.error(str(name), "unknown key")
 
 
-def _parse_listen(value: Any) -> Listen:
+def _boolean(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _string(value: Any, key: str) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _fraction(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ConfigError(f"{key}: expected a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _positive_int(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _names(value: Any, key: str, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) and item for item in value):
+        raise ConfigError(f"{key}: expected a list of {what}")
+    return tuple(value)
+
+
+def _parse_listen(value: Any, key: str) -> Listen:
     if not isinstance(value, str) or ":" not in value:
-        raise ConfigError(f"listen: expected host:port, got {value!r}")
+        raise ConfigError(f"{key}: expected host:port, got {value!r}")
     host, _, port_text = value.rpartition(":")
     host = host.strip("[]")
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535 or not host:
-        raise ConfigError(f"listen: expected host:port with a port from 0 to 65535, got {value!r}")
+        raise ConfigError(f"{key}: expected host:port with a port from 0 to 65535, got {value!r}")
     return Listen(host, int(port_text))
 
 
-def _parse_upstream(raw: Any, index: int) -> UpstreamConfig:
-    section = _Section(raw, f"upstreams[{index}]")
-    name = section.string("name")
-    if not name or not is_valid_name(name) or "/" in name:
-        raise ConfigError(f"{section.path('name')}: expected a registry host name like docker.io, got {name!r}")
-    url = section.string("url")
-    parts = urlsplit(url or "")
+def _parse_upstream_name(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not is_valid_name(value) or "/" in value:
+        raise ConfigError(f"{key}: expected a registry host name like docker.io, got {value!r}")
+    return value
+
+
+def _parse_upstream_url(value: Any, key: str) -> str:
+    parts = urlsplit(value if isinstance(value, str) else "")
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
-        raise ConfigError(f"{section.path('url')}: expected http(s)://host[:port], got {url!r}")
-    auth_hosts = section.get("auth_hosts", [])
-    if not isinstance(auth_hosts, list) or not all(isinstance(h, str) and h for h in auth_hosts):
-        raise ConfigError(f"{section.path('auth_hosts')}: expected a list of host names")
-    timeout = parse_duration(section.get("timeout", 30), section.path("timeout"))
+        raise ConfigError(f"{key}: expected http(s)://host[:port], got {value!r}")
+    return str(value).rstrip("/")
+
+
+def _parse_timeout(value: Any, key: str) -> float:
+    timeout = parse_duration(value, key)
     if timeout <= 0:
-        raise ConfigError(f"{section.path('timeout')}: must be more than 0")
-    ca_text = section.string("ca_file")
-    ca_file = Path(ca_text) if ca_text else None
-    if ca_file is not None and not ca_file.is_file():
-        raise ConfigError(f"{section.path('ca_file')}: no such file: {ca_text}")
+        raise ConfigError(f"{key}: must be more than 0")
+    return timeout
+
+
+def _parse_ca_file(value: Any, key: str) -> Path | None:
+    text = _string(value, key)
+    if not text:
+        return None
+    if not Path(text).is_file():
+        raise ConfigError(f"{key}: no such file: {text}")
+    return Path(text)
+
+
+def _parse_storage(section: _Section) -> StorageConfig:
+    storage = StorageConfig(
+        path=Path(section.string("path", "./data") or "./data"),
+        delete=section.boolean("delete", True),
+        max_size=section.size("max_size", None),
+        high_watermark=section.fraction("high_watermark", 0.95),
+        low_watermark=section.fraction("low_watermark", 0.85),
+        temp_grace=section.duration("temp_grace", 3600.0),
+    )
+    # Compared only as written: a watermark already reported is its default here.
+    watermarks = (section.path("high_watermark"), section.path("low_watermark"))
+    if storage.low_watermark >= storage.high_watermark and not section.errors.reported(*watermarks):
+        section.error("low_watermark", f"must be below {section.path('high_watermark')}")
+    return storage
+
+
+def _parse_manifest_limit(value: Any, key: str) -> int:
+    size = parse_size(value, key)
+    if size < 1024:
+        raise ConfigError(f"{key}: must be at least 1KiB")
+    return size
+
+
+def _parse_limits(section: _Section) -> LimitsConfig:
+    return LimitsConfig(
+        manifest_bytes=section.value("manifest_bytes", 4 * 1024 * 1024, _parse_manifest_limit),
+        page_size_max=section.value("page_size_max", 1000, _positive_int),
+    )
+
+
+def _parse_upstream(section: _Section) -> UpstreamConfig | None:
+    """The upstream, or None when a value it cannot do without (name, url) is unusable."""
+    name = section.value("name", None, _parse_upstream_name, required=True)
+    url = section.value("url", None, _parse_upstream_url, required=True)
     upstream = UpstreamConfig(
-        name=name,
-        url=(url or "").rstrip("/"),
+        name=name or "",
+        url=url or "",
         default=section.boolean("default", False),
         username=section.string("username") or None,
-        password=_secret(section, "password"),
-        tag_ttl=parse_duration(section.get("tag_ttl", 60), section.path("tag_ttl")),
-        auth_hosts=tuple(auth_hosts),
+        password=section.value("password", None, _secret),
+        tag_ttl=section.duration("tag_ttl", 60.0),
+        auth_hosts=section.value("auth_hosts", (), lambda v, k: _names(v, k, "host names")),
         offline=section.boolean("offline", False),
-        timeout=timeout,
+        timeout=section.value("timeout", 30.0, _parse_timeout),
         library_prefix=section.boolean("library_prefix", name == "docker.io"),
-        ca_file=ca_file,
-        ratelimit_floor=_non_negative_int(section.get("ratelimit_floor", 5), section.path("ratelimit_floor")),
+        ca_file=section.value("ca_file", None, _parse_ca_file),
+        ratelimit_floor=section.value("ratelimit_floor", 5, _non_negative_int),
     )
-    section.finish()
-    return upstream
+    return None if name is None or url is None else upstream
+
+
+def _parse_concurrency(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: expected a whole number, 1 or more, got {value!r}")
+    return value
 
 
 def _non_negative_int(value: Any, key: str) -> int:
@@ -286,92 +459,101 @@ def _non_negative_int(value: Any, key: str) -> int:
     return value
 
 
-def _secret(section: _Section, name: str) -> str | None:
+def _secret(value: Any, key: str) -> str | None:
     """A string whose value an error message must not repeat (it is printed and logged)."""
-    value = section.get(name)
     if value is not None and not isinstance(value, str):
-        raise ConfigError(f"{section.path(name)}: expected a string, got a {type(value).__name__} (value not shown)")
+        raise ConfigError(f"{key}: expected a string, got a {type(value).__name__} (value not shown)")
     return value or None
 
 
-def _parse_local_patterns(section: _Section) -> tuple[str, ...]:
-    patterns = section.get("repositories", [])
-    if not isinstance(patterns, list) or not all(isinstance(p, str) and p for p in patterns):
-        raise ConfigError(f"{section.path('repositories')}: expected a list of name patterns like team/**")
-    return tuple(patterns)
+def _parse_upstreams(root: _Section) -> tuple[UpstreamConfig, ...]:
+    raw_upstreams = root.get("upstreams")
+    if raw_upstreams is None:
+        return ()
+    if not isinstance(raw_upstreams, list):
+        root.error("upstreams", "expected a list")
+        return ()
+    upstreams: list[UpstreamConfig] = []
+    for i, raw in enumerate(raw_upstreams):
+        section = _Section.of(raw, f"upstreams[{i}]", root.errors)
+        if section is None:
+            continue
+        upstream = _parse_upstream(section)
+        section.finish()
+        if upstream is None:
+            continue
+        if any(u.name == upstream.name for u in upstreams):
+            section.error("name", f"{upstream.name!r} is configured twice")
+            continue
+        upstreams.append(upstream)
+    if sum(u.default for u in upstreams) > 1:
+        root.error("upstreams", "only one upstream may be default: true")
+    return tuple(upstreams)
+
+
+def _parse_local(section: _Section) -> LocalConfig:
+    patterns = section.value("repositories", (), lambda v, k: _names(v, k, "name patterns like team/**"))
+    return LocalConfig(repositories=patterns)
+
+
+def _parse_replication(root: _Section, upstreams: tuple[UpstreamConfig, ...]) -> tuple[Rule, ...]:
+    """The `replication:` rules (mirror/replication/rules.py, which reports the first problem of the list).
+
+    Rules name upstreams: only those that parsed are known here (one that did not is reported already)."""
+    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
+
+    return root.value("replication", (), lambda value, key: parse_rules(value, upstreams))
+
+
+def _parse_upload_expiry(value: Any, key: str) -> float:
+    expire = parse_duration(value, key)
+    if expire <= 0:
+        raise ConfigError(f"{key}: must be more than 0")
+    return expire
+
+
+def _parse_upload_bytes(value: Any, key: str) -> int:
+    max_bytes = parse_size(value, key)
+    if max_bytes < 1:
+        raise ConfigError(f"{key}: must be at least 1 byte")
+    return max_bytes
 
 
 def _parse_uploads(section: _Section) -> UploadsConfig:
     defaults = UploadsConfig()
-    expire = parse_duration(section.get("expire", defaults.expire), section.path("expire"))
-    if expire <= 0:
-        raise ConfigError(f"{section.path('expire')}: must be more than 0")
-    max_bytes = parse_size(section.get("max_bytes", defaults.max_bytes), section.path("max_bytes"))
-    if max_bytes < 1:
-        raise ConfigError(f"{section.path('max_bytes')}: must be at least 1 byte")
-    section.finish()
-    return UploadsConfig(expire=expire, max_bytes=max_bytes)
+    return UploadsConfig(
+        expire=section.value("expire", defaults.expire, _parse_upload_expiry),
+        max_bytes=section.value("max_bytes", defaults.max_bytes, _parse_upload_bytes),
+    )
 
 
 def load_config_data(data: Any) -> Config:
-    """Build a Config from parsed YAML (after ${ENV} expansion); raises ConfigError naming the key."""
-    root = _Section(_expand_env(data), "")
-    listen = _parse_listen(root.get("listen", "0.0.0.0:5000"))
+    """Build a Config from parsed YAML (after ${ENV} expansion).
 
-    storage_section = root.section("storage")
-    max_size_raw = storage_section.get("max_size")
-    storage = StorageConfig(
-        path=Path(storage_section.string("path", "./data") or "./data"),
-        delete=storage_section.boolean("delete", True),
-        max_size=None if max_size_raw is None else parse_size(max_size_raw, storage_section.path("max_size")),
-        high_watermark=storage_section.fraction("high_watermark", 0.95),
-        low_watermark=storage_section.fraction("low_watermark", 0.85),
-        temp_grace=parse_duration(
-            storage_section.get("temp_grace", 3600), storage_section.path("temp_grace")
-        ),
-    )
-    if storage.low_watermark >= storage.high_watermark:
-        raise ConfigError("storage.low_watermark: must be below storage.high_watermark")
-    storage_section.finish()
-
-    limits_section = root.section("limits")
-    manifest_bytes = parse_size(limits_section.get("manifest_bytes", 4 * 1024 * 1024), "limits.manifest_bytes")
-    page_size_max = limits_section.get("page_size_max", 1000)
-    if isinstance(page_size_max, bool) or not isinstance(page_size_max, int) or page_size_max < 1:
-        raise ConfigError(f"limits.page_size_max: expected a positive integer, got {page_size_max!r}")
-    if manifest_bytes < 1024:
-        raise ConfigError("limits.manifest_bytes: must be at least 1KiB")
-    limits = LimitsConfig(manifest_bytes=manifest_bytes, page_size_max=page_size_max)
-    limits_section.finish()
-
-    uploads = _parse_uploads(root.section("uploads"))
-
-    raw_upstreams = root.get("upstreams", [])
-    if raw_upstreams is None:
-        raw_upstreams = []
-    if not isinstance(raw_upstreams, list):
-        raise ConfigError("upstreams: expected a list")
-    upstreams = tuple(_parse_upstream(raw, i) for i, raw in enumerate(raw_upstreams))
-    names = [u.name for u in upstreams]
-    for i, name in enumerate(names):
-        if name in names[:i]:
-            raise ConfigError(f"upstreams[{i}].name: {name!r} is configured twice")
-    if sum(u.default for u in upstreams) > 1:
-        raise ConfigError("upstreams: only one upstream may be default: true")
-
-    local_section = root.section("local")
-    local = LocalConfig(repositories=_parse_local_patterns(local_section))
-    local_section.finish()
-    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
-
-    replication = parse_rules(root.get("replication"), upstreams)
-    replication_concurrency = _non_negative_int(root.get("replication_concurrency", 4), "replication_concurrency")
-    if replication_concurrency < 1:
-        raise ConfigError("replication_concurrency: must be at least 1")
-    root.finish()
+    Raises one ConfigError carrying every problem found (`.errors`), each message starting with its key.
+    """
+    errors = _Errors()
+    root = _Section.of(_expand_env(data), "", errors)
+    if root is None:
+        raise ConfigError(*errors.messages)
+    try:
+        listen = root.value("listen", Listen(), _parse_listen)
+        storage = root.section("storage", _parse_storage, StorageConfig())
+        limits = root.section("limits", _parse_limits, LimitsConfig())
+        uploads = root.section("uploads", _parse_uploads, UploadsConfig())
+        upstreams = _parse_upstreams(root)
+        local = root.section("local", _parse_local, LocalConfig())
+        log = root.section("log", _parse_log, LogConfig())
+        replication = _parse_replication(root, upstreams)
+        replication_concurrency = root.value("replication_concurrency", 4, _parse_concurrency)
+        root.finish()
+    except ConfigError as exc:  # a check that raises instead of recording: still shown with the others
+        raise ConfigError(*errors.messages, *exc.errors) from exc
+    if errors.messages:
+        raise ConfigError(*errors.messages)
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        replication=replication, replication_concurrency=replication_concurrency,
+        log=log, replication=replication, replication_concurrency=replication_concurrency,
     )
 
 

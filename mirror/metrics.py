@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
+
+from mirror import __version__
 
 
 class MaintenanceCollector(Collector):
@@ -32,10 +37,37 @@ class MaintenanceCollector(Collector):
             yield family
 
 
+class FilesystemCollector(Collector):
+    """Free and total bytes of the filesystem holding the data directory, read at every scrape: a disk
+    filled by something else is what the cache bound cannot see."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            stats = os.statvfs(self.path)
+        except OSError:
+            return
+        free = GaugeMetricFamily("mirror_storage_free_bytes", "Bytes free for the mirror on its data filesystem.")
+        free.add_metric([], stats.f_bavail * stats.f_frsize)
+        total = GaugeMetricFamily("mirror_storage_size_bytes", "Size of the data filesystem in bytes.")
+        total.add_metric([], stats.f_blocks * stats.f_frsize)
+        yield free
+        yield total
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, created_series: bool = False) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # `_created` samples double the series count and no dashboard uses them; off unless asked for.
+        self.created_series = created_series
         r = self.registry
+        self.build_info = Gauge(
+            "mirror_build_info", "Always 1; the labels say which version and Python serve.",
+            ["version", "python"], registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
         self.http_requests = Counter(
             "mirror_http_requests", "Requests served, by endpoint, method and status (499: the client's "
             "connection closed before its response was complete).",
@@ -56,8 +88,19 @@ class Metrics:
             ["upstream", "kind", "result"], registry=r,
         )
         self.upstream_requests = Counter(
-            "mirror_upstream_requests", "Requests sent to upstream registries, by method and status.",
-            ["upstream", "method", "status"], registry=r,
+            "mirror_upstream_requests", "Requests sent to upstream registries, by method, kind (manifest, blob, "
+            "tags, referrers, base, token) and status. Docker Hub counts GETs of kind manifest as pulls.",
+            ["upstream", "method", "kind", "status"], registry=r,
+        )
+        self.pulls = Counter(
+            "mirror_pulls", "Pulls answered to clients, counted as Docker Hub counts them (manifest GETs answered "
+            "200), by upstream (`local` for pushed repositories).",
+            ["upstream"], registry=r,
+        )
+        self.served_bytes = Counter(
+            "mirror_served_bytes", "Blob bytes sent to clients, by where they came from: cache (stored before the "
+            "request), upstream (streamed from a download the request started or joined), local (pushed).",
+            ["source"], registry=r,
         )
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes", "Blob bytes downloaded from upstreams.", ["upstream"], registry=r,
@@ -97,8 +140,24 @@ class Metrics:
             "pinned: kept by replication).",
             ["holder"], registry=r,
         )
+        self.cache_max_bytes = Gauge(
+            "mirror_cache_max_bytes", "storage.max_size: the bound on cached upstream content (absent when unbounded).",
+            registry=r,
+        )
+        self.upstream_up = Gauge(
+            "mirror_upstream_up", "1 when the upstream's last request got an HTTP answer below 500, 0 when it "
+            "failed (refused, timed out, 5xx after retries).",
+            ["upstream"], registry=r,
+        )
         self.evictions = Counter("mirror_evictions", "Blobs evicted from the cache.", registry=r)
         self.evicted_bytes = Counter("mirror_evicted_bytes", "Bytes evicted from the cache.", registry=r)
+        self.index_reconciled = Gauge(
+            "mirror_index_reconciled", "1 once the start-up check of the blob index against the files is done "
+            "(it runs while requests are served; nothing is evicted before).", registry=r,
+        )
+        self.index_reconcile_seconds = Gauge(
+            "mirror_index_reconcile_seconds", "How long the start-up check of the blob index took.", registry=r,
+        )
 
         self.replication_runs = Counter(
             "mirror_replication_runs", "Finished replication runs by rule and result (ok, partial, failed).",
@@ -131,6 +190,23 @@ class Metrics:
     def add_maintenance_stats(self, read_stats: Callable[[], dict[str, int]]) -> None:
         self.registry.register(MaintenanceCollector(read_stats))
 
+    def add_filesystem(self, path: Path) -> None:
+        self.registry.register(FilesystemCollector(path))
+
     def render(self) -> tuple[bytes, str]:
         """Blocking (collectors may read files): call it from a thread."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        source = self.registry if self.created_series else _WithoutCreated(self.registry)
+        return generate_latest(source), CONTENT_TYPE_LATEST
+
+
+class _WithoutCreated:
+    """The registry's metrics minus their `_created` samples (what prometheus-client's global
+    `disable_created_metrics()` would do, without touching process-wide state)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for metric in self.registry.collect():
+            metric.samples = [sample for sample in metric.samples if not sample.name.endswith("_created")]
+            yield metric

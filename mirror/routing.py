@@ -3,6 +3,13 @@
 Order (issue #3): `?ns=<upstream>`; a first path component equal to an upstream's name; a name matching
 `local.repositories`; the default upstream; local. Docker Hub's one-component names mean `library/<name>`.
 Every route to the same upstream repository lands on the same cached repository.
+
+Images of other registries kept locally (an imported air-gap bundle) live under their full name, and every
+way a client asks for one lands there when no upstream owns that registry: `?ns=ghcr.io` + `owner/app` and
+the path prefix `ghcr.io/owner/app` both mean local `ghcr.io/owner/app`. Docker Hub is the one registry
+whose names clients shorten (Docker's `registry-mirrors` sends `library/alpine`, with no host), so its
+images are kept under the short name: `docker.io/library/alpine`, `docker.io/alpine`, `?ns=docker.io` +
+`library/alpine` and `library/alpine` are all local `library/alpine` — Docker's own normalisation.
 """
 
 from __future__ import annotations
@@ -11,7 +18,6 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mirror.errors import NameUnknown
 from mirror.storage.interface import Registry
 
 
@@ -29,6 +35,19 @@ class Target:
     registry: Registry
     repo: str  # the name inside `registry`
     upstream: str | None  # None for local repositories
+
+
+# Docker Hub's host names as clients write them; locally its images are kept without the host.
+DOCKER_HUB_HOSTS = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def local_name(name: str) -> str:
+    """The local repository for a name that may carry a registry host: Docker Hub's host is dropped
+    (`docker.io/alpine` -> `library/alpine`), any other host stays part of the name."""
+    host, _, rest = name.partition("/")
+    if host in DOCKER_HUB_HOSTS and rest:
+        return rest if "/" in rest else f"library/{rest}"
+    return name
 
 
 def glob_to_regex(pattern: str) -> re.Pattern[str]:
@@ -56,18 +75,19 @@ class Router:
         if ns:
             upstream = self.upstreams.get(ns)
             if upstream is None:
-                # Serving another registry's name from the default upstream would be wrong content;
-                # a 404 makes containerd try its next host.
-                raise NameUnknown(f"no upstream is configured for ns={ns}", detail={"ns": ns[:200]})
+                # Never the default upstream (that would be another registry's content under the same
+                # name): the local copy under the full name, if one was imported; else a 404, on which
+                # containerd tries its next host.
+                return Target(self.local, local_name(f"{ns}/{name}"), None)
             return self._upstream_target(upstream, name)
         first, _, rest = name.partition("/")
         if rest and first in self.upstreams:
             return self._upstream_target(self.upstreams[first], rest)
         if self.is_local_name(name):
-            return Target(self.local, name, None)
+            return Target(self.local, local_name(name), None)
         if self.default_upstream is not None:
             return self._upstream_target(self.upstreams[self.default_upstream], name)
-        return Target(self.local, name, None)
+        return Target(self.local, local_name(name), None)
 
     def is_local_name(self, name: str) -> bool:
         return any(regex.fullmatch(name) for regex in self._local_regexes)

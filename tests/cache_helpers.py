@@ -264,6 +264,17 @@ class Http:
         finally:
             conn.close()
 
+    def reconciled(self, timeout: float = 30.0) -> None:
+        """Wait until start-up reconciliation of the index is done (it runs while the mirror serves)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            _, _, body = self.request("GET", "/metrics")
+            if re.search(rb"^mirror_index_reconciled 1(\.0)?$", body, re.M):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("start-up reconciliation did not finish")
+            time.sleep(0.01)
+
     def fills_settled(self, timeout: float = 10.0) -> None:
         """Wait until no fill is running (the commit follows a client's last byte; see fills_settled)."""
         deadline = time.monotonic() + timeout

@@ -8,12 +8,15 @@ serves and eviction passes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import os
 import shutil
 import sqlite3
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -54,7 +57,9 @@ def cached_bytes_on_disk(root: Path, exclude: set[str]) -> int:
 
 
 @pytest.mark.slow
-async def test_pulls_several_times_the_bound_stay_under_it_evicting_oldest_first(aiohttp_server, make_registry):
+async def test_pulls_several_times_the_bound_stay_under_it_evicting_blobs_used_once_first(
+    aiohttp_server, make_registry
+):
     fake = FakeUpstream()
     images = [make_image(f"library/img{i}", "1", [os.urandom(LAYER), os.urandom(LAYER)]) for i in range(15)]
     for image in images:
@@ -76,7 +81,7 @@ async def test_pulls_several_times_the_bound_stay_under_it_evicting_oldest_first
     for digest in pinned.layer_digests:
         await cache.hold(Digest.parse(digest), LAYER, PINNED)
     pinned_digests = set(pinned.layer_digests)
-    await pull(client, images[0])  # hits: image 0 is now more recent than images 2-4
+    await pull(client, images[0])  # hits: image 0 is used again, images 2-4 only once
 
     for image in images[5:]:
         await pull(client, image)
@@ -84,12 +89,14 @@ async def test_pulls_several_times_the_bound_stay_under_it_evicting_oldest_first
         assert cached <= high, f"cached content is {cached} bytes after pulling {image.repo}"
         assert metric_value(await metrics_text(client), "mirror_stored_bytes", holder="cached") <= high
 
-    # Least recently used first: 2, 3, 4 (1 is pinned), then 0 (re-read after 4), then 5, 6, ...
-    lru_order = [d for i in (2, 3, 4, 0, *range(5, 15)) for d in images[i].layer_digests]
+    # Blobs used once go first, least recently used first: 2, 3, 4 (1 is pinned), then 5, 6, ...; image 0,
+    # read again after it was stored, is protected: it goes only after every blob used once.
+    eviction_order = [d for i in (2, 3, 4, *range(5, 15), 0) for d in images[i].layer_digests]
     on_disk = set(blob_files(root))
-    evicted = [d for d in lru_order if d not in on_disk]
+    evicted = [d for d in eviction_order if d not in on_disk]
     assert evicted, "nothing was evicted: the test did not put the cache under pressure"
-    assert evicted == lru_order[: len(evicted)], "eviction did not follow least-recent use"
+    assert evicted == eviction_order[: len(evicted)], "eviction did not follow the segmented LRU order"
+    assert set(images[0].layer_digests) <= on_disk, "a blob read again was evicted before ones used once"
     assert local_digests <= on_disk and pinned_digests <= on_disk
 
     # Metrics agree with the disk: every blob fetched and no longer here was evicted exactly once.
@@ -184,6 +191,92 @@ async def test_pushing_a_cached_blob_makes_it_local_for_good(aiohttp_server, mak
     assert rows[digest_of(shared)].holders == {CACHED, LOCAL}
 
 
+async def read_blob(client: Any, repo: str, digest: str) -> bytes:
+    async with client.get(f"/v2/{repo}/blobs/{digest}") as response:
+        assert response.status == 200, response.status
+        return await response.read()
+
+
+def hold_index_database(index_dir: Path, seconds: float, locked: threading.Event) -> None:
+    """What a long `mirror gc` transaction (or a backup, or a slow disk) does: another connection holds the
+    index's write lock. Both file names: the SQLite table, and the diskcache store of older versions."""
+    connections = [sqlite3.connect(str(path), timeout=30, isolation_level=None)
+                   for path in (index_dir / "blobs.sqlite3", index_dir / "cache.db") if path.exists()]
+    for db in connections:
+        db.execute("BEGIN IMMEDIATE")
+    locked.set()
+    time.sleep(seconds)
+    for db in connections:
+        db.execute("COMMIT")
+        db.close()
+
+
+async def test_warm_reads_do_not_wait_while_an_eviction_waits_for_a_locked_index(aiohttp_server, make_registry):
+    """The loop must never wait on SQLite: with the index held by another process for 3 s while a fill
+    evicts, a cached blob is still served at once (it used to wait until the lock went: the eviction held
+    the in-use lock, which every GET takes on the loop, across its index write)."""
+    fake = FakeUpstream()
+    warm = make_image("library/warm", "1", [os.urandom(1 * MiB)])
+    fillers = [make_image(f"library/filler{i}", "1", [os.urandom(4 * MiB)]) for i in range(3)]
+    for image in (warm, *fillers):
+        add_to_upstream(fake, image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=10 * MiB)
+    cache: CacheManager = client.server.app[CACHE]
+    root = client.server.app[CONFIG].storage.path
+    await pull(client, warm)
+    await pull(client, warm)
+    await pull(client, fillers[0])
+    await pull(client, fillers[1])
+    await cache.flush_accesses()  # nothing left to flush: the eviction goes straight to its victims
+
+    locked = threading.Event()
+    holder = threading.Thread(target=hold_index_database, args=(root / "index", 3.0, locked))
+    holder.start()
+    try:
+        assert locked.wait(10)
+        # A miss that needs room (evicting filler 0); straight to the blob: a manifest's hold would only wait.
+        filling = asyncio.create_task(read_blob(client, fillers[2].repo, fillers[2].layer_digests[0]))
+        await asyncio.sleep(0.5)  # the eviction is waiting for the index now
+        started = time.monotonic()
+        async with client.get(f"/v2/{warm.repo}/blobs/{warm.layer_digests[0]}") as response:
+            assert response.status == 200 and await response.read() == warm.layers[0]
+        waited = time.monotonic() - started
+        assert waited < 1.5, f"a cached blob took {waited:.1f} s while the index was locked"
+    finally:
+        holder.join()
+    assert await filling == fillers[2].layers[0]
+    await pull(client, fillers[2])
+    check_store(root)
+
+
+async def test_a_one_time_pull_never_flushes_blobs_many_clients_keep_pulling(aiohttp_server, make_registry):
+    """Scan resistance: a large image pulled once, needing room that only hot blobs could give, is streamed
+    through to its client and not kept; the hot blobs stay, and are not fetched again."""
+    fake = FakeUpstream()
+    hot = [make_image(f"library/hot{i}", "1", [os.urandom(2 * MiB)]) for i in range(4)]
+    once = make_image("library/once", "1", [os.urandom(6 * MiB)])
+    for image in (*hot, once):
+        add_to_upstream(fake, image)
+    client = await start(aiohttp_server, make_registry, fake, max_size=10 * MiB)
+    root = client.server.app[CONFIG].storage.path
+    for _ in range(3):
+        for image in hot:
+            await pull(client, image)
+    await pull(client, once)  # every byte arrives (pull checks them) ...
+    files = blob_files(root)
+    assert once.layer_digests[0] not in files  # ... but it is not kept: room would cost hotter blobs
+    for image in hot:
+        await pull(client, image)
+        assert fake.count("GET", image.layer_digests[0]) == 1, "a hot blob was evicted and fetched again"
+    # Asked for again and again, the large blob becomes worth keeping: what it evicts is no hotter than it.
+    for _ in range(5):
+        await pull(client, once)
+    assert once.layer_digests[0] in blob_files(root)
+    assert metric_value(await metrics_text(client), "mirror_fills_total", upstream="fake.io",
+                        result="passed_through") >= 1
+    check_store(root)
+
+
 class FlakyIndex(BlobIndex):
     """A BlobIndex whose writes fail while `broken`, as SQLite's do on a full disk."""
 
@@ -204,6 +297,10 @@ class FlakyIndex(BlobIndex):
     def remove(self, digest: str) -> None:
         self._check()
         super().remove(digest)
+
+    def forget_evictable(self, digest: str) -> bool:
+        self._check()
+        return super().forget_evictable(digest)
 
     def touch_many(self, accesses: dict[str, float]) -> None:
         self._check()
@@ -267,6 +364,19 @@ async def _inline_to_thread(func: Any, /, *args: Any, **kwargs: Any) -> Any:
     return func(*args, **kwargs)
 
 
+class InlineExecutor(concurrent.futures.Executor):
+    """Runs the manager's index and file work at once, on the loop's thread: still a hop through the loop
+    (the result arrives by call_soon), so concurrent steps interleave, but in the same order every run."""
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            future.set_exception(exc)
+        return future
+
+
 class CacheMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
@@ -282,10 +392,11 @@ class CacheMachine(RuleBasedStateMachine):
         self.blobs = BlobStore(self.dir)
         self.index = BlobIndex(self.dir / "index")
         config = StorageConfig(path=self.dir, max_size=P_MAX, high_watermark=P_HIGH, low_watermark=P_LOW)
-        self.cache = CacheManager(self.index, self.blobs, config, Metrics())
-        # The model: who holds each pool blob on disk, and when it was last used (as the cache was told).
+        self.cache = CacheManager(self.index, self.blobs, config, Metrics(), executor=InlineExecutor())
+        # The model: who holds each pool blob on disk, and its place in eviction order as the cache was told:
+        # (protected: read again after it was stored, last use). Blobs go in ascending order of it.
         self.holders: dict[int, set[str]] = {}
-        self.used: dict[int, float] = {}
+        self.used: dict[int, tuple[bool, float]] = {}
         self.serving: dict[int, list[contextlib.ExitStack]] = {}
 
     def run(self, coro: Any) -> Any:
@@ -319,10 +430,12 @@ class CacheMachine(RuleBasedStateMachine):
         self.holders.setdefault(i, set()).add(holder)
         record = self.index.get(str(POOL_DIGESTS[i]))
         assert record is not None
-        self.used[i] = record.last_access  # a hold counts as a use
+        # A hold counts as a use; a read not flushed yet counts too (it is later than anything written).
+        read_at = self.cache._accesses.get(str(POOL_DIGESTS[i]))
+        self.used[i] = (True, read_at) if read_at is not None else (record.protected, record.last_access)
 
     def after_eviction(self, busy: set[int], refilled: set[int] = frozenset()) -> set[int]:
-        """Blobs that left the disk must have been evictable, not in use, and the least recently used."""
+        """Blobs that left the disk must have been evictable, not in use, and first in eviction order."""
         gone = set(self.holders) - self.on_disk()
         for i in gone:
             # A refilled blob is held as cached by its fill before anything else may evict it: an orphan
@@ -333,7 +446,7 @@ class CacheMachine(RuleBasedStateMachine):
         evicted = gone | {i for i in refilled if i in self.holders}  # these may have gone and come back
         survivors = [self.used[i] for i in self.evictable(busy) if i not in evicted]
         if gone and survivors:
-            assert max(self.used[i] for i in gone) < min(survivors), "evicted a more recently used blob first"
+            assert max(self.used[i] for i in gone) < min(survivors), "evicted out of eviction order"
         for i in gone:
             del self.holders[i]
             self.used.pop(i, None)
@@ -391,7 +504,7 @@ class CacheMachine(RuleBasedStateMachine):
         i = self.present(data)
         self.cache.note_access(POOL_DIGESTS[i])
         if self.index.get(str(POOL_DIGESTS[i])) is not None:
-            self.used[i] = self.clock.now
+            self.used[i] = (True, self.clock.now)  # read again: protected once the access is flushed
 
     @rule(i=st.integers(0, len(POOL) - 1))
     def push(self, i: int) -> None:

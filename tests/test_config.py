@@ -22,10 +22,17 @@ def write(tmp_path: Path, data: Any) -> Path:
     return path
 
 
-def config_error(data: Any) -> str:
+def config_errors(data: Any) -> tuple[str, ...]:
     with pytest.raises(ConfigError) as caught:
         load_config_data(data)
-    return str(caught.value)
+    return caught.value.errors
+
+
+def config_error(data: Any) -> str:
+    """The one problem of `data`: one mistake is one message, never a cascade of follow-on errors."""
+    errors = config_errors(data)
+    assert len(errors) == 1, errors
+    return errors[0]
 
 
 # -- defaults -------------------------------------------------------------------------------------
@@ -238,6 +245,59 @@ def test_two_defaults_are_refused() -> None:
     assert message.startswith("upstreams")
 
 
+# The issue 9 example: a file with a bad listen, a bad max_size, a bad upstream URL, a bad tag_ttl and an
+# unknown key. Before, only the first (listen) was reported; fixing a file took one run per mistake.
+FIVE_MISTAKES = """
+listen: everywhere
+storage:
+  path: /tmp/mirror-five-mistakes
+  max_size: lots
+upstreams:
+  - name: docker.io
+    url: gopher://registry-1.docker.io
+    tag_ttl: soon
+colour: blue
+"""
+FIVE_KEYS = ["listen", "storage.max_size", "upstreams[0].url", "upstreams[0].tag_ttl", "colour"]
+
+
+def test_every_error_of_a_file_is_reported_at_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, FIVE_MISTAKES))
+    assert [message.split(":")[0] for message in caught.value.errors] == FIVE_KEYS
+    assert str(caught.value).splitlines() == list(caught.value.errors)
+
+
+@pytest.mark.parametrize(
+    ("data", "keys"),
+    [
+        # A section that is not a mapping is one error; its siblings are still read.
+        ({"storage": "/data", "limits": {"page_size_max": 0}, "local": 5},
+         ["storage", "limits.page_size_max", "local"]),
+        # An upstream that cannot be used does not stop the next one from being checked.
+        ({"upstreams": ["ghcr.io", {"name": "quay.io", "url": "ftp://q"}, {"name": "Bad", "url": "https://b"}]},
+         ["upstreams[0]", "upstreams[1].url", "upstreams[2].name"]),
+        # Every unknown key, not only the first.
+        ({"colour": 1, "storage": {"pth": "/x", "max_size": "1GiB", "size": 2}, "zzz": 0},
+         ["storage.pth", "storage.size", "colour", "zzz"]),
+        # A bad watermark is reported once, without a made-up comparison against its default.
+        ({"storage": {"high_watermark": 1.5, "low_watermark": 0.96}}, ["storage.high_watermark"]),
+        ({"uploads": {"expire": "0s", "max_bytes": "lots", "extra": 1}, "limits": {"page_size_max": 0},
+          "log": {"level": "loud", "format": "xml"}},
+         ["limits.page_size_max", "uploads.expire", "uploads.max_bytes", "uploads.extra", "log.level", "log.format"]),
+        # Sections parsed elsewhere (replication rules) and secrets are collected with the rest.
+        ({"listen": "x", "upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io", "password": 5,
+                                        "ratelimit_floor": -1}], "replication": "nope"},
+         ["listen", "upstreams[0].password", "upstreams[0].ratelimit_floor", "replication"]),
+        ({"upstreams": [{"name": "ghcr.io", "url": "https://a", "timeout": 0, "default": "yes", "passwd": "x"},
+                        {"name": "ghcr.io", "url": "https://b"}]},
+         ["upstreams[0].default", "upstreams[0].timeout", "upstreams[0].passwd", "upstreams[1].name"]),
+    ],
+)
+def test_errors_are_collected_without_follow_on_errors(data: dict[str, Any], keys: list[str]) -> None:
+    assert [message.split(":")[0] for message in config_errors(data)] == keys
+
+
 def test_unreadable_and_invalid_yaml_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yml")
@@ -266,6 +326,11 @@ def test_effective_config_round_trips(tmp_path: Path) -> None:
     again = load_config_data(yaml.safe_load(yaml.safe_dump(original.to_dict())))
     assert isinstance(again, Config)
     assert again == original
+    # The defaults print nulls (no max_size, no credentials, no CA file): those read back as the defaults.
+    private = load_config_data({})
+    assert load_config_data(yaml.safe_load(yaml.safe_dump(private.to_dict()))) == private
+    unbounded = load_config_data({"upstreams": [{"name": "ghcr.io", "url": "https://ghcr.io"}]})
+    assert load_config_data(yaml.safe_load(yaml.safe_dump(unbounded.to_dict()))) == unbounded
 
 
 def test_password_is_masked_in_the_effective_config() -> None:
@@ -347,6 +412,23 @@ def test_check_config_rejects_a_bad_file_naming_the_key(tmp_path: Path, data: di
     assert key in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_check_config_reports_every_error_of_the_file(tmp_path: Path) -> None:
+    path = write(tmp_path, FIVE_MISTAKES)
+    result = run_cli("check-config", "--config", str(path))
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"mirror: 5 config errors in {path}:"
+    assert [line.strip().split(":")[0] for line in lines[1:]] == FIVE_KEYS
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_with_a_bad_file_reports_every_error_and_exits(tmp_path: Path) -> None:
+    result = run_cli("serve", "--config", str(write(tmp_path, FIVE_MISTAKES)))
+    assert result.returncode == 2
+    assert [line.strip().split(":")[0] for line in result.stderr.splitlines()[1:]] == FIVE_KEYS
 
 
 def test_check_config_on_a_missing_file_exits_2(tmp_path: Path) -> None:

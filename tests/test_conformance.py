@@ -7,11 +7,16 @@ is a private registry (no upstreams); every test works in its own repository.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -37,6 +42,7 @@ from tests.registry_helpers import (
     push_image,
     put_manifest,
 )
+from tests.support import skopeo
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ERROR_CODES = {
@@ -330,6 +336,98 @@ async def test_end7_subject_answers_oci_subject(client: ClientSession, repo: str
     response = await put_manifest(client, repo, digest_of(body), body, OCI_MANIFEST)
     assert response.status == 201
     assert response.headers["OCI-Subject"] == subject_digest
+
+
+ND_LAYER = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+ND_LAYER_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+
+
+def tar_gz(name: str, content: bytes) -> tuple[bytes, bytes]:
+    """A one-file layer: (the gzip blob, the tar it decompresses to)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = len(content)
+        tar.addfile(info, io.BytesIO(content))
+    return gzip.compress(buffer.getvalue(), mtime=0), buffer.getvalue()
+
+
+def non_distributable_image() -> tuple[bytes, bytes, list[bytes], list[str]]:
+    """The conformance suite's "non-distributable layers" image: two layers that live elsewhere (their blobs
+    never pushed: a gzip one and a plain one, each with `urls`) and one ordinary layer.
+    Returns (manifest, config, the blobs to push, the foreign layers' digests)."""
+    foreign = [digest_of(os.urandom(256)) for _ in range(2)]
+    layer, layer_tar = tar_gz("conformance-1.txt", os.urandom(64))
+    config = json.dumps({
+        "author": "mirror conformance", "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [digest_of(os.urandom(256)), foreign[1], digest_of(layer_tar)]},
+    }).encode()
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor("application/vnd.oci.image.config.v1+json", config),
+        "layers": [
+            {"mediaType": ND_LAYER_GZIP, "digest": foreign[0], "size": 123456,
+             "urls": [f"https://store.example.com/blobs/sha256/{foreign[0][7:]}"]},
+            {"mediaType": ND_LAYER, "digest": foreign[1], "size": 12345,
+             "urls": [f"https://store.example.com/blobs/sha256/{foreign[1][7:]}"]},
+            descriptor("application/vnd.oci.image.layer.v1.tar+gzip", layer),
+        ],
+    }).encode()
+    return manifest, config, [config, layer], foreign
+
+
+async def test_end7_non_distributable_layers(client: ClientSession, repo: str) -> None:
+    """Push, list, head, pull and delete an image whose non-distributable layers were never uploaded."""
+    body, _, blobs, foreign = non_distributable_image()
+    for blob in blobs:
+        await push_blob(client, repo, blob)
+    response = await put_manifest(client, repo, "non-distributable-image", body, OCI_MANIFEST)
+    assert response.status == 201, await response.text()
+    assert response.headers["Docker-Content-Digest"] == digest_of(body)
+    assert (await (await client.get(f"/v2/{repo}/tags/list")).json())["tags"] == ["non-distributable-image"]
+    for reference in ("non-distributable-image", digest_of(body)):
+        head = await client.head(f"/v2/{repo}/manifests/{reference}")
+        assert head.status == 200
+        assert head.headers["Docker-Content-Digest"] == digest_of(body)
+        got = await client.get(f"/v2/{repo}/manifests/{reference}", headers={"Accept": OCI_MANIFEST})
+        assert got.status == 200 and got.headers["Content-Type"] == OCI_MANIFEST
+        assert await got.read() == body
+    for blob in blobs:
+        assert await (await client.get(f"/v2/{repo}/blobs/{digest_of(blob)}")).read() == blob
+    for digest in foreign:
+        await assert_error(await client.head(f"/v2/{repo}/blobs/{digest}"), 404)
+    assert (await client.delete(f"/v2/{repo}/manifests/{digest_of(body)}")).status == 202
+    await assert_error(await client.get(f"/v2/{repo}/manifests/non-distributable-image"), 404, "MANIFEST_UNKNOWN")
+    for blob in blobs:
+        assert (await client.delete(f"/v2/{repo}/blobs/{digest_of(blob)}")).status == 202
+
+
+def write_oci_layout(path: Path, tag: str, manifest: bytes, blobs: list[bytes]) -> None:
+    """An OCI image layout holding `blobs` and `manifest` (not the foreign layers: a client never has to)."""
+    (path / "blobs" / "sha256").mkdir(parents=True)
+    (path / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
+    for blob in (*blobs, manifest):
+        (path / "blobs" / "sha256" / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+    top = descriptor(OCI_MANIFEST, manifest, annotations={"org.opencontainers.image.ref.name": tag})
+    (path / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [top]}))
+
+
+@pytest.mark.real
+@pytest.mark.needs_tools("skopeo")
+def test_skopeo_round_trips_an_image_with_foreign_layers(live_server: LiveServer, tmp_path: Path) -> None:
+    """skopeo skips layers that have `urls` on push and on pull; the mirror must take the manifest without
+    them and give it back byte for byte."""
+    body, _, blobs, foreign = non_distributable_image()
+    source, pulled = tmp_path / "source", tmp_path / "pulled"
+    write_oci_layout(source, "1", body, blobs)
+    ref = f"docker://{live_server.url.removeprefix('http://')}/conformance/foreign-{uuid.uuid4().hex[:8]}:1"
+    skopeo.copy(f"oci:{source}:1", ref)
+    assert skopeo.inspect_raw(ref) == body
+    skopeo.copy(ref, f"oci:{pulled}:1")
+    stored = {p.name for p in (pulled / "blobs" / "sha256").iterdir()}
+    assert stored == {hashlib.sha256(b).hexdigest() for b in (*blobs, body)}
+    assert not {d[7:] for d in foreign} & stored
 
 
 # == content discovery ======================================================================================

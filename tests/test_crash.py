@@ -144,6 +144,7 @@ def test_sigkill_during_fills_and_chunked_pushes(mirror_factory: Any, tmp_path: 
             for thread in threads:
                 thread.join(30)
             mirror.start()
+            client.reconciled()  # the index is checked against the files in the background
 
             # Nothing partial or wrong was served: a body that arrived whole is the right one.
             for pull in pulls:
@@ -206,6 +207,7 @@ def test_restart_removes_temp_files_of_killed_fills_after_grace(mirror_factory: 
         assert not (data_dir / "blobs" / "sha256" / digest_of(data)[7:9] / digest_of(data)[7:]).exists()
         time.sleep(1.1)
         mirror.start()
+        client.reconciled()
         assert list((data_dir / "tmp").iterdir()) == []
         status, _, body = client.request("GET", f"/v2/library/slow/blobs/{digest_of(data)}")
         assert status == 200 and body == data

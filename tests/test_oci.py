@@ -11,6 +11,7 @@ import pytest
 from mirror.errors import DigestInvalid, ManifestInvalid, NameInvalid, TagInvalid
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import (
+    DOCKER_FOREIGN_LAYER,
     DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST,
     DOCKER_SCHEMA1,
@@ -346,3 +347,84 @@ def test_malformed_image_manifests(body: bytes) -> None:
 def test_index_without_manifests_list_is_invalid() -> None:
     _invalid(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX}).encode(), OCI_INDEX)
     _invalid(json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": {}}).encode(), OCI_INDEX)
+
+
+# -- non-distributable ("foreign") layers ---------------------------------------------------------------
+ND_LAYER = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+ND_LAYER_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+ND_LAYER_ZSTD = "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+ELSEWHERE = "https://store.example.com/blobs/sha256/"
+
+
+def _with_layers(layers: list[dict[str, Any]], media_type: str = OCI_MANIFEST) -> bytes:
+    doc = json.loads(image_manifest(CONFIG, [], media_type=media_type))
+    doc["layers"] = layers
+    return json.dumps(doc).encode()
+
+
+def test_non_distributable_layers_are_foreign_not_blobs_the_registry_must_hold() -> None:
+    """A registry is never given these layers (clients fetch them from `urls`), so they are not among the
+    blobs a push must have uploaded; the others still are."""
+    normal = descriptor("application/vnd.oci.image.layer.v1.tar+gzip", b"pushed layer")
+    foreign = [
+        descriptor(ND_LAYER_GZIP, b"nd gzip", urls=[ELSEWHERE + "1"]),
+        descriptor(ND_LAYER, b"nd tar", urls=[ELSEWHERE + "2"]),
+        descriptor(ND_LAYER_ZSTD, b"nd zstd"),  # no urls: the client has it already
+        descriptor("application/vnd.oci.image.layer.v1.tar", b"any layer with urls", urls=[ELSEWHERE + "3"]),
+    ]
+    parsed = parse_manifest(_with_layers([foreign[0], normal, *foreign[1:]]), OCI_MANIFEST, pushed=True)
+    assert [str(b.digest) for b in parsed.blobs] == [digest_of_bytes(CONFIG), normal["digest"]]
+    assert [str(b.digest) for b in parsed.foreign] == [f["digest"] for f in foreign]
+    assert [b.size for b in parsed.foreign] == [f["size"] for f in foreign]
+    # gc keeps a foreign layer a client chose to push anyway: it is still referenced.
+    assert {str(b.digest) for b in parsed.references} == {digest_of_bytes(CONFIG), normal["digest"]} | {
+        f["digest"] for f in foreign
+    }
+
+
+def test_docker_foreign_layers_are_foreign() -> None:
+    layer = descriptor(DOCKER_FOREIGN_LAYER, b"windows base", urls=["https://mcr.example.com/base"])
+    parsed = parse_manifest(_with_layers([layer], DOCKER_MANIFEST), DOCKER_MANIFEST, pushed=True)
+    assert [str(b.digest) for b in parsed.foreign] == [layer["digest"]]
+    assert [str(b.digest) for b in parsed.blobs] == [digest_of_bytes(CONFIG)]
+
+
+def test_an_empty_urls_list_leaves_an_ordinary_layer_required() -> None:
+    layer = descriptor("application/vnd.oci.image.layer.v1.tar", b"layer", urls=[])
+    parsed = parse_manifest(_with_layers([layer]), OCI_MANIFEST, pushed=True)
+    assert parsed.foreign == ()
+    assert [str(b.digest) for b in parsed.blobs][1:] == [layer["digest"]]
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        descriptor(ND_LAYER, b"x", urls="https://example.com/x"),
+        descriptor(ND_LAYER, b"x", urls=[7]),
+        descriptor(ND_LAYER, b"x", urls=["ftp://example.com/x"]),
+        descriptor(ND_LAYER, b"x", urls=["/relative/x"]),
+        descriptor(ND_LAYER, b"x", urls=["https://example.com/x#fragment"]),
+        descriptor(ND_LAYER, b"x", urls=["http://[::1/x"]),
+        descriptor(ND_LAYER, b"x", urls=["https://example.com/ok", "file:///etc/passwd"]),
+        {"mediaType": ND_LAYER, "digest": "sha256:nothex", "size": 1, "urls": [ELSEWHERE]},
+        {"mediaType": ND_LAYER, "digest": f"sha256:{SHA256_HEX}", "size": -1, "urls": [ELSEWHERE]},
+    ],
+    ids=["string", "not-strings", "ftp", "relative", "fragment", "unparsable", "one-bad", "digest", "size"],
+)
+def test_a_pushed_foreign_layer_is_still_checked(layer: dict[str, Any]) -> None:
+    """Only the blob's presence is waived: the descriptor and its urls must be valid."""
+    with pytest.raises(ManifestInvalid) as caught:
+        parse_manifest(_with_layers([layer]), OCI_MANIFEST, pushed=True)
+    assert caught.value.code == "MANIFEST_INVALID"
+
+
+def test_stored_manifests_with_odd_urls_still_parse() -> None:
+    """What was stored (or an upstream served) before the urls check existed must still be readable, or gc
+    could no longer see the blobs it references."""
+    layer = descriptor("application/vnd.oci.image.layer.v1.tar", b"layer", urls=["ftp://example.com/x"])
+    parsed = parse_manifest(_with_layers([layer]), OCI_MANIFEST)
+    assert [str(b.digest) for b in parsed.references][1:] == [layer["digest"]]
+
+
+def digest_of_bytes(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()

@@ -359,13 +359,15 @@ async def test_ns_path_prefix_and_default_route_share_one_cache(aiohttp_server, 
     assert sum(fake.requests.values()) == before
 
 
-async def test_unknown_ns_is_name_unknown(aiohttp_server, make_registry):
+async def test_unknown_ns_is_never_the_default_upstream(aiohttp_server, make_registry):
     fake = FakeUpstream()
     fake.add_image("library/alpine", "3.20", [b"layer"])
     client, _ = await start_mirror(aiohttp_server, make_registry, fake)
+    # An ns naming no upstream is looked up locally under the full name (imported bundles live there);
+    # nothing was imported, so it is a 404 and the default upstream is never asked.
     async with client.get("/v2/library/alpine/manifests/3.20", params={"ns": "elsewhere.example"}) as response:
         assert response.status == 404
-        assert await error_codes(response) == ["NAME_UNKNOWN"]
+        assert await error_codes(response) == ["MANIFEST_UNKNOWN"]
     assert sum(fake.requests.values()) == 0
 
 

@@ -90,7 +90,8 @@ def upstream_requests(mirror: MirrorProcess, upstream: str = "docker.io") -> Cou
     counts: Counter[tuple[str, str]] = Counter()
     for labels, value in metric_samples(mirror, "mirror_upstream_requests_total"):
         if labels.get("upstream") == upstream:
-            counts[(labels["method"], labels["status"])] += int(value)
+            if labels["kind"] != "token":  # token requests go to the realm, not the registry's access log
+                counts[(labels["method"], labels["status"])] += int(value)
     return counts
 
 

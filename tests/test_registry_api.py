@@ -523,6 +523,72 @@ async def test_index_referencing_a_missing_manifest(registry: TestClient) -> Non
     await expect_error(response, 400, "MANIFEST_BLOB_UNKNOWN")
 
 
+ND_LAYER = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+ND_LAYER_GZIP = "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+ELSEWHERE = "https://store.example.com/blobs/sha256/"
+
+
+def manifest_with_layers(config: bytes, layers: list[dict[str, Any]], media_type: str = OCI_MANIFEST) -> bytes:
+    """`image_manifest` with these exact layer descriptors (in its unusual formatting)."""
+    doc = json.loads(image_manifest(config, [], media_type=media_type))
+    doc["layers"] = layers
+    return json.dumps(doc, indent=3).encode()
+
+
+def foreign_layers(media_type: str) -> list[dict[str, Any]]:
+    """Layers a client never pushes: a non-distributable type with urls, without urls, and urls alone."""
+    if media_type == DOCKER_MANIFEST:
+        return [
+            descriptor(DOCKER_FOREIGN_LAYER, b"windows base", urls=["https://mcr.example.com/base"]),
+            descriptor(DOCKER_FOREIGN_LAYER, b"windows base, the client has it"),
+        ]
+    return [
+        descriptor(ND_LAYER_GZIP, b"nd gzip", urls=[ELSEWHERE + "1"]),
+        descriptor(ND_LAYER, b"nd tar"),
+        descriptor("application/vnd.oci.image.layer.v1.tar", b"plain but elsewhere", urls=[ELSEWHERE + "2"]),
+    ]
+
+
+@pytest.mark.parametrize("media_type", [OCI_MANIFEST, DOCKER_MANIFEST])
+async def test_manifest_with_non_distributable_layers_is_accepted_without_their_blobs(
+    registry: TestClient, media_type: str
+) -> None:
+    config, pushed = b'{"os":"windows"}', b"an ordinary layer"
+    await push_blobs_of(registry, "team/app", config, [pushed])
+    layer_type = "application/vnd.docker.image.rootfs.diff.tar.gzip" if media_type == DOCKER_MANIFEST else ND_LAYER
+    foreign = foreign_layers(media_type)
+    body = manifest_with_layers(config, [foreign[0], descriptor(layer_type, pushed), *foreign[1:]], media_type)
+    response = await put_manifest(registry, "team/app", "v1", body, media_type)
+    assert response.status == 201, await response.text()
+    assert response.headers["Docker-Content-Digest"] == digest_of(body)
+    await check_manifest_served(registry, "team/app", "v1", body, media_type)
+    await check_manifest_served(registry, "team/app", digest_of(body), body, media_type)
+    # The registry does not pretend to have what it was never given.
+    for layer in foreign:
+        await expect_error(await registry.get(f"/v2/team/app/blobs/{layer['digest']}"), 404, "BLOB_UNKNOWN")
+    assert (await registry.get(f"/v2/team/app/blobs/{digest_of(pushed)}")).status == 200
+
+
+async def test_foreign_layers_waive_only_their_own_blobs(registry: TestClient) -> None:
+    """Everything else is still checked: a missing ordinary layer, a missing config, malformed urls."""
+    config = b'{"os":"windows"}'
+    await push_blobs_of(registry, "team/app", config, [])
+    foreign = foreign_layers(OCI_MANIFEST)
+    missing = descriptor("application/vnd.oci.image.layer.v1.tar", b"ordinary, never pushed")
+    response = await put_manifest(registry, "team/app", "v1", manifest_with_layers(config, [*foreign, missing]),
+                                  OCI_MANIFEST)
+    await expect_error(response, 400, "MANIFEST_BLOB_UNKNOWN")
+    assert json.loads(await response.read())["errors"][0]["detail"] == {"digests": [missing["digest"]]}
+    no_config = manifest_with_layers(b'{"never":"pushed"}', foreign)
+    await expect_error(await put_manifest(registry, "team/app", "v1", no_config, OCI_MANIFEST), 400,
+                       "MANIFEST_BLOB_UNKNOWN")
+    for urls in (["ftp://example.com/x"], ["/relative"], ["https://example.com/x#frag"], "https://example.com/x"):
+        bad = manifest_with_layers(config, [descriptor(ND_LAYER, b"nd", urls=urls)])
+        await expect_error(await put_manifest(registry, "team/app", "v1", bad, OCI_MANIFEST), 400, "MANIFEST_INVALID")
+    await expect_error(await registry.get("/v2/team/app/manifests/v1"), 404, "MANIFEST_UNKNOWN")
+
+
 async def test_manifest_over_the_limit_is_413(make_registry: ClientFactory) -> None:
     client = await make_registry(limits={"manifest_bytes": "2KiB"})
     big = json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "padding": "x" * 4096}).encode()

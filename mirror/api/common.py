@@ -22,7 +22,12 @@ _PAGE_NUMBER_MAX_DIGITS = 18
 
 
 def target_for(request: web.Request, name: str) -> Target:
-    return request.app[ROUTER].route(name, request.query.get("ns"))
+    target = request.app[ROUTER].route(name, request.query.get("ns"))
+    # What the access log, the pull counts and the metrics call this request: the repository it really
+    # reached, under its upstream's name however the client spelled it (?ns=, a path prefix, a mirror root).
+    request["repository"] = f"{target.upstream}/{target.repo}" if target.upstream else target.repo
+    request["upstream"] = target.upstream
+    return target
 
 
 async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:

@@ -240,7 +240,7 @@ def _collect_repository(
     referenced: set[Digest] = set()
     for digest in kept:
         if digest in parsed:
-            referenced.update(blob.digest for blob in parsed[digest].blobs)
+            referenced.update(blob.digest for blob in parsed[digest].references)
     removed: set[tuple[str, Digest]] = set()
     for digest in manifest_digests:
         if digest in kept:
@@ -261,7 +261,7 @@ def _collect_repository(
             pending.remove(digest)
             if manifest is None:
                 continue
-            referenced.update(blob.digest for blob in manifest.blobs)
+            referenced.update(blob.digest for blob in manifest.references)
             pending.extend(c.digest for c in manifest.manifests if c.digest not in loaded and c.digest not in new)
             new.extend(c.digest for c in manifest.manifests)
     for digest in repos.linked_blobs(repo):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from mirror.errors import ManifestInvalid
 from mirror.oci.digest import Digest
@@ -26,6 +27,11 @@ INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
 IMAGE_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
 MANIFEST_TYPES = INDEX_TYPES | IMAGE_TYPES
 SCHEMA1_TYPES = frozenset({DOCKER_SCHEMA1, DOCKER_SCHEMA1_SIGNED})
+
+# Layers a registry is not given: clients fetch them from the descriptor's `urls` (Windows base layers) or
+# already have them. OCI deprecated these types in image-spec 1.1 but images carrying them are still pushed.
+NONDISTRIBUTABLE_LAYER_PREFIX = "application/vnd.oci.image.layer.nondistributable."
+DOCKER_FOREIGN_LAYER = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
 
 # What a client asking for any manifest accepts; used for upstream requests.
 ACCEPT_ALL_MANIFESTS = ", ".join([OCI_INDEX, OCI_MANIFEST, DOCKER_MANIFEST_LIST, DOCKER_MANIFEST])
@@ -58,10 +64,17 @@ class ParsedManifest:
     subject: Descriptor | None
     artifact_type: str | None
     annotations: dict[str, str] = field(default_factory=dict)
+    # Non-distributable layers (see `is_foreign_layer`): never required, fetched or cached by the registry.
+    foreign: tuple[Descriptor, ...] = ()
 
     @property
     def is_index(self) -> bool:
         return self.media_type in INDEX_TYPES
+
+    @property
+    def references(self) -> tuple[Descriptor, ...]:
+        """Every blob the manifest names, foreign layers included: what gc keeps if this repository has it."""
+        return self.blobs + self.foreign
 
 
 def _descriptor(raw: Any, where: str) -> Descriptor:
@@ -89,11 +102,40 @@ def _descriptor(raw: Any, where: str) -> Descriptor:
     )
 
 
-def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
+def is_foreign_layer(raw: dict[str, Any]) -> bool:
+    """A layer the registry is not expected to hold: a non-distributable media type, or `urls` to fetch it
+    from. A push leaves its blob out, so a registry that required it would refuse the manifest."""
+    media_type = raw.get("mediaType", "")
+    return (
+        media_type.startswith(NONDISTRIBUTABLE_LAYER_PREFIX)
+        or media_type == DOCKER_FOREIGN_LAYER
+        or bool(raw.get("urls"))
+    )
+
+
+def _check_urls(raw: dict[str, Any], where: str) -> None:
+    urls = raw.get("urls")
+    if urls is None:
+        return
+    if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+        raise ManifestInvalid(f"{where}.urls must be a list of strings")
+    for url in urls:
+        # What a client will download instead of asking us: an absolute http(s) URL, as distribution requires.
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+            raise ManifestInvalid(f"{where}.urls has {url[:200]!r}, not a URL") from exc
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.fragment:
+            raise ManifestInvalid(f"{where}.urls has {url[:200]!r}, not an absolute http(s) URL without a fragment")
+
+
+def parse_manifest(body: bytes, content_type: str | None, *, pushed: bool = False) -> ParsedManifest:
     """Parse and validate a manifest as pushed with `content_type` (or fetched with it).
 
     Raises MANIFEST_INVALID for schema 1, invalid JSON, a mediaType that disagrees with the
     Content-Type, and documents carrying both `manifests` and `layers` (CVE-2021-41190).
+    `pushed` (a client's PUT) also checks layer `urls`: a stored or upstream manifest that was accepted
+    before that check existed must still parse, or gc would lose track of what it references.
     """
     content_type = (content_type or "").split(";")[0].strip()
     if content_type in SCHEMA1_TYPES:
@@ -128,6 +170,7 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
         raise ManifestInvalid(f"unsupported manifest media type {media_type!r}")
 
     blobs: list[Descriptor] = []
+    foreign: list[Descriptor] = []
     children: list[Descriptor] = []
     if media_type in INDEX_TYPES:
         raw_children = doc.get("manifests")
@@ -141,7 +184,11 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
         raw_layers = doc.get("layers")
         if not isinstance(raw_layers, list):
             raise ManifestInvalid("an image manifest needs a layers list")
-        blobs.extend(_descriptor(item, f"layers[{i}]") for i, item in enumerate(raw_layers))
+        for i, item in enumerate(raw_layers):
+            layer = _descriptor(item, f"layers[{i}]")  # checks that `item` is an object
+            if pushed:
+                _check_urls(item, f"layers[{i}]")
+            (foreign if is_foreign_layer(item) else blobs).append(layer)
 
     subject = _descriptor(doc["subject"], "subject") if doc.get("subject") is not None else None
     artifact_type = doc.get("artifactType")
@@ -158,4 +205,5 @@ def parse_manifest(body: bytes, content_type: str | None) -> ParsedManifest:
         subject=subject,
         artifact_type=artifact_type,
         annotations=annotations if isinstance(annotations, dict) else {},
+        foreign=tuple(foreign),
     )

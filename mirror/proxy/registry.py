@@ -12,10 +12,10 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from mirror.errors import (
     UpstreamUnavailable,
 )
 from mirror.metrics import Metrics
+from mirror.observe.requests import FillRecord, note_cache_result
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import is_valid_tag, validate_tag
@@ -55,29 +56,6 @@ DISK_MARGIN_BYTES = 16 << 20
 _MAX_INDEX_DEPTH = 2
 # Errors after which cached content is better than no content (a garbled answer included).
 _UPSTREAM_DOWN = (UpstreamUnavailable, TooManyRequests, UpstreamInvalid)
-
-
-_NON_DISTRIBUTABLE_PREFIXES = (
-    "application/vnd.oci.image.layer.nondistributable.",
-    "application/vnd.docker.image.rootfs.foreign.",
-)
-
-
-def _is_non_distributable(media_type: str) -> bool:
-    return media_type.startswith(_NON_DISTRIBUTABLE_PREFIXES)
-
-
-def _foreign_layer_digests(body: bytes) -> set[Digest]:
-    """Digests of layers a manifest says are fetched from `urls` elsewhere (already parsed and valid)."""
-    layers = json.loads(body).get("layers")
-    found: set[Digest] = set()
-    for layer in layers if isinstance(layers, list) else []:
-        if isinstance(layer, dict) and layer.get("urls"):
-            try:
-                found.add(Digest.parse(str(layer.get("digest"))))
-            except RegistryError:
-                continue
-    return found
 
 
 def _is_empty_blob(digest: Digest) -> bool:
@@ -118,12 +96,15 @@ class ProxyRegistry(Registry):
         self.tag_ttl = tag_ttl
         self.manifest_limit = manifest_limit
         self.read_only_message = read_only_message
+        # Told of every finished download (the status page's "recent fills"); the app sets it.
+        self.on_fill: Callable[[FillRecord], None] | None = None
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
         self._memo = ManifestMemo()
         self._sizes = ExpectedSizes()
 
     def _count(self, kind: str, result: str) -> None:
         self.metrics.cache_lookups.labels(self.name, kind, result).inc()
+        note_cache_result(result)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def _find(self, repo: str, digest: Digest) -> tuple[bool, StoredBlob | None]:
@@ -242,7 +223,7 @@ class ProxyRegistry(Registry):
             # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
             # A blob larger than the whole cache bound is streamed through without being kept: caching
             # it would mean evicting everything else and still exceeding storage.max_size.
-            keep = self.cache.max_size is None or size is None or size <= self.cache.max_size
+            keep = await self.cache.should_keep(digest, size)
             async with self.cache.incoming(size or 0 if keep else 0):
                 await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep)
         finally:
@@ -287,7 +268,7 @@ class ProxyRegistry(Registry):
                 # so the file can go now; nothing is committed or indexed.
                 await asyncio.to_thread(temp.unlink, True)
                 await fill.commit(None)
-                self.metrics.fills.labels(self.name, "passed_through").inc()
+                self._fill_finished(repo, digest, received, started, "passed_through")
                 return
             stored = await asyncio.to_thread(self.blobs.commit_sync, temp, digest, actual, received)
             linked: set[str] = set()
@@ -297,7 +278,7 @@ class ProxyRegistry(Registry):
             # between the last check and commit(), after which nobody can join this fill.
             await self._link_new_repositories(fill, digest, linked)
             await fill.commit(stored.path)
-            self.metrics.fills.labels(self.name, "ok").inc()
+            self._fill_finished(repo, digest, received, started, "ok")
             elapsed = time.perf_counter() - started
             log.info("filled %s from %s/%s: %d bytes in %.2f s (%.0f MB/s)", digest, self.name, repo, received,
                      elapsed, received / elapsed / 1e6 if elapsed else 0.0)
@@ -308,8 +289,14 @@ class ProxyRegistry(Registry):
             if not fill.has_descriptor:
                 await asyncio.to_thread(os.close, read_fd)  # never handed to the fill
             result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
-            self.metrics.fills.labels(self.name, result).inc()
+            self._fill_finished(repo, digest, fill.written, started, result)
             raise
+
+    def _fill_finished(self, repo: str, digest: Digest, size: int, started: float, result: str) -> None:
+        self.metrics.fills.labels(self.name, result).inc()
+        if self.on_fill is not None:
+            self.on_fill(FillRecord(self.name, repo, str(digest), size, time.perf_counter() - started, result,
+                                    time.time()))
 
     async def _reserve(self, size: int) -> None:
         """Check there is room for the blob before any client is answered, so a full disk is a clean 503 up
@@ -521,7 +508,7 @@ class ProxyRegistry(Registry):
         says so, so a crash in between only costs doing it again."""
         vouched: list[Descriptor] = []
         try:
-            vouched = self._link_references_sync(repo, parsed, body, depth)
+            vouched = self._link_references_sync(repo, parsed, depth)
             linked = True
         except OSError as exc:
             # Only a saving: without these links the blobs are confirmed with a HEAD as before.
@@ -530,12 +517,11 @@ class ProxyRegistry(Registry):
         self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body), references_linked=linked))
         return vouched
 
-    def _link_references_sync(self, repo: str, parsed: ParsedManifest, body: bytes, depth: int) -> list[Descriptor]:
+    def _link_references_sync(self, repo: str, parsed: ParsedManifest, depth: int) -> list[Descriptor]:
         # Non-distributable layers are the exception: a registry never checks those (they were never
         # pushed), so naming one is no evidence that `repo` may read bytes stored under that digest.
-        foreign = _foreign_layer_digests(body)
-        vouched = [blob for blob in parsed.blobs
-                   if blob.digest not in foreign and not _is_non_distributable(blob.media_type)]
+        # `parsed.blobs` leaves them out (they are `parsed.foreign`).
+        vouched = list(parsed.blobs)
         for blob in vouched:
             self.repos.link_blob(repo, blob.digest)
         if depth >= _MAX_INDEX_DEPTH:

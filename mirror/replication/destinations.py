@@ -17,6 +17,7 @@ from aiohttp import web
 
 from mirror.errors import RegistryError
 from mirror.replication.gate import BeforeGet
+from mirror.replication.layout import open_layout_destination
 from mirror.replication.rules import ARCHIVE, CACHE, LOCAL, OCI_LAYOUT, REGISTRY, Destination, Rule
 from mirror.state import METRICS, ROUTER
 from mirror.storage.interface import Registry
@@ -77,6 +78,5 @@ async def open_destination(
         factory = _optional("mirror.replication.remote", "open_registry_destination", "a registry destination")
         return await factory(spec, stack, state_dir=state_dir, metrics=app[METRICS])  # type: ignore[operator]
     if spec.kind in (OCI_LAYOUT, ARCHIVE):
-        factory = _optional("mirror.replication.layout", "open_layout_destination", f"an {spec.kind} destination")
-        return await factory(spec, stack)  # type: ignore[operator]
+        return await open_layout_destination(spec, stack)
     raise ReplicationUnavailable(f"unknown destination kind {spec.kind}")

@@ -209,6 +209,15 @@ class ReplicationEngine:
     async def load(self) -> None:
         states = await asyncio.to_thread(lambda: {n: load_state_sync(self.root, n) for n in self.rules})
         self._states.update(states)
+        # Every rule's series exist from the start, at zero: a dashboard or an alert comparing "failed"
+        # with "ok" runs must not see a missing series where nothing happened yet.
+        for name in self.rules:
+            for result in ("ok", "partial", "failed"):
+                self.metrics.replication_runs.labels(name, result)
+            for outcome in ("copied", "unchanged", "failed"):
+                self.metrics.replication_images.labels(name, outcome)
+            self.metrics.replication_failures.labels(name)
+            self.metrics.replication_bytes.labels(name)
 
     async def start_schedules(self) -> None:
         """Run the rules on their schedules (mirror serve); at most one server per data directory does."""

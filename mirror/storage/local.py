@@ -204,6 +204,7 @@ class LocalRegistry(Registry):
             tag = validate_tag(reference)
 
         def missing_references() -> list[str]:
+            # Foreign (non-distributable) layers are not among `parsed.blobs`: clients never push them.
             missing = [str(d.digest) for d in parsed.blobs if not self.repos.has_blob(repo, d.digest)]
             missing += [str(d.digest) for d in parsed.manifests if self.repos.manifest_link(repo, d.digest) is None]
             return missing
@@ -248,7 +249,7 @@ class LocalRegistry(Registry):
         own, so they neither block the loop nor take the default executor's threads that serve blob hits."""
 
         def check() -> tuple[ParsedManifest, Digest]:
-            return parse_manifest(body, content_type), Digest.of(body, algorithm)
+            return parse_manifest(body, content_type, pushed=True), Digest.of(body, algorithm)
 
         if len(body) <= _PARSE_ON_LOOP_BYTES:
             return check()  # a typical manifest (a few KiB) parses in well under a millisecond

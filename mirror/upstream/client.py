@@ -83,6 +83,16 @@ R = TypeVar("R", bound=_Response)
 _Sender = Callable[[str, str, dict[str, str]], Awaitable[R]]
 
 
+def request_kind(path: str) -> str:
+    """What an upstream request is about, for the metrics: Docker Hub bills GETs of `manifest`."""
+    route = path.split("?", 1)[0]
+    for marker, kind in (("/manifests/", "manifest"), ("/blobs/", "blob"), ("/tags/list", "tags"),
+                         ("/referrers/", "referrers"), ("/_catalog", "catalog")):
+        if marker in route:
+            return kind
+    return "base" if route.rstrip("/") == "/v2" else "other"
+
+
 @dataclass(frozen=True, slots=True)
 class JsonResponse:
     """An upstream's answer to a GET of JSON, its body read and parsed (see UpstreamClient.get_json)."""
@@ -285,6 +295,7 @@ class UpstreamClient:
                     return await self._open_once(method, path, scope, dict(headers or {}), send)
         except _Retryable as exc:
             self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
+            self.metrics.upstream_up.labels(self.name).set(0)
             raise UpstreamUnavailable(f"upstream {self.name} unavailable: {exc}") from exc
         raise AssertionError("unreachable: tenacity either returns or raises")
 
@@ -308,7 +319,7 @@ class UpstreamClient:
                 response.release()
                 headers["Authorization"] = authorization
                 response = await self._follow(method, url, headers, send)
-        self._record(method, response)
+        self._record(method, path, response)
         if response.status == 429:
             retry_after = response.headers.get("Retry-After", "60")
             response.release()
@@ -418,7 +429,7 @@ class UpstreamClient:
                 allow_redirects=False,
                 timeout=aiohttp.ClientTimeout(total=self.config.timeout),
             ) as token_response:
-                self.metrics.upstream_requests.labels(self.name, "TOKEN", str(token_response.status)).inc()
+                self.metrics.upstream_requests.labels(self.name, "GET", "token", str(token_response.status)).inc()
                 # A token service that is down or rate limiting is the upstream being down: the proxy must
                 # see UpstreamUnavailable / TooManyRequests (stale cache, 503, 429), not an unanswered 401
                 # that reads as "no such manifest" and turns cached tags into 404s.
@@ -452,8 +463,9 @@ class UpstreamClient:
         raw = f"{self.config.username}:{self.config.password or ''}".encode()
         return base64.b64encode(raw).decode()
 
-    def _record(self, method: str, response: _Response) -> None:
-        self.metrics.upstream_requests.labels(self.name, method, str(response.status)).inc()
+    def _record(self, method: str, path: str, response: _Response) -> None:
+        self.metrics.upstream_requests.labels(self.name, method, request_kind(path), str(response.status)).inc()
+        self.metrics.upstream_up.labels(self.name).set(1 if response.status < 500 else 0)
         self.ratelimit.observe(response.status, response.headers)
         for header, gauge in (
             ("ratelimit-remaining", self.metrics.ratelimit_remaining),

@@ -68,8 +68,11 @@ class DockerDaemon:
         insecure_registries: Iterable[str] = (),
         extra_args: Sequence[str] = (),
         start_timeout: float = 60.0,
+        data_root: Path | None = None,
     ) -> None:
         self.mirror_url = mirror_url
+        # A data root of the caller's survives stop(): images (a base, build cache) are kept between runs.
+        self.data_root = data_root
         self.insecure_registries = list(insecure_registries)
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
@@ -116,7 +119,7 @@ class DockerDaemon:
             dockerd,
             "--iptables=false", "--ip6tables=false", "--bridge=none",
             "--storage-driver=vfs",
-            "--data-root", str(d / "root"),
+            "--data-root", str(self.data_root or d / "root"),
             "--exec-root", str(d / "exec"),
             "--pidfile", str(d / "pid"),
             "-H", f"unix://{d / 'sock'}",
