@@ -33,7 +33,7 @@ from mirror.replication.copier import Copier, CopyOptions
 from mirror.replication.remote import RemoteRegistry, RemoteSpec, open_remote
 from mirror.replication.standalone import open_app
 from mirror.state import ROUTER
-from tests.registry_helpers import OCI_MANIFEST, digest_of, image_manifest, push_blob, put_manifest
+from tests.registry_helpers import OCI_MANIFEST, digest_of, image_manifest, push_blob, push_image, put_manifest
 from tests.support import skopeo
 from tests.support.distribution import DistributionRegistry
 from tests.support.fixtures import ImageFactory, MirrorFactory, RegistryFactory
@@ -376,3 +376,40 @@ async def test_mirror_sync_replicates_a_rule_registry_to_registry_and_a_rerun_co
     assert source_requests and dest_requests
     assert _reads(source_requests) == [], _reads(source_requests)
     assert _writes(dest_requests) == [] and _reads(dest_requests) == [], dest_requests
+
+
+async def test_prune_mirrors_latest_n_at_a_distribution_registry_that_deletes_only_by_digest(
+    mirror_factory: MirrorFactory, registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    """`latest: 2` with prune, towards distribution 2.8 (a tag can only go with its manifest, by digest):
+    the tag that fell out of the selection is deleted, unless another tag there names the same manifest."""
+    dc2 = await asyncio.to_thread(registry_factory.htpasswd)
+    user, password = dc2.default_creds or ("", "")
+    rule = {"name": "two", "source": "team/app", "prune": True, "tags": {"latest": 2},
+            "destinations": [{"registry": dc2.url, "repository": "dc2/app", "username": user, "password": password}]}
+    mirror = await asyncio.to_thread(mirror_factory, {"storage": {"path": str(tmp_path / "data")},
+                                                      "replication": [rule]})
+
+    async def run() -> dict[str, Any]:
+        async with session.post(f"{mirror.url}/api/replication/two/run?wait=1") as response:
+            assert response.status == 200, await response.text()
+            report: dict[str, Any] = await response.json()
+            return report
+
+    async def tags() -> list[str]:
+        return sorted(await asyncio.to_thread(skopeo.list_tags, f"docker://{dc2.host}/dc2/app", dc2.default_creds))
+
+    async with aiohttp.ClientSession(base_url=mirror.url) as session:
+        await push_image(session, "team/app", "1.1", layers=(b"one",))
+        shared, _ = await push_image(session, "team/app", "1.2", layers=(b"two",))
+        assert (await run())["copied"] == 2 and await tags() == ["1.1", "1.2"]
+        await push_image(session, "team/app", "1.3", layers=(b"three",))
+        report = await run()
+        assert report["pruned"] == 1 and await tags() == ["1.2", "1.3"]
+        # 1.4 is 1.2's manifest: deleting 1.2 by digest would take 1.4 along, so 1.2 stays.
+        again, _ = await push_image(session, "team/app", "1.4", layers=(b"two",))
+        assert again == shared
+        report = await run()
+        assert report["pruned"] == 0 and report["result"] == "ok"
+    assert await tags() == ["1.2", "1.3", "1.4"]
+    assert "the tag was left" in mirror.log_text()
