@@ -357,6 +357,7 @@ async def test_startup_recovery_cleans_temp_files_and_reconciles_the_index(aioht
     settings = dict(
         upstreams=[upstream_config(f"http://{server.host}:{server.port}", library_prefix=True, tag_ttl="1h")],
         local={"repositories": ["local/**"]},
+        uploads={"expire": "1h"},  # the backdated session below is past it
     )
     client = await make_registry(**settings)
     root = data_dir(client)

@@ -226,7 +226,7 @@ async def test_startup_removes_stale_temps_and_uploads(make_registry: ClientFact
     old_upload = make_upload(data_dir, "a" * 32, "team/app", b"stale", age=7200)
     new_upload = make_upload(data_dir, "b" * 32, "team/app", b"fresh-", age=60)
 
-    client = await make_registry(storage={"temp_grace": "1h"})
+    client = await make_registry(storage={"temp_grace": "1h"}, uploads={"expire": "1h"})
     assert not old_temp.exists()
     assert new_temp.exists()
     assert not old_upload.exists()
@@ -242,11 +242,13 @@ async def test_startup_removes_stale_temps_and_uploads(make_registry: ClientFact
 
 
 async def test_startup_grace_is_configurable(make_registry: ClientFactory, tmp_path: Path) -> None:
+    # Push sessions follow uploads.expire at start-up as at run time; storage.temp_grace (for fills'
+    # temp files) does not end them.
     data_dir = tmp_path / "data"
     upload = make_upload(data_dir, "c" * 32, "team/app", b"ten minutes old", age=600)
-    await make_registry(storage={"temp_grace": "1h"})
+    await make_registry(storage={"temp_grace": "5m"}, uploads={"expire": "1h"})
     assert upload.exists()
     data_dir2 = tmp_path / "data2"
     upload2 = make_upload(data_dir2, "c" * 32, "team/app", b"ten minutes old", age=600)
-    await make_registry(storage={"temp_grace": "5m", "path": str(data_dir2)})
+    await make_registry(storage={"temp_grace": "1h", "path": str(data_dir2)}, uploads={"expire": "5m"})
     assert not upload2.exists()
