@@ -1,19 +1,26 @@
-"""Replication registry to registry: the mirror's copier against `skopeo sync`, same data, same run.
+"""Replication registry to registry: the mirror's rules against `skopeo sync`, same data, same run.
 
-    python3 -m bench.replication [--repos 20] [--tags 3] [--rounds 1] [--json FILE]
+    python3 -m bench.replication [--repos 20] [--tags 3] [--rounds 1] [--via serve|copier|sync]
+                                 [--concurrency N] [--json FILE]
 
 A distribution registry with token auth (like Docker Hub) holds REPOS x TAGS images: each a config, a base
 layer shared by every image, and an application layer of its own. Each round gives each tool a fresh,
-empty distribution registry as destination and measures, from outside the process (start-up included):
+empty distribution registry as destination and measures:
 
 - the first run: every tag of every repository listed and copied;
 - a rerun with nothing changed: its wall time, and the requests it made at the source, counted in the
   source's access log (manifest and blob GETs are what Docker Hub's rate limit and bandwidth bill).
 
-The mirror's side is driven through the copier directly (`python3 -m bench.replication_worker`: list the
-tags, copy each with RemoteRegistry source and destination), the pieces a replication rule runs; the rule
-engine (`mirror sync`) is on another branch. Goals (issue 10): first run <= 0.6x skopeo's wall time;
-rerun <= 0.2x skopeo's wall time with zero manifest/blob GETs at the source.
+The mirror's side (`--via`):
+- `serve` (default): one rule per repository inside a running `mirror serve`, as production runs them;
+  every rule is triggered at once with `POST /api/replication/<rule>/run?wait=1` and timed until the
+  last answers (the server's start-up is not timed: it is running before anyone triggers a rule). The
+  round also times `mirror sync --config` beside that server (it goes through the API), start-up of its
+  own Python process included. skopeo is a one-shot process either way: that is how it is run.
+- `copier`: the copier driven directly in a one-shot process (`bench/replication_worker.py`).
+- `sync`: a one-shot `mirror sync --config` with no server (it opens the stores itself).
+Goals (issue 10): first run <= 0.6x skopeo's wall time; rerun <= 0.2x skopeo's wall time with zero
+manifest/blob GETs at the source.
 """
 
 from __future__ import annotations
@@ -31,14 +38,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import yaml
 
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.replication.remote import RemoteSpec, open_remote
 from tests.support.distribution import DistributionRegistry
-from tests.support.mirror_proc import REPO_ROOT
-from tests.support.procs import require_tool
+from tests.support.mirror_proc import REPO_ROOT, MirrorProcess
+from tests.support.procs import free_port, require_tool
 from tests.support.skopeo import _env as skopeo_env
 from tests.support.skopeo import _global_args as skopeo_args
 from tests.support.token_server import TokenServer
@@ -103,14 +111,7 @@ def _run_mirror(source: str, dest: str, repos: list[str]) -> tuple[float, dict[s
 
 def _run_sync(source: str, dest: str, repos: list[str], workdir: Path) -> tuple[float, dict[str, object]]:
     """`mirror sync --config`: one rule per repository (a rule has one source repository), every tag."""
-    data = workdir / f"sync-data-{urlsplit(dest).port}"
-    config = {
-        "storage": {"path": str(data)},
-        "upstreams": [{"name": "src", "url": source}],
-        "replication": [{"name": f"r{number:02d}", "source": f"src/{repo}",
-                         "destinations": [{"registry": dest, "repository": f"mirror/{repo}"}]}
-                        for number, repo in enumerate(repos)],
-    }
+    config = _rules_config(source, dest, repos, workdir / f"sync-data-{urlsplit(dest).port}")
     config_path = workdir / "sync.yaml"
     config_path.write_text(yaml.safe_dump(config))
     argv = [sys.executable, "-m", "mirror", "sync", "--config", str(config_path)]
@@ -121,6 +122,72 @@ def _run_sync(source: str, dest: str, repos: list[str], workdir: Path) -> tuple[
     if result.returncode != 0:
         raise RuntimeError(f"mirror sync failed: {result.stdout.decode()[-2000:]} {result.stderr.decode()[-2000:]}")
     return elapsed, {"images": 0, "inside_s": float("nan")}  # its own table went to stderr
+
+
+def _rules_config(source: str, dest: str, repos: list[str], data: Path, concurrency: int | None = None
+                  ) -> dict[str, object]:
+    """One rule per repository (a rule has one source repository), every tag, on demand only."""
+    return {
+        **({"replication_concurrency": concurrency} if concurrency else {}),
+        "storage": {"path": str(data)},
+        "upstreams": [{"name": "src", "url": source}],
+        "replication": [{"name": f"r{number:02d}", "source": f"src/{repo}",
+                         "destinations": [{"registry": dest, "repository": f"mirror/{repo}"}]}
+                        for number, repo in enumerate(repos)],
+    }
+
+
+class _ServeSide:
+    """The rules inside a running `mirror serve`, as production runs them: each run is asked for with
+    `POST /api/replication/<rule>/run?wait=1` (answered when the run has ended), all rules at once; the
+    server runs `replication_concurrency` of them at a time. The server's own start-up is not timed:
+    it is already running when a schedule or a user triggers a rule."""
+
+    def __init__(self, source: str, dest: str, repos: list[str], workdir: Path, concurrency: int | None) -> None:
+        port = free_port()
+        self.rules = [f"r{number:02d}" for number in range(len(repos))]
+        config = {**_rules_config(source, dest, repos, workdir / f"serve-data-{port}", concurrency),
+                  "listen": f"127.0.0.1:{port}"}
+        self.process = MirrorProcess(config, workdir=workdir / f"serve-{port}")
+        (workdir / f"serve-{port}").mkdir(parents=True, exist_ok=True)
+        self.process.start()
+
+    def run(self) -> tuple[float, dict[str, object]]:
+        return asyncio.run(self._run())
+
+    async def _run(self) -> tuple[float, dict[str, object]]:
+        async with aiohttp.ClientSession() as session:
+
+            async def run_rule(name: str) -> dict[str, object]:
+                async with session.post(f"{self.process.url}/api/replication/{name}/run",
+                                        params={"wait": "1"}) as response:
+                    assert response.status == 200, await response.text()
+                    report: dict[str, object] = await response.json()
+                    return report
+
+            started = time.perf_counter()
+            reports = await asyncio.gather(*(run_rule(name) for name in self.rules))
+            elapsed = time.perf_counter() - started
+        failed = [r for r in reports if r["result"] != "ok"]
+        if failed:
+            raise RuntimeError(f"rules failed inside mirror serve: {failed[:3]}")
+        images = sum(int(r["copied"]) + int(r["unchanged"]) for r in reports)  # type: ignore[call-overload]
+        return elapsed, {"images": images, "inside_s": elapsed}
+
+    def run_sync_command(self) -> float:
+        """`mirror sync --config` beside the running server: it goes through the server's API (start-up
+        of the command's own Python process included)."""
+        argv = [sys.executable, "-m", "mirror", "sync", "--config", str(self.process.config_path)]
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        started = time.perf_counter()
+        result = subprocess.run(argv, capture_output=True, env=env, cwd=REPO_ROOT, timeout=900, check=False)
+        elapsed = time.perf_counter() - started
+        if result.returncode != 0:
+            raise RuntimeError(f"mirror sync failed: {result.stdout.decode()[-2000:]} {result.stderr.decode()[-2000:]}")
+        return elapsed
+
+    def stop(self) -> None:
+        self.process.cleanup()
 
 
 def _run_skopeo(source: DistributionRegistry, dest: DistributionRegistry, repos: list[str], workdir: Path) -> float:
@@ -157,17 +224,24 @@ class Round:
     mirror_images: int
     mirror_first_inside_s: float  # the same runs without interpreter and import start-up
     mirror_rerun_inside_s: float
+    sync_command_rerun_s: float  # serve only: `mirror sync` through the running server, process start-up included
+    load_average: tuple[float, float, float]  # when the round ended
 
 
-def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str) -> Round:
+def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str, concurrency: int | None
+           ) -> Round:
     mirror_dest = DistributionRegistry.open().start()
     skopeo_dest = DistributionRegistry.open().start()
+    serve = _ServeSide(source.url, mirror_dest.url, repos, workdir, concurrency) if via == "serve" else None
 
     def run_mirror() -> tuple[float, dict[str, object]]:
+        if serve is not None:
+            return serve.run()
         if via == "sync":
             return _run_sync(source.url, mirror_dest.url, repos, workdir)
         return _run_mirror(source.url, mirror_dest.url, repos)
 
+    sync_command_rerun = float("nan")
     try:
         mark = source.log_mark()
         mirror_first, first_stats = run_mirror()
@@ -183,12 +257,17 @@ def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: s
         mark = source.log_mark()
         skopeo_rerun = _run_skopeo(source, skopeo_dest, repos, workdir)
         skopeo_rerun_source = _source_counts(source.requests(mark))
+        if serve is not None:
+            sync_command_rerun = serve.run_sync_command()
     finally:
+        if serve is not None:
+            serve.stop()
         mirror_dest.cleanup()
         skopeo_dest.cleanup()
     return Round(mirror_first, skopeo_first, mirror_rerun, skopeo_rerun, mirror_rerun_source, skopeo_rerun_source,
                  mirror_first_source, skopeo_first_source, int(first_stats["images"]),  # type: ignore[call-overload]
-                 float(first_stats["inside_s"]), float(rerun_stats["inside_s"]))  # type: ignore[arg-type]
+                 float(first_stats["inside_s"]), float(rerun_stats["inside_s"]),  # type: ignore[arg-type]
+                 sync_command_rerun, os.getloadavg())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,8 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tags", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--via", choices=("copier", "sync"), default="copier",
-                        help="the mirror side: the copier driven directly, or `mirror sync --config` (a rule per repo)")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="replication_concurrency of the mirror's config (default: the config's default)")
+    parser.add_argument("--via", choices=("serve", "copier", "sync"), default="serve",
+                        help="the mirror side: rules inside a running `mirror serve` triggered through its API "
+                             "(default, how production runs them), the copier driven directly in a one-shot "
+                             "process, or a one-shot `mirror sync --config` (a rule per repository)")
     args = parser.parse_args(argv)
 
     require_tool("skopeo")
@@ -209,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repos = [_repo(n) for n in range(args.repos)]
         asyncio.run(_seed(source.url, tokens.creds, args.repos, args.tags))
-        rounds = [_round(source, repos, workdir, args.via) for _ in range(args.rounds)]
+        rounds = [_round(source, repos, workdir, args.via, args.concurrency) for _ in range(args.rounds)]
     finally:
         source.cleanup()
         tokens.stop()
@@ -221,12 +304,16 @@ def main(argv: list[str] | None = None) -> int:
     first_ratio = median("mirror_first_s") / median("skopeo_first_s")
     rerun_ratio = median("mirror_rerun_s") / median("skopeo_rerun_s")
     print(f"replication: {args.repos} repositories x {args.tags} tags, mirror side via {args.via}, "
-          f"{args.rounds} round(s), medians")
+          f"replication_concurrency {args.concurrency or 'default'}, {args.rounds} round(s), medians")
     print(f"{'':28} {'mirror':>10} {'skopeo sync':>12} {'ratio':>7}  goal")
     print(f"{'first run, wall s':28} {median('mirror_first_s'):10.2f} {median('skopeo_first_s'):12.2f} "
           f"{first_ratio:7.2f}  <= 0.6")
     print(f"{'no-change rerun, wall s':28} {median('mirror_rerun_s'):10.2f} {median('skopeo_rerun_s'):12.2f} "
           f"{rerun_ratio:7.2f}  <= 0.2")
+    if args.via == "serve":
+        command = median("sync_command_rerun_s")
+        print(f"{'  mirror sync via the server':28} {command:10.2f} (rerun, one-shot command, Python start-up "
+              f"included): ratio {command / median('skopeo_rerun_s'):.2f}")
     if args.via == "copier":
         inside_first, inside_rerun = median("mirror_first_inside_s"), median("mirror_rerun_inside_s")
         print(f"{'  mirror without start-up':28} {inside_first:10.2f} (first) {inside_rerun:.2f} (rerun): ratios "
@@ -237,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
               + ("           0" if key == "manifest_blob_gets" else ""))
     print(f"{'first run source requests':28} {last.mirror_first_source['requests']:10d} "
           f"{last.skopeo_first_source['requests']:12d}")
+    loads = ", ".join(" ".join(f"{x:.2f}" for x in r.load_average) for r in rounds)
+    print(f"load average (1, 5, 15 min) at the end of each round: {loads}")
     if args.json:
         args.json.write_text(json.dumps({"repos": args.repos, "tags": args.tags,
                                          "rounds": [asdict(r) for r in rounds]}, indent=2))

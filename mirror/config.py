@@ -164,6 +164,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
     cluster: ClusterConfig | None = None  # None: one node, coordinated in-process
+    replication_concurrency: int = 4  # rules run at once (mirror serve's scheduler and mirror sync)
 
     @property
     def default_upstream(self) -> UpstreamConfig | None:
@@ -482,6 +483,12 @@ def _parse_upstream(section: _Section) -> UpstreamConfig | None:
     return None if name is None or url is None else upstream
 
 
+def _parse_concurrency(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{key}: expected a whole number, 1 or more, got {value!r}")
+    return value
+
+
 def _non_negative_int(value: Any, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{key}: expected a whole number, 0 or more, got {value!r}")
@@ -578,6 +585,7 @@ def load_config_data(data: Any) -> Config:
         from mirror.auth.settings import parse_security  # here: that module reads sections with this one's
 
         security = parse_security(root)
+        replication_concurrency = root.value("replication_concurrency", 4, _parse_concurrency)
         root.finish()
     except ConfigError as exc:  # a check that raises instead of recording: still shown with the others
         raise ConfigError(*errors.messages, *exc.errors) from exc
@@ -585,7 +593,8 @@ def load_config_data(data: Any) -> Config:
         raise ConfigError(*errors.messages)
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        log=log, replication=replication, cluster=cluster, security=security,
+        log=log, replication=replication, replication_concurrency=replication_concurrency, cluster=cluster,
+        security=security,
     )
 
 

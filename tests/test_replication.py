@@ -216,6 +216,25 @@ async def test_prune_removes_only_tags_the_rule_wrote_that_left_the_source(aioht
         assert sorted((await response.json())["tags"]) == ["1", "mine"]
 
 
+async def test_prune_removes_a_tag_that_fell_out_of_the_selection(aiohttp_client: Any, tmp_path: Path) -> None:
+    """`latest: 2` and a newer tag pushed: with prune the destination holds the two newest, like the rule."""
+    client = await _app_with_rules(aiohttp_client, tmp_path, [{
+        "name": "team", "source": "team/app", "prune": True, "tags": {"latest": 2},
+        "destinations": [{"local": "copy/app"}],
+    }])
+    for number in (1, 2):
+        await push_image(client, "team/app", f"1.{number}", layers=(f"v{number}".encode(),))
+    engine = client.app[REPLICATION]
+    await engine.run_rule("team")
+    await push_image(client, "team/app", "1.3", layers=(b"v3",))
+    report = await engine.run_rule("team")
+    assert report.pruned == 1 and report.copied == 1
+    async with client.get("/v2/copy/app/tags/list") as response:
+        assert sorted((await response.json())["tags"]) == ["1.2", "1.3"]
+    async with client.get("/v2/team/app/tags/list") as response:  # the source keeps everything
+        assert sorted((await response.json())["tags"]) == ["1.1", "1.2", "1.3"]
+
+
 async def test_an_on_push_rule_starts_within_seconds_of_a_push(aiohttp_client: Any, tmp_path: Path) -> None:
     client = await _app_with_rules(aiohttp_client, tmp_path, [{
         "name": "team", "source": "team/app", "on_push": True, "tags": {"include": r"v\d+"},

@@ -26,13 +26,14 @@ import yaml
 
 from mirror.config import load_config_data
 from mirror.metrics import Metrics
+from mirror.oci.digest import Digest
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.cache_dest import cache_destination
 from mirror.replication.copier import Copier, CopyOptions
 from mirror.replication.remote import RemoteRegistry, RemoteSpec, open_remote
 from mirror.replication.standalone import open_app
 from mirror.state import ROUTER
-from tests.registry_helpers import OCI_MANIFEST, digest_of, image_manifest, push_blob, put_manifest
+from tests.registry_helpers import OCI_MANIFEST, digest_of, image_manifest, push_blob, push_image, put_manifest
 from tests.support import skopeo
 from tests.support.distribution import DistributionRegistry
 from tests.support.fixtures import ImageFactory, MirrorFactory, RegistryFactory
@@ -225,6 +226,53 @@ async def test_referrers_travel_between_registries_that_have_the_api(
     assert [(e["digest"], e.get("artifactType")) for e in listed] == [(digest_of(sbom), "application/spdx+json")]
 
 
+async def test_a_referrer_copied_to_distribution_is_found_under_the_referrers_tag_and_read_back(
+    mirror_factory: MirrorFactory, registry_factory: RegistryFactory, image_factory: ImageFactory, tmp_path: Path
+) -> None:
+    """distribution 2.8 has no referrers API: the copier's writes keep OCI 1.1's fallback, the tag
+    `sha256-<hex>` holding an index of the image's referrers, and a copy out of it finds them there."""
+    source = await asyncio.to_thread(mirror_factory, {"storage": {"path": str(tmp_path / "a")}})
+    back = await asyncio.to_thread(mirror_factory, {"storage": {"path": str(tmp_path / "b")}})
+    dc2 = await asyncio.to_thread(registry_factory.htpasswd)
+    image = await asyncio.to_thread(image_factory.busybox, seed=5)
+    await skopeo.acopy(image.ref, f"docker://{source.host}/team/app:1")
+    subject = {"mediaType": image.media_type, "digest": image.digest, "size": image.size}
+    referrers = []
+    async with aiohttp.ClientSession(base_url=source.url) as session:
+        await push_blob(session, "team/app", b"{}")
+        for kind, content in (("application/spdx+json", b"an sbom"), ("application/vnd.dev.sigstore+json", b"sig")):
+            await push_blob(session, "team/app", content)
+            manifest = image_manifest(b"{}", [content], artifactType=kind, subject=subject)
+            assert (await put_manifest(session, "team/app", digest_of(manifest), manifest, OCI_MANIFEST)).status == 201
+            referrers.append((digest_of(manifest), kind))
+
+    creds = dc2.default_creds or ("", "")
+    async with open_remote(RemoteSpec(source.url), Metrics(), push=False) as src, \
+            open_remote(RemoteSpec(dc2.url, *creds), Metrics()) as dst:
+        await Copier(CopyOptions(referrers=True)).copy(src, "team/app", "1", dst, "dc2/app", dest_tag="1")
+    fallback_tag = "sha256-" + image.digest.split(":")[1]
+    assert sorted(await asyncio.to_thread(skopeo.list_tags, f"docker://{dc2.host}/dc2/app", dc2.default_creds)) \
+        == sorted(["1", fallback_tag])
+    index = json.loads(await skopeo.ainspect_raw(dc2.ref(f"dc2/app:{fallback_tag}"), dc2.default_creds))
+    assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+    assert sorted((e["digest"], e["artifactType"]) for e in index["manifests"]) == sorted(referrers)
+
+    # Read back from distribution: the copier finds the referrers under the tag and the mirror (which
+    # has the API) lists them; the fallback tag is not copied as an image of its own.
+    async with open_remote(RemoteSpec(dc2.url, *creds), Metrics(), push=False) as src, \
+            open_remote(RemoteSpec(back.url), Metrics()) as dst:
+        assert sorted(await src.list_tags("dc2/app")) == sorted(["1", fallback_tag])
+        assert sorted(str(d.digest) for d in await src.referrers("dc2/app", Digest.parse(image.digest))) \
+            == sorted(d for d, _ in referrers)
+        await Copier(CopyOptions(referrers=True)).copy(src, "dc2/app", "1", dst, "team/app", dest_tag="1")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{back.url}/v2/team/app/referrers/{image.digest}") as response:
+            listed = (await response.json(content_type=None))["manifests"]
+        async with session.get(f"{back.url}/v2/team/app/tags/list") as response:
+            assert (await response.json())["tags"] == ["1"]  # the mirror has the API: no fallback tag
+    assert sorted((e["digest"], e.get("artifactType")) for e in listed) == sorted(referrers)
+
+
 async def test_the_cache_destination_survives_an_eviction_storm_and_pulls_with_the_upstream_stopped(
     fresh_token_server: TokenServer,
     registry_factory: RegistryFactory,
@@ -328,3 +376,40 @@ async def test_mirror_sync_replicates_a_rule_registry_to_registry_and_a_rerun_co
     assert source_requests and dest_requests
     assert _reads(source_requests) == [], _reads(source_requests)
     assert _writes(dest_requests) == [] and _reads(dest_requests) == [], dest_requests
+
+
+async def test_prune_mirrors_latest_n_at_a_distribution_registry_that_deletes_only_by_digest(
+    mirror_factory: MirrorFactory, registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    """`latest: 2` with prune, towards distribution 2.8 (a tag can only go with its manifest, by digest):
+    the tag that fell out of the selection is deleted, unless another tag there names the same manifest."""
+    dc2 = await asyncio.to_thread(registry_factory.htpasswd)
+    user, password = dc2.default_creds or ("", "")
+    rule = {"name": "two", "source": "team/app", "prune": True, "tags": {"latest": 2},
+            "destinations": [{"registry": dc2.url, "repository": "dc2/app", "username": user, "password": password}]}
+    mirror = await asyncio.to_thread(mirror_factory, {"storage": {"path": str(tmp_path / "data")},
+                                                      "replication": [rule]})
+
+    async def run() -> dict[str, Any]:
+        async with session.post(f"{mirror.url}/api/replication/two/run?wait=1") as response:
+            assert response.status == 200, await response.text()
+            report: dict[str, Any] = await response.json()
+            return report
+
+    async def tags() -> list[str]:
+        return sorted(await asyncio.to_thread(skopeo.list_tags, f"docker://{dc2.host}/dc2/app", dc2.default_creds))
+
+    async with aiohttp.ClientSession(base_url=mirror.url) as session:
+        await push_image(session, "team/app", "1.1", layers=(b"one",))
+        shared, _ = await push_image(session, "team/app", "1.2", layers=(b"two",))
+        assert (await run())["copied"] == 2 and await tags() == ["1.1", "1.2"]
+        await push_image(session, "team/app", "1.3", layers=(b"three",))
+        report = await run()
+        assert report["pruned"] == 1 and await tags() == ["1.2", "1.3"]
+        # 1.4 is 1.2's manifest: deleting 1.2 by digest would take 1.4 along, so 1.2 stays.
+        again, _ = await push_image(session, "team/app", "1.4", layers=(b"two",))
+        assert again == shared
+        report = await run()
+        assert report["pruned"] == 0 and report["result"] == "ok"
+    assert await tags() == ["1.2", "1.3", "1.4"]
+    assert "the tag was left" in mirror.log_text()

@@ -153,3 +153,45 @@ async def test_mirror_sync_beside_a_running_server_goes_through_its_api(
         assert await _has(session, mirror.url, "copy/beside", "1")
         _, body = await http_json(session, "GET", f"{mirror.url}/api/replication")
     assert body["rules"][0]["runs"] == 1  # the server ran it: the state is the server's
+
+
+async def test_mirror_sync_runs_rules_side_by_side_up_to_replication_concurrency(
+    mirror_factory: MirrorFactory, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    seeder = mirror_factory({"storage": {"path": str(data)}})
+    async with aiohttp.ClientSession(base_url=seeder.url) as session:
+        for tag in ("1", "2", "3"):
+            await push_image(session, "team/app", tag, layers=(tag.encode() * 4096,))
+    seeder.stop()
+
+    def intervals() -> list[tuple[float, float]]:
+        states = [json.loads((data / "replication" / name / "state.json").read_text()) for name in ("a", "b")]
+        return [(s["last_run_started"], s["last_run_finished"]) for s in states]
+
+    for concurrency, overlap in ((2, True), (1, False)):
+        config = {"listen": "127.0.0.1:1", "storage": {"path": str(data)}, "replication_concurrency": concurrency,
+                  "replication": [_rule("a"), _rule("b")]}
+        synced = _sync(_write(tmp_path / "sync.yml", config))
+        assert synced.returncode == 0, synced.stderr + synced.stdout
+        (a_start, a_end), (b_start, b_end) = intervals()
+        assert (a_start < b_end and b_start < a_end) is overlap, (concurrency, intervals())
+
+
+async def test_a_run_asked_to_wait_answers_with_its_report_and_the_destination_shows_in_the_metrics(
+    mirror_factory: MirrorFactory, tmp_path: Path
+) -> None:
+    """A registry destination's requests are counted in the app's metrics, under the destination's host."""
+    dest = mirror_factory({"storage": {"path": str(tmp_path / "dest")}})
+    rule = {"name": "out", "source": "team/app", "destinations": [{"registry": dest.url, "repository": "copy/app"}]}
+    mirror = mirror_factory({"storage": {"path": str(tmp_path / "data")}, "replication": [rule]})
+    async with aiohttp.ClientSession(base_url=mirror.url) as session:
+        await push_image(session, "team/app", "1")
+        status, report = await http_json(session, "POST", f"{mirror.url}/api/replication/out/run?wait=1")
+        assert status == 200 and report["result"] == "ok" and report["copied"] == 1, report
+        assert await _has(session, dest.url, "copy/app", "1")  # done when answered, not some time later
+        async with session.get("/metrics") as response:
+            metrics = await response.text()
+    counted = [line for line in metrics.splitlines()
+               if line.startswith("mirror_upstream_requests_total{") and f'upstream="{dest.host}"' in line]
+    assert any('method="PUT"' in line for line in counted), counted or metrics[-3000:]

@@ -1,7 +1,9 @@
 """`GET /api/replication` (every rule's state, JSON) and `POST /api/replication/<rule>/run` (start it now).
 
 `POST ...?dry_run=1` answers with the plan instead (what would be copied), writing nothing; it is how
-`mirror sync --dry-run` asks a running server.
+`mirror sync --dry-run` asks a running server. `POST ...?wait=1` runs the rule (after the run in progress,
+if any) and answers 200 with its report when it has finished: how `mirror sync` runs rules through a
+running server, with no polling delay. The run goes on if the client goes away.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ async def run_rule(request: web.Request) -> web.Response:
     if request.query.get("dry_run") in ("1", "true"):
         report = await engine.run_rule(name, dry_run=True)
         return web.json_response(report.public())
+    if request.query.get("wait") in ("1", "true"):
+        return web.json_response((await engine.run_and_wait(name)).public())
     started = engine.trigger(name)
     return web.json_response({"rule": name, "run": started}, status=202)
 

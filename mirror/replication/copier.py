@@ -61,6 +61,18 @@ def platform_matches(found: str | None, wanted: Collection[str]) -> bool:
     return any(found == want or found.startswith(want + "/") for want in wanted)
 
 
+async def tag_digest(registry: Registry, repo: str, reference: str) -> Digest | None:
+    """What `repo:reference` names at a registry (a HEAD), or None when it has no such manifest."""
+    try:
+        return (await registry.stat_manifest(repo, reference)).digest
+    except (ManifestUnknown, BlobUnknown):
+        return None
+    except RegistryError as error:
+        if error.status == 404:
+            return None
+        raise
+
+
 @dataclass(frozen=True, slots=True)
 class CopyOptions:
     platforms: frozenset[str] | None = None  # None: an index is copied whole and untouched
@@ -130,7 +142,7 @@ class Copier:
                          else (await source.stat_manifest(src_repo, reference)).digest)
         expected = expected_dest_digest or source_digest
         stats = CopyStats()
-        if dest_tag is not None and await self._dest_tag_digest(dest, dest_repo, dest_tag) == expected:
+        if dest_tag is not None and await tag_digest(dest, dest_repo, dest_tag) == expected:
             # Up to date: no GET of the image at all. Only signatures and SBOMs may have been added since.
             if self.options.referrers:
                 await self._copy_referrers(source, src_repo, source_digest, dest, dest_repo, stats, source_tags)
@@ -144,26 +156,26 @@ class Copier:
             # The manifest was there already (untagged, or under another tag): only the tag is new. The
             # tag was seen not to name `expected`; a filtered index has a digest of its own to check.
             moved = written.digest == expected
-            if moved or await self._dest_tag_digest(dest, dest_repo, dest_tag) != written.digest:
+            if moved or await tag_digest(dest, dest_repo, dest_tag) != written.digest:
                 await dest.put_manifest(dest_repo, dest_tag, written.body, written.media_type)
         if self.options.referrers:
             await self._copy_referrers(source, src_repo, source_digest, dest, dest_repo, stats, source_tags)
         unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
         return CopyOutcome(source_digest, written.digest, unchanged=unchanged, stats=stats)
 
-    # -- manifests ---------------------------------------------------------------------------------
-    async def _dest_tag_digest(self, dest: Registry, repo: str, tag: str) -> Digest | None:
-        try:
-            return (await dest.stat_manifest(repo, tag)).digest
-        except (ManifestUnknown, BlobUnknown):
-            return None
-        except RegistryError as error:
-            if error.status == 404:
-                return None
-            raise
+    async def copy_referrers(
+        self, source: Registry, src_repo: str, subject: Digest, dest: Registry, dest_repo: str, *,
+        source_tags: Collection[str] | None = None,
+    ) -> CopyStats:
+        """Only the signatures, SBOMs and attestations of `subject`: for an image the caller has just seen
+        up to date at the destination (the planner's HEAD), so it is not asked again."""
+        stats = CopyStats()
+        await self._copy_referrers(source, src_repo, subject, dest, dest_repo, stats, source_tags)
+        return stats
 
+    # -- manifests ---------------------------------------------------------------------------------
     async def _dest_has_manifest(self, dest: Registry, repo: str, digest: Digest) -> bool:
-        return await self._dest_tag_digest(dest, repo, str(digest)) == digest
+        return await tag_digest(dest, repo, str(digest)) == digest
 
     async def _copy_manifest(
         self,
@@ -251,7 +263,7 @@ class Copier:
                 info = await source.stat_manifest(src_repo, tag)
             except ManifestUnknown:
                 continue
-            if await self._dest_tag_digest(dest, dest_repo, tag) == info.digest:
+            if await tag_digest(dest, dest_repo, tag) == info.digest:
                 stats.manifests_present += 1
                 continue
             attached = await source.get_manifest(src_repo, str(info.digest))

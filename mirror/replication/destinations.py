@@ -19,7 +19,7 @@ from mirror.errors import RegistryError
 from mirror.replication.gate import BeforeGet
 from mirror.replication.layout import open_layout_destination
 from mirror.replication.rules import ARCHIVE, CACHE, LOCAL, OCI_LAYOUT, REGISTRY, Destination, Rule
-from mirror.state import ROUTER
+from mirror.state import METRICS, ROUTER
 from mirror.storage.interface import Registry
 from mirror.upstream.client import UpstreamClient
 
@@ -76,7 +76,7 @@ async def open_destination(
         return await factory(spec, app, stack, rule=rule)  # type: ignore[operator]
     if spec.kind == REGISTRY:
         factory = _optional("mirror.replication.remote", "open_registry_destination", "a registry destination")
-        return await factory(spec, stack, state_dir=state_dir)  # type: ignore[operator]
+        return await factory(spec, stack, state_dir=state_dir, metrics=app[METRICS])  # type: ignore[operator]
     if spec.kind in (OCI_LAYOUT, ARCHIVE):
         return await open_layout_destination(spec, stack)
     raise ReplicationUnavailable(f"unknown destination kind {spec.kind}")

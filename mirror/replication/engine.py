@@ -3,9 +3,9 @@
 - Schedules: `schedule` (cron, UTC, parsed by cronsim), `interval` (+ a random `jitter`), `on_push` (local
   sources: a tag pushed to the source repository starts the rule at once; pushes during a run start one
   more run after it), and always on demand (`POST /api/replication/<rule>/run`, `mirror sync`).
-- At most MAX_CONCURRENT_RULES rules run at once; one rule never runs twice at the same time, in this
-  process (a lock) or across processes sharing the data directory (`mirror sync` beside `mirror serve`:
-  a file lock per rule).
+- At most `replication_concurrency` (config, default 4) rules run at once; one rule never runs twice at
+  the same time, in this process (a lock) or across processes sharing the data directory (`mirror sync`
+  beside `mirror serve`: a file lock per rule).
 - A run: plan (tag list + HEADs, see planner.py), then copy what changed. Each image is retried with
   backoff (tenacity) on transient failures; a 429 waits its Retry-After (not counted as an attempt); an
   upstream at its `ratelimit_floor` pauses the rule's GETs (gate.py). The state, the API and the metrics
@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -51,7 +52,7 @@ from mirror.replication.destinations import (
 )
 from mirror.replication.gate import Pause, RateGate
 from mirror.replication.planner import Job, Plan, Target, make_plan, select_tags
-from mirror.replication.rules import ARCHIVE, OCI_LAYOUT, Rule
+from mirror.replication.rules import ARCHIVE, OCI_LAYOUT, REGISTRY, Rule
 from mirror.replication.status import RuleState, load_state_sync, rule_dir, save_state_sync
 from mirror.replication.throttle import Bucket, ThrottledRegistry
 from mirror.state import CONFIG, COORDINATOR, METRICS, ROUTER
@@ -60,8 +61,7 @@ from mirror.upstream.ratelimit import parse_retry_after
 
 log = logging.getLogger(__name__)
 
-MAX_CONCURRENT_RULES = 2
-IMAGE_CONCURRENCY = 4  # images of one rule copied at once
+IMAGE_CONCURRENCY = 8  # images of one rule copied at once (an unchanged one costs a HEAD or two)
 BLOB_CONCURRENCY = 8  # blobs of one run in flight at once, all its images together
 RETRY_ATTEMPTS = 3
 MAX_RATE_LIMIT_WAITS = 5  # 429s tolerated per image before it counts as failed
@@ -182,7 +182,7 @@ class ReplicationEngine:
         *,
         remote: RemoteFactory = remote_registry,
         recheck: float | None = None,
-        max_concurrent: int = MAX_CONCURRENT_RULES,
+        max_concurrent: int | None = None,
         retry_wait: float = 1.0,
     ) -> None:
         config = app[CONFIG]
@@ -194,7 +194,7 @@ class ReplicationEngine:
         self.recheck = recheck
         self.retry_wait = retry_wait
         self._floors = {u.name: u.ratelimit_floor for u in config.upstreams}
-        self._slots = asyncio.Semaphore(max_concurrent)
+        self._slots = asyncio.Semaphore(max_concurrent or config.replication_concurrency)
         # One run of a rule at a time: on this node and, with a cluster, on every node (the file lock in
         # `_rule_file_lock` also keeps out a `mirror sync` of another process on this data directory).
         self.coordinator: Coordinator = app.get(COORDINATOR) or LocalCoordinator()
@@ -202,7 +202,9 @@ class ReplicationEngine:
         self._states: dict[str, RuleState] = {name: RuleState(name) for name in self.rules}
         self._live_bytes: dict[str, int] = {}
         self._gates: dict[str, RateGate] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._kept = contextlib.AsyncExitStack()  # what outlives a run: registry destinations' sessions
+        self._kept_destinations: dict[tuple[str, str], Registry] = {}
         self._serve_lock: _FileLock | None = None
         self._rng = random.Random()
         self.scheduling = False
@@ -241,6 +243,8 @@ class ReplicationEngine:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        await self._kept.aclose()
+        self._kept_destinations.clear()
         if self._serve_lock is not None:
             self._serve_lock.release()
 
@@ -260,6 +264,17 @@ class ReplicationEngine:
         else:
             self._spawn(self._run_logged(self.rules[name]))
         return "queued" if running else "started"
+
+    async def run_and_wait(self, name: str) -> RunReport:
+        """Start `name` now (after the run in progress, if one is) and wait for the run to end. The run
+        is the engine's, not the caller's: a caller that goes away (a client closing its connection)
+        does not cancel it."""
+        if name not in self.rules:
+            raise KeyError(name)
+        task: asyncio.Task[RunReport] = asyncio.create_task(self.run_rule(name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return await asyncio.shield(task)
 
     async def _push_listener(self) -> None:
         local = self.app[ROUTER].local
@@ -382,7 +397,7 @@ class ReplicationEngine:
             state.result, state.last_run_started = "running", started
             state.bytes = state.images = state.skipped = state.failed = 0
             state.errors = []
-            await asyncio.to_thread(save_state_sync, self.root, _snapshot(state))
+            await asyncio.to_thread(partial(save_state_sync, durable=False), self.root, _snapshot(state))
             self.metrics.replication_running.labels(rule.name).set(1)
         self._live_bytes[rule.name] = 0
         log.info("replication rule %s: %s%s", rule.name, "dry run" if dry_run else "run",
@@ -444,7 +459,16 @@ class ReplicationEngine:
         targets = []
         for spec in rule.destinations:
             folder = rule_dir(self.root, rule.name) / "destinations" / _safe(spec.key)
-            registry = await open_destination(spec, self.app, stack, rule=rule.name, state_dir=folder)
+            if spec.kind == REGISTRY:
+                # Kept from run to run (closed with the engine): its connections and tokens are reused,
+                # so a rerun with nothing to do costs HEADs, not TCP and token handshakes.
+                kept = self._kept_destinations.get((rule.name, spec.key))
+                if kept is None:
+                    kept = await open_destination(spec, self.app, self._kept, rule=rule.name, state_dir=folder)
+                    self._kept_destinations[(rule.name, spec.key)] = kept
+                registry = kept
+            else:
+                registry = await open_destination(spec, self.app, stack, rule=rule.name, state_dir=folder)
             repository = str(rule.source) if spec.kind in (OCI_LAYOUT, ARCHIVE) else (
                 spec.repository or rule.source.repository)
             targets.append(Target(spec.key, registry, repository))
@@ -514,19 +538,34 @@ class ReplicationEngine:
         copied = False
         error: str | None = None
         for target in targets:
-            if target.key in job.current and not rule.referrers:
-                self._remember(state, expected, target.key, job, job.current[target.key])
+            current = job.current.get(target.key)
+            if current is not None and not rule.referrers:
+                self._remember(state, expected, target.key, job, current)
                 continue
             want = state.expected.get(target.key, {}).get(str(job.source_digest))
             try:
-                outcome = await self._with_retries(
-                    rule, gate, before_get,
-                    lambda target=target, want=want: copier.copy(  # type: ignore[misc]
-                        source, rule.source.repository, str(job.source_digest),
-                        target.registry, target.repository, dest_tag=job.tag,
-                        expected_dest_digest=Digest.parse(want) if want else None, source_tags=plan.source_tags,
-                    ),
-                )
+                if current is not None:
+                    # Up to date (the plan's HEAD said so a moment ago): only new signatures may be due.
+                    stats = await self._with_retries(
+                        rule, gate, before_get,
+                        lambda target=target: copier.copy_referrers(  # type: ignore[misc]
+                            source, rule.source.repository, job.source_digest, target.registry,
+                            target.repository, source_tags=plan.source_tags,
+                        ),
+                    )
+                    dest_digest, changed = current, bool(stats.manifests_written or stats.blobs_written
+                                                         or stats.blobs_mounted)
+                else:
+                    outcome = await self._with_retries(
+                        rule, gate, before_get,
+                        lambda target=target, want=want: copier.copy(  # type: ignore[misc]
+                            source, rule.source.repository, str(job.source_digest),
+                            target.registry, target.repository, dest_tag=job.tag,
+                            expected_dest_digest=Digest.parse(want) if want else None,
+                            source_tags=plan.source_tags,
+                        ),
+                    )
+                    dest_digest, changed = outcome.dest_digest, not outcome.unchanged
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - one image failing does not stop the others
@@ -534,9 +573,8 @@ class ReplicationEngine:
                 log.warning("replication rule %s: %s:%s to %s failed: %s", rule.name, rule.source, job.tag,
                             target.key, error)
                 continue
-            self._remember(state, expected, target.key, job, outcome.dest_digest)
-            if not outcome.unchanged:
-                copied = True
+            self._remember(state, expected, target.key, job, dest_digest)
+            copied = copied or changed
         result = "failed" if error else "copied" if copied else "unchanged"
         return ImageReport(job.tag, str(job.source_digest), sorted(job.stale), result, error)
 
@@ -572,7 +610,7 @@ class ReplicationEngine:
                         continue
                 state.written.get(key, {}).pop(tag, None)
                 pruned += 1
-                log.info("replication rule %s: pruned %s:%s (gone at the source)", rule.name, key, tag)
+                log.info("replication rule %s: pruned %s:%s (no longer selected)", rule.name, key, tag)
         return pruned
 
     async def _with_retries(

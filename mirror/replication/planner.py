@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from mirror.errors import BlobUnknown, ManifestUnknown, NameUnknown, RegistryError
+from mirror.errors import NameUnknown
 from mirror.oci.digest import Digest
-from mirror.replication.copier import COSIGN_SUFFIXES
+from mirror.replication.copier import COSIGN_SUFFIXES, tag_digest
 from mirror.replication.rules import Rule, TagFilter
 from mirror.storage.interface import Registry
 
 _DIGITS = re.compile(r"(\d+)")
-PLAN_CONCURRENCY = 8  # tags resolved (HEAD at the source and at each destination) at once
+PLAN_CONCURRENCY = 16  # tags resolved at once (each: a HEAD at the source and at every destination, together)
 
 
 def as_version(tag: str) -> Version | None:
@@ -48,9 +48,14 @@ def _newness(tag: str) -> tuple[int, Version | tuple[tuple[int, int | str], ...]
     return (1, version) if version is not None else (0, _natural_key(tag))
 
 
+_REFERRERS_TAG = re.compile(r"sha256-[0-9a-f]{64}")
+
+
 def is_signature_tag(tag: str) -> bool:
-    """cosign's `sha256-<hex>.sig/.att/.sbom`: they travel with the image they sign, never as images."""
-    return tag.startswith("sha256-") and tag.endswith(COSIGN_SUFFIXES)
+    """cosign's `sha256-<hex>.sig/.att/.sbom`, and OCI's referrers tag `sha256-<hex>` (the index of an
+    image's referrers at a registry without the referrers API): they travel with the image they belong
+    to, never as images of their own."""
+    return (tag.startswith("sha256-") and tag.endswith(COSIGN_SUFFIXES)) or bool(_REFERRERS_TAG.fullmatch(tag))
 
 
 def select_tags(tags: Iterable[str], wanted: TagFilter) -> list[str]:
@@ -96,23 +101,12 @@ class Job:
 class Plan:
     source_tags: list[str]
     jobs: list[Job]
-    gone: dict[str, list[str]] = field(default_factory=dict)  # dest key -> tags this rule wrote, gone at source
+    # dest key -> tags this rule wrote there that it selects no more (gone at the source, or filtered out)
+    gone: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def to_copy(self) -> list[Job]:
         return [job for job in self.jobs if job.stale]
-
-
-async def tag_digest(registry: Registry, repo: str, tag: str) -> Digest | None:
-    """What `repo:tag` names at a registry (a HEAD), or None when it has no such tag."""
-    try:
-        return (await registry.stat_manifest(repo, tag)).digest
-    except (ManifestUnknown, BlobUnknown):
-        return None
-    except RegistryError as error:
-        if error.status == 404:
-            return None
-        raise
 
 
 async def make_plan(
@@ -127,7 +121,7 @@ async def make_plan(
 
     `expected` maps a destination key to {source digest: the digest written for it} from earlier runs
     (a platform-filtered index is a new document, so its digest is not the source's). `written` maps a
-    destination key to the tags this rule wrote there (for prune)."""
+    destination key to the tags this rule wrote there (for prune: those it no longer selects)."""
     try:
         source_tags = await source.list_tags(rule.source.repository)
     except NameUnknown as exc:
@@ -136,13 +130,16 @@ async def make_plan(
 
     async def resolve(tag: str) -> Job | None:
         async with slots:
-            digest = await tag_digest(source, rule.source.repository, tag)
+            # The source's and the destinations' HEADs do not depend on each other: one round trip, not two.
+            digest, *at_dests = await asyncio.gather(
+                tag_digest(source, rule.source.repository, tag),
+                *(tag_digest(target.registry, target.repository, tag) for target in targets),
+            )
             if digest is None:
                 return None  # deleted between the listing and the HEAD
             job = Job(tag, digest)
-            for target in targets:
+            for target, at_dest in zip(targets, at_dests, strict=True):
                 want = (expected or {}).get(target.key, {}).get(str(digest))
-                at_dest = await tag_digest(target.registry, target.repository, tag)
                 if at_dest is not None and at_dest == (Digest.parse(want) if want else digest):
                     job.current[target.key] = at_dest
                 else:
@@ -152,9 +149,11 @@ async def make_plan(
     # HEADs are cheap but each costs a round trip: a rule of 60 tags resolved one by one waits 60 of them.
     resolved = await asyncio.gather(*(resolve(tag) for tag in select_tags(source_tags, rule.tags)))
     jobs = [job for job in resolved if job is not None]
-    present = set(source_tags)
+    # With `prune`, a destination mirrors the selection: a tag that fell out of `latest: 5` goes like one
+    # deleted at the source. Only tags this rule wrote are candidates, never anyone else's.
+    selected = {job.tag for job in jobs}
     gone = {
-        key: sorted(tag for tag in tags if tag not in present)
+        key: sorted(tag for tag in tags if tag not in selected)
         for key, tags in (written or {}).items()
     }
     return Plan(source_tags=source_tags, jobs=jobs, gone={k: v for k, v in gone.items() if v})

@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,7 @@ from mirror.errors import (
 )
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest, looks_like_digest
-from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, Descriptor, parse_manifest
+from mirror.oci.manifest import ACCEPT_ALL_MANIFESTS, OCI_INDEX, Descriptor, parse_manifest
 from mirror.storage.files import atomic_write
 from mirror.storage.interface import (
     BlobBody,
@@ -75,6 +76,8 @@ DEFAULT_CHUNK_BYTES = 16 << 20
 DEFAULT_MANIFEST_LIMIT = 4 << 20
 READ_PIECE_BYTES = 1 << 20
 TAG_PAGE_SIZE = 1000
+REFERRERS_API_RECHECK = 3600.0  # seconds a registry's answer "no referrers API" is believed
+HEAD_CONCURRENCY = 16  # HEADs in flight at once when one call needs many
 MAX_TAG_PAGES = 1000  # a million tags: past that a Link loop is more likely than a real repository
 _NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
 _RANGE = re.compile(r"^(?:bytes=)?(\d+)-(\d+)$")
@@ -142,6 +145,8 @@ class RemoteRegistry(Registry):
         self.push = push
         self.page_size = page_size
         self.read_only_message = f"{client.name} is used read-only here"
+        self._listed: dict[str, set[str]] = {}  # repo -> the tags list_tags found (this instance's run)
+        self._referrer_locks: dict[tuple[str, str], asyncio.Lock] = {}
 
     def _scope(self, repo: str) -> str:
         return f"repository:{repo}:pull,push" if self.push else self.client.scope_for(repo)
@@ -234,9 +239,44 @@ class RemoteRegistry(Registry):
         try:
             if response.status not in (200, 201, 202):
                 raise await _refusal(response, self.name, f"PUT manifest {repo}:{reference}")
+            # OCI 1.1: a registry that indexes referrers itself says so by answering with OCI-Subject.
+            indexed = "OCI-Subject" in response.headers
         finally:
             response.release()
-        return PutManifestResult(Digest.of(body), parsed.subject.digest if parsed.subject else None)
+        digest = Digest.of(body)
+        if parsed.subject is not None and not indexed:
+            referrer = Descriptor(parsed.media_type, digest, len(body), parsed.artifact_type,
+                                  parsed.annotations or None)
+            await self._add_to_referrers_tag(repo, parsed.subject.digest, referrer)
+        return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
+
+    async def _add_to_referrers_tag(self, repo: str, subject: Digest, referrer: Descriptor) -> None:
+        """The referrers tag schema (OCI distribution 1.1's fallback for registries without the referrers
+        API, distribution 2.8 among them): the tag `sha256-<hex>` of the subject holds an index listing its
+        referrers, which skopeo, oras and cosign read there. One update of a subject's tag at a time in
+        this process; another writer between our read and our PUT could lose an entry (the spec's own
+        race: registries without the API cannot do better)."""
+        tag = referrers_tag(subject)
+        lock = self._referrer_locks.setdefault((repo, tag), asyncio.Lock())
+        async with lock:
+            # Read fresh, never from a tag list remembered earlier: an entry another writer added since
+            # would be lost.
+            entries = [entry for entry in await self._referrers_from_tag(repo, subject, fresh=True)
+                       if entry.digest != referrer.digest]
+            entries.append(referrer)
+            index = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX,
+                                "manifests": [entry.to_json() for entry in entries]},
+                               separators=(",", ":")).encode()
+            response = await self._request("PUT", f"/v2/{repo}/manifests/{tag}", repo,
+                                           headers={"Content-Type": OCI_INDEX}, data=index)
+            try:
+                if response.status not in (200, 201, 202):
+                    raise await _refusal(response, self.name, f"PUT the referrers tag {repo}:{tag}")
+            finally:
+                response.release()
+        self._listed.get(repo, set()).add(tag)
+        log.info("%s has no referrers API: %s listed under the tag %s:%s (%d referrers)", self.name,
+                 referrer.digest, repo, tag, len(entries))
 
     async def delete_manifest(self, repo: str, reference: str) -> None:
         response = await self._request("DELETE", f"/v2/{repo}/manifests/{reference}", repo)
@@ -244,9 +284,36 @@ class RemoteRegistry(Registry):
             if response.status == 404:
                 raise ManifestUnknown(detail={"reference": reference})
             if response.status not in (200, 202, 204):
-                raise await _refusal(response, self.name, f"DELETE manifest {repo}:{reference}")
+                refusal = await _refusal(response, self.name, f"DELETE manifest {repo}:{reference}")
+                if looks_like_digest(reference) or response.status not in (400, 405):
+                    raise refusal
+            else:
+                return
         finally:
             response.release()
+        await self._untag(repo, reference, refusal)
+
+    async def _untag(self, repo: str, tag: str, refusal: RegistryError) -> None:
+        """A registry that deletes manifests only by digest (distribution 2.8 refuses a tag with
+        DIGEST_INVALID): delete the tag's manifest by digest, which removes the tag — but only when no other
+        tag names that manifest, since it would go with it."""
+        digest = (await self.stat_manifest(repo, tag)).digest
+        others = [other for other in await self.list_tags(repo) if other != tag]
+        slots = asyncio.Semaphore(HEAD_CONCURRENCY)
+
+        async def names_it(other: str) -> bool:
+            async with slots:
+                try:
+                    return (await self.stat_manifest(repo, other)).digest == digest
+                except ManifestUnknown:
+                    return False
+
+        sharing = [other for other, same in zip(others, await asyncio.gather(*map(names_it, others)), strict=True)
+                   if same]
+        if sharing:
+            raise Unsupported(f"{self.name} deletes manifests only by digest, and {repo}:{tag}'s manifest is also "
+                              f"tagged {', '.join(sharing[:5])}: the tag was left") from refusal
+        await self.delete_manifest(repo, str(digest))
 
     # -- discovery ---------------------------------------------------------------------------------
     async def list_tags(self, repo: str) -> list[str]:
@@ -261,6 +328,7 @@ class RemoteRegistry(Registry):
             found = data.get("tags") if isinstance(data, dict) else None
             tags.extend(tag for tag in found or [] if isinstance(tag, str))
             path = self._next_page(link, path)
+        self._listed[repo] = set(tags)
         return sorted(set(tags))
 
     def _next_page(self, link: str | None, current: str) -> str | None:
@@ -270,30 +338,40 @@ class RemoteRegistry(Registry):
         return self._path_of(match.group(1), current)
 
     async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
-        """The OCI 1.1 referrers API; a registry without it (distribution 2.8 answers 404) has none to give.
-        The cosign tag scheme, which such registries use, is the copier's business."""
-        response = await self._request("GET", f"/v2/{repo}/referrers/{subject}", repo)
-        try:
-            if response.status in (400, 404, 405):
-                return []
-            _check_auth(response, self.name, f"{repo} referrers")
-            if response.status != 200:
-                raise _unexpected(response, self.name, "GET referrers")
-            body = await _read_capped(response, self.manifest_limit, self.name)
-        finally:
-            response.release()
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return []
-        found: list[Descriptor] = []
-        for raw in data.get("manifests", []) if isinstance(data, dict) else []:
+        """The OCI 1.1 referrers API, or, from a registry without it (distribution 2.8 answers 404), the
+        referrers tag `sha256-<hex>` (OCI's fallback). A 404 teaches the client (shared by every run from
+        that registry) that it has no API: for the next REFERRERS_API_RECHECK seconds only the tag is asked,
+        and not even that when the tag list this instance read for `repo` does not have it — a referrer
+        pushed there since is still found, since its pusher must update that tag. (cosign's
+        `.sig/.att/.sbom` tags are the copier's business.)"""
+        known = self.client.referrers_api
+        if known is None or known[0] or time.monotonic() - known[1] > REFERRERS_API_RECHECK:
+            response = await self._request("GET", f"/v2/{repo}/referrers/{subject}", repo)
             try:
-                found.append(Descriptor(raw["mediaType"], Digest.parse(raw["digest"]), int(raw["size"]),
-                                        raw.get("artifactType"), raw.get("annotations")))
-            except (KeyError, TypeError, ValueError, RegistryError):
-                continue
-        return found
+                if response.status not in (400, 404, 405):
+                    _check_auth(response, self.name, f"{repo} referrers")
+                    if response.status != 200:
+                        raise _unexpected(response, self.name, "GET referrers")
+                    self.client.referrers_api = (True, time.monotonic())
+                    return _descriptors(await _read_capped(response, self.manifest_limit, self.name))
+            finally:
+                response.release()
+            # A registry with the API answers 200 (an empty list) for any subject: this one has none.
+            self.client.referrers_api = (False, time.monotonic())
+        return await self._referrers_from_tag(repo, subject)
+
+    async def _referrers_from_tag(self, repo: str, subject: Digest, *, fresh: bool = False) -> list[Descriptor]:
+        tag = referrers_tag(subject)
+        listed = None if fresh else self._listed.get(repo)
+        if listed is not None and tag not in listed:
+            return []  # not in the tag list read in this run: no GET at all
+        try:
+            index = await self.get_manifest(repo, tag)
+        except ManifestUnknown:
+            return []
+        if index.media_type != OCI_INDEX:
+            return []  # a tag of that shape that is not a referrers index: nothing to list
+        return _descriptors(index.body)
 
     async def list_repositories(self) -> list[str]:
         names: list[str] = []
@@ -517,6 +595,27 @@ class RemoteRegistry(Registry):
             response.release()
 
 
+def referrers_tag(subject: Digest) -> str:
+    """The referrers tag schema's tag for `subject`: `<alg>-<hex>` (the hex cut at 64 characters)."""
+    return f"{subject.algorithm}-{subject.hex[:64]}"
+
+
+def _descriptors(body: bytes) -> list[Descriptor]:
+    """The `manifests` of a referrers list or index; malformed entries are left out."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return []
+    found: list[Descriptor] = []
+    for raw in data.get("manifests", []) if isinstance(data, dict) else []:
+        try:
+            found.append(Descriptor(raw["mediaType"], Digest.parse(raw["digest"]), int(raw["size"]),
+                                    raw.get("artifactType"), raw.get("annotations")))
+        except (KeyError, TypeError, ValueError, RegistryError):
+            continue
+    return found
+
+
 def _from_offset(chunks: AsyncIterable[bytes], offset: int) -> AsyncIterator[bytes]:
     """The bytes from `offset` on: read from there when the source can, else skipped over."""
     if offset and isinstance(chunks, ReopenableBytes):
@@ -648,15 +747,18 @@ async def open_remote(
 
 
 async def open_registry_destination(
-    spec: Destination, stack: contextlib.AsyncExitStack, *, state_dir: Path
+    spec: Destination, stack: contextlib.AsyncExitStack, *, state_dir: Path, metrics: Metrics
 ) -> RemoteRegistry:
     """destinations.open_destination's `registry` kind: a session of its own (closed by `stack`), pull+push
-    tokens, and the journal of its partial uploads in the destination's state folder."""
+    tokens, and the journal of its partial uploads in the destination's state folder.
+
+    Its requests are counted in the app's `metrics` like an upstream's, labelled with the destination's
+    host:port (`mirror_upstream_requests{upstream="dc2.example:5000"}`), so an operator sees what
+    replication costs each registry it writes to."""
     if not spec.url:
         raise Unsupported("a registry destination needs a url")
     remote = RemoteSpec(spec.url, spec.username, spec.password, spec.ca_file, spec.tls_verify)
-    # A registry of the rule's, not an upstream: its request counts stay out of the upstream metrics.
     return await stack.enter_async_context(
-        open_remote(remote, Metrics(), journal=UploadJournal(state_dir / "uploads"))
+        open_remote(remote, metrics, journal=UploadJournal(state_dir / "uploads"))
     )
 

@@ -27,8 +27,6 @@ from rich.table import Table
 from mirror.config import Config
 from mirror.replication.engine import REPLICATION, RunReport, serve_lock_held
 
-POLL_SECONDS = 0.5
-
 
 class _Bars:
     """The engine's Progress, drawn with rich: one bar of images, one line of bytes (their total is unknown
@@ -88,13 +86,13 @@ async def _in_process(config: Config, names: Sequence[str], dry_run: bool) -> li
     from mirror.replication.standalone import open_app
 
     console = Console(stderr=True)
-    reports: list[RunReport] = []
     async with open_app(config) as app:
         engine = app[REPLICATION]
         with _progress(console) as progress:
             bars = _Bars(progress)
-            for name in names:
-                reports.append(await engine.run_rule(name, dry_run=dry_run, progress=bars))
+            # All at once: the engine runs `replication_concurrency` of them at a time, the rest wait.
+            reports: list[RunReport] = await asyncio.gather(
+                *(engine.run_rule(name, dry_run=dry_run, progress=bars) for name in names))
     return [report.public() for report in reports]
 
 
@@ -108,46 +106,34 @@ async def _through_server(config: Config, names: Sequence[str], dry_run: bool) -
     base = _server_url(config)
     console = Console(stderr=True)
     console.print(f"a mirror serve uses {config.storage.path}: running through its API at {base}")
-    reports: list[dict[str, Any]] = []
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as session:
-        for name in names:
-            if dry_run:
+        if dry_run:
+            planned: list[dict[str, Any]] = []
+            for name in names:
                 async with session.post(f"{base}/api/replication/{name}/run", params={"dry_run": "1"}) as response:
                     if response.status != 200:
                         console.print(f"mirror: the server refused {name}: {response.status} {await response.text()}")
                         return None
-                    reports.append(await response.json())
-                continue
-            asked = time.time()
-            async with session.post(f"{base}/api/replication/{name}/run") as response:
-                if response.status != 202:
-                    console.print(f"mirror: the server refused {name}: {response.status} {await response.text()}")
-                    return None
-            state = await _follow(session, base, name, asked, console)
-            reports.append({
-                "rule": name, "result": state.get("result", "failed"), "dry_run": False,
-                "copied": state.get("images", 0), "unchanged": state.get("skipped", 0),
-                "failed": state.get("failed", 0), "bytes": state.get("bytes", 0), "pruned": 0,
-                "errors": state.get("errors", []), "images": [],
-            })
-    return reports
+                    planned.append(await response.json())
+            return planned
+        # Every rule at once; the server runs `replication_concurrency` of them at a time, and each
+        # request is answered when its run has ended (no polling: a rerun with nothing to do is quick).
+        with _progress(console) as progress:
+            reports = await asyncio.gather(*(_run_in_server(session, base, name, progress) for name in names))
+    return None if any(report is None for report in reports) else [r for r in reports if r is not None]
 
 
-async def _follow(
-    session: aiohttp.ClientSession, base: str, name: str, asked: float, console: Console
-) -> dict[str, Any]:
-    """Poll the rule's state until a run that started after `asked` has finished."""
-    with _progress(console) as progress:
-        task = progress.add_task(f"{name} (in the server)", total=None, amount="0 B")
-        while True:
-            async with session.get(f"{base}/api/replication") as response:
-                rules = (await response.json())["rules"]
-            state = next(r for r in rules if r["name"] == name)
-            progress.update(task, amount=f"{decimal(int(state.get('bytes') or 0))}")
-            started = state.get("last_run_started") or 0
-            if not state.get("running") and started >= asked - 1 and state.get("result") != "running":
-                return dict(state)
-            await asyncio.sleep(POLL_SECONDS)
+async def _run_in_server(
+    session: aiohttp.ClientSession, base: str, name: str, progress: Progress
+) -> dict[str, Any] | None:
+    task = progress.add_task(f"{name} (in the server)", total=1, amount="")
+    async with session.post(f"{base}/api/replication/{name}/run", params={"wait": "1"}) as response:
+        if response.status != 200:
+            progress.console.print(f"mirror: the server refused {name}: {response.status} {await response.text()}")
+            return None
+        report: dict[str, Any] = await response.json()
+    progress.update(task, completed=1, amount=f"{report['result']}, {decimal(int(report['bytes']))}")
+    return report
 
 
 def _summary(reports: Sequence[dict[str, Any]], dry_run: bool) -> None:

@@ -151,6 +151,9 @@ class UpstreamClient:
         self._basic_challenged = False
         # The budget this upstream last announced; replication reads it to leave the rest to clients.
         self.ratelimit = RateLimitReading()
+        # Whether it has the OCI referrers API, and when that was learned (replication asks once an hour,
+        # not once per image: without the API the referrers tag, visible in the tag list, says it all).
+        self.referrers_api: tuple[bool, float] | None = None
         self._warned_downgrade = False
         # Blob bodies are read from threads (see mirror.upstream.blocking): their own connections.
         self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout, tls=tls or tls_context(config))
