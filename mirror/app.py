@@ -76,7 +76,7 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    metrics = Metrics()
+    metrics = Metrics(created_series=config.metrics.created_series)
     app = web.Application(
         middlewares=[count_requests, observe_requests, registry_errors],
         # What aiohttp's connection handler logs (requests it cannot parse, clients gone mid-response)

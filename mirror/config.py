@@ -136,6 +136,15 @@ def _parse_log(section: _Section) -> LogConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    created_series: bool = False  # prometheus-client's `_created` samples: doubles the series, no panel uses them
+
+
+def _parse_metrics(section: _Section) -> MetricsConfig:
+    return MetricsConfig(created_series=section.boolean("created_series", False))
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterConfig:
     """Several mirror nodes coordinated through one Redis (mirror/coordination/redis.py)."""
 
@@ -162,6 +171,7 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     security: SecurityConfig = field(default_factory=_no_security)  # `auth:`, `tls:`, `http:`
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     replication: tuple[Rule, ...] = ()  # mirror/replication/rules.py
     cluster: ClusterConfig | None = None  # None: one node, coordinated in-process
     replication_concurrency: int = 4  # rules run at once (mirror serve's scheduler and mirror sync)
@@ -580,6 +590,7 @@ def load_config_data(data: Any) -> Config:
         upstreams = _parse_upstreams(root)
         local = root.section("local", _parse_local, LocalConfig())
         log = root.section("log", _parse_log, LogConfig())
+        metrics = root.section("metrics", _parse_metrics, MetricsConfig())
         replication = _parse_replication(root, upstreams)
         cluster = root.section("cluster", _parse_cluster, None) if root.get("cluster") is not None else None
         from mirror.auth.settings import parse_security  # here: that module reads sections with this one's
@@ -593,8 +604,8 @@ def load_config_data(data: Any) -> Config:
         raise ConfigError(*errors.messages)
     return Config(
         listen=listen, storage=storage, limits=limits, uploads=uploads, upstreams=upstreams, local=local,
-        log=log, replication=replication, replication_concurrency=replication_concurrency, cluster=cluster,
-        security=security,
+        log=log, metrics=metrics, replication=replication, replication_concurrency=replication_concurrency,
+        cluster=cluster, security=security,
     )
 
 

@@ -78,3 +78,13 @@ async def test_an_offline_upstream_is_not_probed(aiohttp_server: Any, make_regis
     client = await make_registry(upstreams=[upstream_config("http://127.0.0.1:1", offline=True)])
     status, checks = await readyz(client)
     assert status == 200 and "upstream:fake.io" not in checks
+
+
+async def test_created_samples_appear_only_when_asked_for(make_registry: Any, tmp_path: Path) -> None:
+    plain = await make_registry()
+    await plain.get("/v2/")
+    text = await (await plain.get("/metrics")).text()
+    assert "mirror_http_requests_total" in text and "_created" not in text
+    asked = await make_registry(metrics={"created_series": True}, storage={"path": str(tmp_path / "other")})
+    await asked.get("/v2/")
+    assert "mirror_http_requests_created" in await (await asked.get("/metrics")).text()
