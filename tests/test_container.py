@@ -2,9 +2,10 @@
 through its HEALTHCHECK, serves a pull to a real Docker daemon, and drains on SIGTERM.
 
 No registry is needed for the base: `debootstrap --variant=minbase bookworm` from the Debian mirror apt
-already uses, then `docker import` as debian:bookworm-slim. The tarball and the building daemon's images
-(the base and the layer with Debian's Python) are cached between runs (MIRROR_TEST_CACHE, default
-/var/cache/mirror-tests), so only the first run pays for debootstrap and apt.
+already uses, then `docker import` as debian:bookworm-slim. The tarball is cached between runs
+(MIRROR_TEST_CACHE, default /var/cache/mirror-tests), so only the first run pays for debootstrap. The
+building daemon uses overlay2: with vfs every build step copies the whole file system (7 minutes here,
+against under one with overlay2).
 """
 
 from __future__ import annotations
@@ -85,8 +86,7 @@ def test_the_image_builds_runs_healthy_as_non_root_serves_a_pull_and_drains_on_s
     busybox_image: BuiltImage,
     tmp_path: Path,
 ) -> None:
-    # The builder keeps its images in the cache folder: the base and the apt layer are reused by later runs.
-    builder = docker_daemon_factory(data_root=CACHE / "dockerd-root")
+    builder = docker_daemon_factory(storage_driver="overlay2")
     import_base(builder)
     # The host's own environment (pip must reach the package index for the wheels), with this daemon.
     env = {**os.environ, "DOCKER_HOST": builder.host}
@@ -139,4 +139,3 @@ def test_the_image_builds_runs_healthy_as_non_root_serves_a_pull_and_drains_on_s
         assert state["ExitCode"] == 0, builder.docker("logs", container).stderr.decode()[-3000:]
     finally:
         builder.docker("rm", "-f", container, check=False)
-        builder.docker("image", "prune", "-f", check=False)  # earlier builds' layers, kept in the cache

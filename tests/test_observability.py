@@ -243,7 +243,7 @@ def _check_status_page(mirror: MirrorProcess) -> None:
     found = samples(mirror)
     dom = _chromium("--dump-dom", f"{mirror.url}/").stdout.decode()
     hits = total(found, "mirror_cache_lookups_total", kind="blob", result="hit|revalidated")
-    misses = total(found, "mirror_cache_lookups_total", kind="blob", result="miss|joined")
+    misses = total(found, "mirror_cache_lookups_total", kind="blob", result="miss|joined|prefetched")
     assert f"{hits:.0f} hits, {misses:.0f} misses" in dom
     assert f"{100 * hits / (hits + misses):.1f} %" in dom
     client_pulls = total(found, "mirror_pulls_total")
@@ -300,7 +300,9 @@ def test_request_lines_are_json_and_no_credential_or_token_reaches_the_log(
     manifest_gets = [r for r in requests if r["route"] == "manifest" and r["method"] == "GET" and r["status"] == 200]
     assert manifest_gets and all(r["repository"] == f"docker.io/{repo}" for r in manifest_gets)
     blob_gets = [r for r in requests if r["route"] == "blob" and r["method"] == "GET"]
-    assert {r["cache"] for r in blob_gets} == {"miss", "hit"}  # the first copy filled, the second hit
+    # The first copy came from downloads (its own, or layer prefetches it caught up with), the second hit.
+    results = {r["cache"] for r in blob_gets}
+    assert "hit" in results and results - {"hit"} and results - {"hit"} <= {"miss", "joined", "prefetched"}
     assert all(r["upstream"] == "docker.io" and r["bytes"] > 0 and r["duration_ms"] >= 0 for r in blob_gets)
     assert any(entry["message"].startswith("filled ") for entry in entries)
     assert all(entry["level"] in ("DEBUG", "INFO", "WARNING", "ERROR") for entry in entries)

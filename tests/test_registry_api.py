@@ -917,8 +917,9 @@ async def test_every_response_carries_the_api_version(registry: TestClient) -> N
 async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: ClientFactory) -> None:
     """Eight 25,000-layer manifests (about 4 MB each) pushed at once: validating them used to hold the event
     loop for about half a second each, so `GET /v2/` waited for seconds (all eight, back to back). It must
-    answer as usual meanwhile. The bound is generous and scales with the machine: twice the time one such
-    manifest takes to parse right now (at least 1.5 s). What remains is the interpreter's full garbage
+    answer as usual meanwhile. The bound is generous and scales with the machine: three times the time one
+    such manifest takes to parse right now (at least 1.5 s); validating the eight on the loop, as before,
+    holds a client for about eight parses. What remains is the interpreter's full garbage
     collections over the parsed manifests, which hold every thread, well under one parse."""
     import asyncio
     import time
@@ -933,7 +934,7 @@ async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: C
     assert len(body) > 3_500_000
     started = time.perf_counter()
     parse_manifest(body, OCI_MANIFEST)
-    bound = max(1.5, 2 * (time.perf_counter() - started))
+    bound = max(1.5, 3 * (time.perf_counter() - started))
 
     async def push(tag: str) -> int:
         response = await put_manifest(client, "team/big", tag, body, OCI_MANIFEST)

@@ -392,7 +392,7 @@ def test_the_example_rule_in_config_example_yaml_is_valid() -> None:
     text = (Path(__file__).resolve().parents[1] / "config.example.yaml").read_text()
     base = yaml.safe_load(text)
     assert base["replication"] == [] and base["upstreams"][0]["ratelimit_floor"] == 5
-    block = text[text.index("# replication:\n"):]
+    block = text[text.index("# replication:\n"):].split("\n\n", 1)[0]  # the commented rule, to its blank line
     rules = yaml.safe_load("\n".join(line[2:] for line in block.splitlines()))
     config = load_config_data({**base, **rules})
     assert config.replication[0].name == "base-images" and len(config.replication[0].destinations) == 5

@@ -23,6 +23,9 @@ from mirror.state import METRICS
 ACCESS_LOGGER = "mirror.access"
 TOP_REPOSITORIES_TRACKED = 2000  # distinct names kept; the least pulled are dropped past this
 RECENT_FILLS_KEPT = 20
+# Lookup results whose bytes came from a download running for this request (started by it, joined, or a
+# layer prefetch it caught up with) rather than from what was stored before it.
+STREAMED_FROM_UPSTREAM = frozenset({"miss", "joined", "prefetched"})
 
 
 @dataclass(slots=True)
@@ -100,7 +103,7 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         # bytes are out by now, unless the client left: then the transport is closing and nothing counts.
         transport = request.transport
         if transport is not None and not transport.is_closing():
-            source = "local" if upstream is None else "upstream" if note.cache in ("miss", "joined") else "cache"
+            source = "local" if upstream is None else "upstream" if note.cache in STREAMED_FROM_UPSTREAM else "cache"
             metrics.served_bytes.labels(source).inc(response.content_length or 0)
     return response
 

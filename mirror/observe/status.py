@@ -25,7 +25,7 @@ from mirror.replication.engine import REPLICATION
 from mirror.state import CACHE, CONFIG, METRICS, ROUTER
 
 HIT_RESULTS = ("hit", "revalidated")
-MISS_RESULTS = ("miss", "joined")
+MISS_RESULTS = ("miss", "joined", "prefetched")
 
 
 class Samples:

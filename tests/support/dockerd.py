@@ -68,11 +68,12 @@ class DockerDaemon:
         insecure_registries: Iterable[str] = (),
         extra_args: Sequence[str] = (),
         start_timeout: float = 60.0,
-        data_root: Path | None = None,
+        storage_driver: str = "vfs",
     ) -> None:
         self.mirror_url = mirror_url
-        # A data root of the caller's survives stop(): images (a base, build cache) are kept between runs.
-        self.data_root = data_root
+        # vfs works everywhere; overlay2 (where the kernel allows it, as here) builds images about ten
+        # times faster, because vfs copies the whole file system for every layer and build step.
+        self.storage_driver = storage_driver
         self.insecure_registries = list(insecure_registries)
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
@@ -118,8 +119,8 @@ class DockerDaemon:
         argv = [
             dockerd,
             "--iptables=false", "--ip6tables=false", "--bridge=none",
-            "--storage-driver=vfs",
-            "--data-root", str(self.data_root or d / "root"),
+            f"--storage-driver={self.storage_driver}",
+            "--data-root", str(d / "root"),
             "--exec-root", str(d / "exec"),
             "--pidfile", str(d / "pid"),
             "-H", f"unix://{d / 'sock'}",
