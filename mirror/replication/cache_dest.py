@@ -36,7 +36,6 @@ from mirror.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     RegistryError,
-    SizeInvalid,
     Unsupported,
 )
 from mirror.oci.digest import Digest, looks_like_digest
@@ -45,7 +44,6 @@ from mirror.oci.names import validate_tag
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.rules import Destination
 from mirror.state import CONFIG, ROUTER
-from mirror.storage.blobs import BlobWriter
 from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry
 from mirror.storage.repos import ManifestLink
 
@@ -263,24 +261,8 @@ class CacheDestination(Registry):
     ) -> BlobInfo:
         # In use from the existence check until pinned: an evictable copy found here must not go first.
         with self.cache.in_use(digest):
-            stored = await self.blobs.reuse(digest)
-            if stored is None:  # bytes the cache does not have: only now is the source read
-                temp = self.blobs.new_temp_path()
-                writer = await BlobWriter.open(temp, digest.algorithm)
-                try:
-                    async for chunk in chunks:
-                        await writer.write(chunk)
-                    await writer.close()
-                    if size is not None and writer.size != size:
-                        raise SizeInvalid(f"blob is {writer.size} bytes, expected {size}")
-                    stored = await asyncio.to_thread(
-                        self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
-                    )
-                except BaseException:
-                    with contextlib.suppress(Exception):
-                        await writer.close()
-                    await asyncio.to_thread(temp.unlink, True)
-                    raise
+            # Bytes the cache does not have: only now is the source read.
+            stored = await self.blobs.put_stream(digest, chunks, size=size)
             await asyncio.to_thread(self.repos.link_blob, repo, digest)
             await self._pin(digest, stored.size)
         return BlobInfo(digest, stored.size)

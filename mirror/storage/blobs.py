@@ -8,12 +8,13 @@ blob or a whole one. Which repositories may read a blob is decided by repository
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -111,6 +112,29 @@ class BlobStore:
             temp.unlink(missing_ok=True)
             raise SizeInvalid(f"blob is {size} bytes, expected {expected_size}")
         return self.commit_sync(temp, digest, actual_hex, size)
+
+    async def put_stream(self, digest: Digest, chunks: AsyncIterable[bytes], *, size: int | None = None) -> StoredBlob:
+        """The stored blob `digest`: the file already here (its age refreshed, `chunks` left unread), or
+        `chunks` written through a BlobWriter, checked against `size` and the digest, then committed.
+        Nothing is left behind when it fails. The caller holds the digest in use until it is held."""
+        stored = await self.reuse(digest)
+        if stored is not None:
+            return stored
+        temp = self.new_temp_path()
+        writer = await BlobWriter.open(temp, digest.algorithm)
+        try:
+            async for chunk in chunks:
+                await writer.write(chunk)
+            await writer.close()
+            if size is not None and writer.size != size:
+                raise SizeInvalid(f"blob is {writer.size} bytes, expected {size}")
+            return await asyncio.to_thread(self.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size)
+        except BaseException:
+            # close() raises a failed write again (ENOSPC): that must not skip removing the temp file.
+            with contextlib.suppress(Exception):
+                await writer.close()
+            await asyncio.to_thread(temp.unlink, True)
+            raise
 
     async def put_bytes(self, data: bytes, digest: Digest) -> StoredBlob:
         """Store a small, already-in-memory body (manifests) after checking its digest."""

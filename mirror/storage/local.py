@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -17,13 +16,12 @@ from mirror.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     NameUnknown,
-    SizeInvalid,
     Unsupported,
 )
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import validate_tag
-from mirror.storage.blobs import BlobStore, BlobWriter
+from mirror.storage.blobs import BlobStore
 from mirror.storage.events import PushFeed
 from mirror.storage.interface import (
     BlobFile,
@@ -83,25 +81,7 @@ class LocalRegistry(Registry):
         # In use from the existence check until held as local: a cached copy found here must not be
         # evicted before it is held (the cache manager skips digests in use).
         with self.cache.in_use(digest):
-            stored = await self.blobs.reuse(digest)
-            if stored is None:
-                temp = self.blobs.new_temp_path()
-                writer = await BlobWriter.open(temp, digest.algorithm)
-                try:
-                    async for chunk in chunks:
-                        await writer.write(chunk)
-                    await writer.close()
-                    if size is not None and writer.size != size:
-                        raise SizeInvalid(f"blob is {writer.size} bytes, expected {size}")
-                    stored = await asyncio.to_thread(
-                        self.blobs.commit_sync, temp, digest, writer.hasher.hexdigest(), writer.size
-                    )
-                except BaseException:
-                    # close() raises a failed write again (ENOSPC): that must not skip removing the temp file.
-                    with contextlib.suppress(Exception):
-                        await writer.close()
-                    await asyncio.to_thread(temp.unlink, True)
-                    raise
+            stored = await self.blobs.put_stream(digest, chunks, size=size)
             await asyncio.to_thread(self.repos.link_blob, repo, digest)
             await self.cache.hold(digest, stored.size, LOCAL)
         return BlobInfo(digest, stored.size)
