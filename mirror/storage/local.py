@@ -144,13 +144,7 @@ class LocalRegistry(Registry):
 
     # -- manifests ---------------------------------------------------------------------------------
     async def _resolve(self, repo: str, reference: str) -> ManifestLink:
-        def resolve() -> ManifestLink | None:
-            if looks_like_digest(reference):
-                return self.repos.manifest_link(repo, Digest.parse(reference))
-            tag = self.repos.tag(repo, validate_tag(reference))
-            return self.repos.manifest_link(repo, tag.digest) if tag else None
-
-        link = await asyncio.to_thread(resolve)
+        link = await asyncio.to_thread(self.repos.resolve, repo, reference)
         if link is None:
             raise ManifestUnknown(detail={"reference": reference})
         return link

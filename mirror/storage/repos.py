@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mirror.errors import DigestInvalid
-from mirror.oci.digest import Digest
+from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor
-from mirror.oci.names import is_valid_name, is_valid_tag
+from mirror.oci.names import is_valid_name, is_valid_tag, validate_tag
 from mirror.storage.files import atomic_write, read_text_or_none
 
 if TYPE_CHECKING:
@@ -102,6 +102,13 @@ class RepoStore:
             return ManifestLink(digest, str(data["mediaType"]), int(data["size"]), data.get("referencesLinked") is True)
         except (ValueError, KeyError, TypeError):
             return None  # a torn or foreign file reads as absent; the writer is atomic, so this is damage
+
+    def resolve(self, name: str, reference: str) -> ManifestLink | None:
+        """The manifest a reference names in this repository: a digest it links, or a tag's target."""
+        if looks_like_digest(reference):
+            return self.manifest_link(name, Digest.parse(reference))
+        tag = self.tag(name, validate_tag(reference))
+        return self.manifest_link(name, tag.digest) if tag else None
 
     def unlink_manifest(self, name: str, digest: Digest) -> bool:
         try:
