@@ -438,7 +438,7 @@ async def test_an_interrupted_run_resumes_without_fetching_completed_blobs_again
     small, large = b"small layer", b"L" * (2 << 20)
     fake = FakeUpstream()
     fake.add_image("library/alpine", "3.20", [small, large])
-    fake.blob_delay = 0.05  # the large layer takes over a second: the run is stopped while it streams
+    fake.blob_delay = 0.3  # the large layer takes ~10 s: the run is stopped while it streams, even on a slow machine
     client, engine = await _upstream_setup(aiohttp_client, aiohttp_server, tmp_path, fake)
     local = client.app[ROUTER].local
     run = asyncio.create_task(engine.run_rule("hub"))
@@ -450,7 +450,12 @@ async def test_an_interrupted_run_resumes_without_fetching_completed_blobs_again
         except Exception:  # noqa: BLE001 - not there yet
             return False
 
+    async def large_streaming() -> bool:
+        return fake.count("GET", f"/blobs/{digest_of(large)}") == 1
+
     await wait_for(small_arrived, 10, "the small layer at the destination")
+    # The layers may be copied one after the other: stop only once the large one is on its way.
+    await wait_for(large_streaming, 10, "the large layer's download to start")
     run.cancel()  # what a kill or a shutdown does to a run in the middle
     with pytest.raises(asyncio.CancelledError):
         await run
