@@ -327,13 +327,11 @@ class ProxyRegistry(Registry):
                 fill.begin(size, read_fd)
             upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
 
-            peer_bytes = self.metrics.cluster_peer_bytes.labels(self.name)
-
-            def on_written(size: int) -> None:  # bytes are on disk: readers may move on
-                (peer_bytes if source is not None and source.from_peer else upstream_bytes).inc(size - fill.written)
+            def advance(size: int) -> None:  # bytes are on disk: readers may move on
+                upstream_bytes.inc(size - fill.written)
                 fill.advance(size)
-                if source is not None:
-                    source.written(size)
+
+            on_written = advance if source is None else self._cluster_progress(fill, source)
 
             if source is not None:
                 source.begin(size)
@@ -387,6 +385,18 @@ class ProxyRegistry(Registry):
                 result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
                 self._fill_finished(repo, digest, fill.written, started, result)
             raise
+
+    def _cluster_progress(self, fill: Fill, source: ClusterSource) -> Callable[[int], None]:
+        """on_written for a cluster fill: bytes from a peer are counted as such, and the owner publishes."""
+        upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
+        peer_bytes = self.metrics.cluster_peer_bytes.labels(self.name)
+
+        def on_written(size: int) -> None:
+            (peer_bytes if source.from_peer else upstream_bytes).inc(size - fill.written)
+            fill.advance(size)
+            source.written(size)
+
+        return on_written
 
     def _fill_finished(self, repo: str, digest: Digest, size: int, started: float, result: str) -> None:
         self.metrics.fills.labels(self.name, result).inc()
