@@ -57,7 +57,9 @@ async def upstream() -> AsyncIterator[tuple[FakeUpstream, str]]:
         await runner.cleanup()
 
 
-def node_config(tmp_path: Path, index: int, port: int, upstream_url: str, cluster: dict[str, Any] | None) -> dict[str, Any]:
+def node_config(
+    tmp_path: Path, index: int, port: int, upstream_url: str, cluster: dict[str, Any] | None
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "listen": f"127.0.0.1:{port}",
         "storage": {"path": str(tmp_path / f"node{index}" / "data")},
@@ -71,13 +73,13 @@ def node_config(tmp_path: Path, index: int, port: int, upstream_url: str, cluste
 
 @contextlib.asynccontextmanager
 async def three_nodes(
-    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str], count: int = 3
 ) -> AsyncIterator[Cluster]:
     fake, url = upstream
     prefix = f"t{uuid.uuid4().hex[:12]}"
     cluster = {"redis": redis_server.url, "prefix": prefix, "secret": SECRET, "lease_ttl": f"{LEASE_TTL}s"}
     nodes = []
-    for index in range(3):
+    for index in range(count):
         port = free_port()
         nodes.append(MirrorProcess(node_config(tmp_path, index, port, url, cluster), workdir=tmp_path / f"node{index}",
                                    ready_timeout=60.0))
@@ -185,13 +187,15 @@ async def owner_of(cluster: Cluster, digest: str) -> str:
     return str(token).rpartition(":")[0]
 
 
+@pytest.mark.parametrize("honour_ranges", [True, False], ids=["upstream-with-range", "upstream-ignoring-range"])
 async def test_the_owner_killed_halfway_is_taken_over_and_every_client_gets_the_right_bytes(
-    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str], honour_ranges: bool
 ) -> None:
     fake, _url = upstream
     blob = os.urandom(BLOB_BYTES)
     digest = fake.add_blob(blob)
     fake.blob_delay = 0.02
+    fake.honour_ranges = honour_ranges  # False: the new owner reads the bytes it has again and drops them
     async with three_nodes(tmp_path, redis_server, upstream) as cluster:
         timeout = aiohttp.ClientTimeout(total=180)
         async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -263,3 +267,41 @@ async def test_a_node_without_cluster_fills_has_no_internal_endpoint(
             async with session.get(f"{node.url}/_mirror/fills/fake.io/{digest}",
                                    headers={"Authorization": f"Bearer {SECRET}"}) as response:
                 assert response.status == 404
+
+
+async def test_a_node_that_misses_a_blob_just_filled_elsewhere_takes_it_from_that_node(
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    fake, _url = upstream
+    blob = os.urandom(1 << 20)
+    digest = fake.add_blob(blob)
+    async with three_nodes(tmp_path, redis_server, upstream, count=2) as cluster:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            first = await pull(session, cluster.nodes, 0, digest, len(blob))
+            second = await pull(session, cluster.nodes, 1, digest, len(blob))
+            assert first.body_sha == second.body_sha == digest
+            assert fake.count("GET", f"/blobs/{digest}") == 1
+            assert peer_bytes(await metrics_of(session, cluster.nodes[1])) == len(blob)
+
+
+async def test_a_follower_serves_the_owners_bytes_only_to_repositories_the_upstream_allows(
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """A digest is not a capability on any node: the fill node 0 runs for library/big is not readable
+    through node 1 by a repository that the upstream says has no such blob."""
+    fake, _url = upstream
+    blob = os.urandom(4 << 20)
+    digest = fake.add_blob(blob)
+    fake.blob_repos[digest] = {REPO}
+    fake.blob_delay = 0.02  # 64 pieces: about 1.3 s, so node 0's fill is running when node 1 is asked
+    async with three_nodes(tmp_path, redis_server, upstream, count=2) as cluster:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            owner = asyncio.create_task(pull(session, cluster.nodes, 0, digest, len(blob)))
+            while fake.bytes_sent[digest] == 0:
+                await asyncio.sleep(0.02)
+            async with session.get(f"{cluster.nodes[1].url}/v2/other/repo/blobs/{digest}") as response:
+                assert response.status == 404
+                assert (await response.json())["errors"][0]["code"] == "BLOB_UNKNOWN"
+            assert (await owner).body_sha == digest
+            assert peer_bytes(await metrics_of(session, cluster.nodes[1])) == 0
+            assert fake.count("GET", f"/blobs/{digest}") == 1
