@@ -73,11 +73,12 @@ def node_config(
 
 @contextlib.asynccontextmanager
 async def three_nodes(
-    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str], count: int = 3
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str], count: int = 3,
+    lease_ttl: float = LEASE_TTL,
 ) -> AsyncIterator[Cluster]:
     fake, url = upstream
     prefix = f"t{uuid.uuid4().hex[:12]}"
-    cluster = {"redis": redis_server.url, "prefix": prefix, "secret": SECRET, "lease_ttl": f"{LEASE_TTL}s"}
+    cluster = {"redis": redis_server.url, "prefix": prefix, "secret": SECRET, "lease_ttl": f"{lease_ttl}s"}
     nodes = []
     for index in range(count):
         port = free_port()
@@ -267,6 +268,37 @@ async def test_a_node_without_cluster_fills_has_no_internal_endpoint(
             async with session.get(f"{node.url}/_mirror/fills/fake.io/{digest}",
                                    headers={"Authorization": f"Bearer {SECRET}"}) as response:
                 assert response.status == 404
+
+
+async def test_an_owner_stopped_gracefully_never_leaves_its_followers_waiting_for_its_lease(
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """SIGTERM halfway through: the owner either drains the fill for its followers or, cancelling it,
+    releases the lease so a follower takes over at once. Either way no follower waits for the lease's
+    60 s, and every client gets the right bytes."""
+    fake, _url = upstream
+    blob = os.urandom(BLOB_BYTES)
+    digest = fake.add_blob(blob)
+    fake.blob_delay = 0.05  # 16 s in all: the second half outlasts the owner's grace period (5 s)
+    async with three_nodes(tmp_path, redis_server, upstream, count=2, lease_ttl=60.0) as cluster:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            dead: set[int] = set()
+            pulls = [asyncio.create_task(pull(session, cluster.nodes, i % 2, digest, len(blob), dead=dead))
+                     for i in range(4)]
+            while fake.bytes_sent[digest] < len(blob) // 2:
+                await asyncio.sleep(0.05)
+            owner_url = await owner_of(cluster, digest)
+            owner = next(i for i, node in enumerate(cluster.nodes) if node.url == owner_url)
+            dead.add(owner)
+            stopping = asyncio.create_task(asyncio.to_thread(cluster.nodes[owner].stop))
+            results = await asyncio.wait_for(asyncio.gather(*pulls), timeout=40)
+            await stopping
+            assert [p.body_sha for p in results] == [digest] * 4
+            assert all(p.attempts == 1 for p in results if p.node != owner), [p.nodes_used for p in results]
+            gets = fake.count("GET", f"/blobs/{digest}")
+            assert gets <= 2
+            if gets == 2:
+                assert int(fake.blob_ranges[-1][6:-1]) > 0, fake.blob_ranges
 
 
 async def test_a_node_that_misses_a_blob_just_filled_elsewhere_takes_it_from_that_node(

@@ -44,6 +44,8 @@ PEER_FILL_ROUTE = "/_mirror/fills/{upstream}/{digest}"
 # Progress is published at most this often while bytes land (plus at the start and at the end): followers
 # stream from the owner directly, Redis only needs to know that the fill lives and how far it is.
 PUBLISH_EVERY = 0.25
+# A follower without a source looks at the lease again at least this often (one Redis call per fill).
+WAIT_POLL_SECONDS = 1.0
 # How long a follower waits, without any source answering, before its clients are told to come back.
 GIVE_UP_AFTER_LEASES = 3
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
@@ -173,8 +175,9 @@ class ClusterSource:
             await self._wait(claim, progress)
 
     async def _wait(self, claim: Held, progress: FillProgress | None) -> None:
-        """Until the fill's progress changes or its holder's lease may have lapsed."""
-        timeout = min(max(claim.expires_in, 0.05) + 0.05, self.cluster.heartbeat)
+        """Until the fill's progress changes, its holder's lease may have lapsed, or a second passed: a
+        release publishes nothing, and a follower without a source should not idle for a heartbeat."""
+        timeout = min(max(claim.expires_in, 0.05) + 0.05, WAIT_POLL_SECONDS)
         await self.coordinator.wait_progress(
             self.upstream, str(self.digest), progress.version if progress else 0, timeout
         )

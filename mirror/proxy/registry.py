@@ -270,8 +270,6 @@ class ProxyRegistry(Registry):
         error: BaseException | None = None
         try:
             response = await source.first(linked=linked)
-            if source.from_peer and expected is None:
-                expected = response.content_length
             await self._fill_from(fill, response, repo, digest, expected, source)
         except BaseException as exc:
             error = exc
