@@ -22,6 +22,7 @@ import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from tests.auth_helpers import hashed
 from tests.fake_upstream import FakeUpstream, upstream_config
 from tests.support.mirror_proc import MirrorProcess
 from tests.support.procs import free_port
@@ -74,7 +75,7 @@ def node_config(
 @contextlib.asynccontextmanager
 async def three_nodes(
     tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str], count: int = 3,
-    lease_ttl: float = LEASE_TTL,
+    lease_ttl: float = LEASE_TTL, **extra: Any,
 ) -> AsyncIterator[Cluster]:
     fake, url = upstream
     prefix = f"t{uuid.uuid4().hex[:12]}"
@@ -82,8 +83,8 @@ async def three_nodes(
     nodes = []
     for index in range(count):
         port = free_port()
-        nodes.append(MirrorProcess(node_config(tmp_path, index, port, url, cluster), workdir=tmp_path / f"node{index}",
-                                   ready_timeout=60.0))
+        config = {**node_config(tmp_path, index, port, url, cluster), **extra}
+        nodes.append(MirrorProcess(config, workdir=tmp_path / f"node{index}", ready_timeout=60.0))
     try:
         await asyncio.gather(*(node.astart() for node in nodes))
         yield Cluster(fake, url, nodes, prefix, redis_server.url)
@@ -337,3 +338,24 @@ async def test_a_follower_serves_the_owners_bytes_only_to_repositories_the_upstr
             assert (await owner).body_sha == digest
             assert peer_bytes(await metrics_of(session, cluster.nodes[1])) == 0
             assert fake.count("GET", f"/blobs/{digest}") == 1
+
+
+async def test_cluster_fills_work_with_client_access_control_on(
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """The peer endpoint answers to the cluster secret, not to client credentials: with `auth:` on, a
+    follower still streams from the owner (instead of giving up and sending its clients away)."""
+    fake, _url = upstream
+    blob = os.urandom(4 << 20)
+    digest = fake.add_blob(blob)
+    fake.blob_delay = 0.02
+    auth = {"users": {"ops": {"password_hash": hashed("ops-pw")}}, "admins": {"users": ["ops"]},
+            "access": [{"repository": "**", "anonymous": ["pull"]}]}
+    async with three_nodes(tmp_path, redis_server, upstream, count=2, auth=auth) as cluster:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            pulls = await asyncio.gather(*(pull(session, cluster.nodes, i % 2, digest, len(blob)) for i in range(4)))
+            assert [p.body_sha for p in pulls] == [digest] * 4
+            assert all(p.attempts == 1 for p in pulls), [p.nodes_used for p in pulls]
+            assert fake.count("GET", f"/blobs/{digest}") == 1
+            streamed = [peer_bytes(await metrics_of(session, node)) for node in cluster.nodes]
+            assert sorted(streamed) == [0, len(blob)], streamed

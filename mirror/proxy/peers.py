@@ -41,6 +41,8 @@ from mirror.upstream.client import USER_AGENT
 log = logging.getLogger(__name__)
 
 PEER_FILL_ROUTE = "/_mirror/fills/{upstream}/{digest}"
+# Guarded by the cluster secret, not by client access control (mirror/auth/middleware.py lets it through).
+PEER_FILL_PREFIX = "/_mirror/fills/"
 # Progress is published at most this often while bytes land (plus at the start and at the end): followers
 # stream from the owner directly, Redis only needs to know that the fill lives and how far it is.
 PUBLISH_EVERY = 0.25
