@@ -302,6 +302,40 @@ async def test_an_owner_stopped_gracefully_never_leaves_its_followers_waiting_fo
                 assert int(fake.blob_ranges[-1][6:-1]) > 0, fake.blob_ranges
 
 
+async def test_an_owner_restarted_after_a_crash_does_not_wait_for_its_own_old_lease(
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """Same advertise, new process: the lease its dead predecessor held is broken at once (not waited
+    out for 60 s), and the follower on the other node streams from it again."""
+    fake, _url = upstream
+    blob = os.urandom(BLOB_BYTES)
+    digest = fake.add_blob(blob)
+    fake.blob_delay = 0.02
+    async with three_nodes(tmp_path, redis_server, upstream, count=2, lease_ttl=60.0) as cluster:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            dead: set[int] = set()
+            first = asyncio.create_task(pull(session, cluster.nodes, 0, digest, len(blob), dead=dead))
+            while fake.bytes_sent[digest] == 0:
+                await asyncio.sleep(0.02)
+            assert await owner_of(cluster, digest) == cluster.nodes[0].url
+            follower = asyncio.create_task(pull(session, cluster.nodes, 1, digest, len(blob)))
+            while fake.bytes_sent[digest] < len(blob) // 2:
+                await asyncio.sleep(0.05)
+            dead.add(0)
+            cluster.nodes[0].kill()
+            loop = asyncio.get_running_loop()
+            killed_at = loop.time()
+            await cluster.nodes[0].astart()
+            dead.discard(0)
+            after_restart = await asyncio.wait_for(pull(session, cluster.nodes, 0, digest, len(blob)), timeout=40)
+            results = [await asyncio.wait_for(task, timeout=40) for task in (first, follower)]
+            assert loop.time() - killed_at < 40  # the old lease had 60 s to live
+            assert [p.body_sha for p in (*results, after_restart)] == [digest] * 3
+            assert results[1].attempts == 1  # the follower's client saw a pause, not an error
+            assert "broke this node's stale lease" in cluster.nodes[0].log_text(None)
+            assert fake.count("GET", f"/blobs/{digest}") == 2
+
+
 async def test_a_node_that_misses_a_blob_just_filled_elsewhere_takes_it_from_that_node(
     tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
 ) -> None:

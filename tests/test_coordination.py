@@ -122,6 +122,22 @@ async def test_expired_fill_is_taken_over_with_its_progress(nodes: tuple[Coordin
     assert now is not None and now.holder == b.node and now.holder_alive and now.committed == 1000
 
 
+async def test_a_fill_lease_is_broken_only_by_naming_its_holder(nodes: tuple[Coordinator, Coordinator]) -> None:
+    """A node restarted under its old name breaks the leases its dead process held; nobody else's."""
+    a, b = nodes
+    lease = await acquire(a, ttl=30.0)
+    assert await a.publish_progress(lease, 1 << 20, size=4 << 20)
+    assert not await b.break_fill("hub", DIGEST, "node-a:1")  # a longer name with the holder's as its prefix
+    assert not await b.break_fill("hub", DIGEST, "node")
+    assert not await b.break_fill("hub", DIGEST, "other")
+    assert isinstance(await b.acquire_fill("hub", DIGEST, 5.0), Held)
+    assert await b.break_fill("hub", DIGEST, a.node)
+    assert not await b.break_fill("hub", DIGEST, a.node)  # nothing left to break
+    taken = await acquire(b)
+    assert taken.taken_over is not None and taken.taken_over.committed == 1 << 20
+    assert not await a.renew(lease) and not await a.publish_progress(lease, 2 << 20)
+
+
 async def test_a_finished_fill_starts_afresh(nodes: tuple[Coordinator, Coordinator]) -> None:
     a, b = nodes
     first = await acquire(a)

@@ -172,6 +172,12 @@ class ClusterSource:
                 response = await self._peer(claim.holder, offset)
                 if response is not None:
                     return response, 0
+            elif await self.coordinator.break_fill(upstream, digest, claim.holder):
+                # Named after this node, yet no fill of this process holds it (one fill per digest and
+                # node): the process before a restart held it, or a release failed. Nobody is filling.
+                log.warning("fill of %s from %s: broke this node's stale lease (held before a restart)",
+                            digest, upstream)
+                continue
             if loop.time() > deadline:
                 raise UpstreamUnavailable(f"no node could give {digest} (held by {claim.holder})")
             await self._wait(claim, progress)
