@@ -132,8 +132,9 @@ class AccessControl:
         robots_file = self.config.robots_file or auth_dir / "robots.json"
         if self.config.token.ttl < MIN_CLIENT_TOKEN_SECONDS:
             log.warning(
-                "auth.token.ttl is %gs: Docker and skopeo treat any token as valid for at least %ds and do not "
-                "ask again after a 401, so sessions longer than the ttl will fail", self.config.token.ttl,
+                "auth.token.ttl is %gs: Docker, skopeo and containerd treat any token as valid for at least %ds "
+                "and do not ask again after a 401, so pulls and pushes longer than the ttl will fail",
+                self.config.token.ttl,
                 MIN_CLIENT_TOKEN_SECONDS,
             )
         key = await asyncio.to_thread(load_or_create_key, key_file, self.config.token.algorithm)
