@@ -65,6 +65,7 @@ class RegistryRequestHandler(web.RequestHandler):
 
     def data_received(self, data: bytes) -> None:
         if data and self._header_timer is None and self._between_requests():
+            self._open_body = None  # done with; not kept alive until the next request's headers
             self._arm_header_timer()  # the first byte of the next request (pipelined or after keep-alive idle)
         queued = len(self._messages)
         super().data_received(data)
