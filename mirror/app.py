@@ -30,7 +30,7 @@ from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
 from mirror.observe.status import StatusPage
 from mirror.proxy.fills import FillManager
 from mirror.proxy.registry import ProxyRegistry
-from mirror.replication.engine import replication_context
+from mirror.replication.hosting import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CONFIG, COORDINATOR, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
