@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -32,7 +34,7 @@ from mirror.observe.status import StatusPage
 from mirror.proxy.fills import FillManager
 from mirror.proxy.peers import PEER_FILL_ROUTE, ClusterFills
 from mirror.proxy.registry import ProxyRegistry
-from mirror.replication.engine import replication_context
+from mirror.replication.hosting import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CLUSTER_FILLS, CONFIG, COORDINATOR, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
@@ -146,6 +148,9 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     if config.cluster is not None and config.cluster.shares_fills:
         peers = app[CLUSTER_FILLS] = ClusterFills(config.cluster, coordinator, fills, blobs)
     local_hint = ", ".join(config.local.repositories) or "none configured"
+    # One TLS context per CA file, shared by the upstreams that trust it (loading one costs ~60 ms of
+    # start-up); none for the system's CAs, see tls_context.
+    tls_by_ca_file: dict[Path | None, ssl.SSLContext | None] = {}
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(coordinator.close)  # closed last: everything below may still use it
         await coordinator.start()
@@ -156,12 +161,14 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         for upstream_config in config.upstreams:
             # One session per upstream: its own connection pool and limits. Bytes are passed through
             # exactly as sent (no transparent decompression), or digests would not match.
-            tls = tls_context(upstream_config)
+            if upstream_config.ca_file not in tls_by_ca_file:
+                tls_by_ca_file[upstream_config.ca_file] = tls_context(upstream_config)
+            tls = tls_by_ca_file[upstream_config.ca_file]
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(
                     auto_decompress=False,
                     read_bufsize=256 << 10,
-                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=tls),
+                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=tls if tls is not None else True),
                     headers={"User-Agent": USER_AGENT},
                 )
             )

@@ -558,9 +558,15 @@ def _parse_replication(root: _Section, upstreams: tuple[UpstreamConfig, ...]) ->
     """The `replication:` rules (mirror/replication/rules.py, which reports the first problem of the list).
 
     Rules name upstreams: only those that parsed are known here (one that did not is reported already)."""
-    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
 
-    return root.value("replication", (), lambda value, key: parse_rules(value, upstreams))
+    def parse(value: Any, key: str) -> tuple[Rule, ...]:
+        # Imported here: that module imports this one, and a config without rules need not load it (nor
+        # cron and version parsing).
+        from mirror.replication.rules import parse_rules
+
+        return parse_rules(value, upstreams)
+
+    return root.value("replication", (), parse)
 
 
 def _parse_upload_expiry(value: Any, key: str) -> float:

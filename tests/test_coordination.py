@@ -23,7 +23,7 @@ from mirror.coordination.interface import Coordinator, Held, Lease, keep_alive
 from mirror.coordination.local import LocalCoordinator
 from mirror.coordination.redis import RedisCoordinator
 from mirror.oci.digest import Digest
-from mirror.replication.engine import REPLICATION
+from mirror.replication.hosting import REPLICATION
 from mirror.state import CACHE, COORDINATOR
 from tests.registry_helpers import DOCKER_MANIFEST, push_image
 from tests.support.procs import free_port

@@ -25,7 +25,6 @@ from typing import Any, Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
-from aiocache import SimpleMemoryCache
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -37,6 +36,7 @@ from tenacity import (
 from mirror.config import UpstreamConfig
 from mirror.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from mirror.metrics import Metrics
+from mirror.ttlmap import TtlMap
 from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, origin_of, parse_challenge
 from mirror.upstream.blocking import BlockingPool, BlockingResponse
 from mirror.upstream.ratelimit import RateLimitReading
@@ -119,10 +119,13 @@ def _size_text(limit: int) -> str:
     return f"{limit >> 20} MiB" if limit >= 1 << 20 and limit % (1 << 20) == 0 else f"{limit} bytes"
 
 
-def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
-    """What to trust for this upstream's certificates: its `ca_file`, or the system's CAs. One context
-    serves both transports (aiohttp for requests, BlockingPool for blob bodies), so they agree."""
-    return ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+def tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
+    """What to trust for this upstream's certificates: a context of its `ca_file`, which serves both
+    transports (aiohttp for requests, BlockingPool for blob bodies) so they agree; or None: the system's
+    CAs, which aiohttp's default context (made when aiohttp is imported) and BlockingPool's (made at its
+    first https connection) trust alike. Loading the system's bundle costs ~60 ms (OpenSSL 3 parses every
+    certificate): a server does not load it once more per upstream before it can listen."""
+    return ssl.create_default_context(cafile=str(config.ca_file)) if config.ca_file else None
 
 
 class UpstreamClient:
@@ -140,7 +143,7 @@ class UpstreamClient:
         self.metrics = metrics
         self.policy = RealmPolicy(config.url, config.auth_hosts)
         # Tokens live for their `expires_in`; nothing about them needs to survive a restart.
-        self.tokens = SimpleMemoryCache()
+        self.tokens = TtlMap()
         self._base = urlsplit(config.url)
         # One token request per scope at a time: concurrent requests that hit the same 401 (parallel layer
         # pulls, a token expiring under many clients) wait for the first one's token. One lock per scope
@@ -378,9 +381,9 @@ class UpstreamClient:
 
     async def _known_authorization(self, scope: str) -> str | None:
         """What to send before any challenge: a cached token for the scope, or Basic once it was asked for."""
-        token = await self.tokens.get(scope)
+        token = self.tokens.get(scope)
         if token:
-            return str(token)
+            return token
         credentials = self._basic_credentials()
         return f"Basic {credentials}" if credentials and self._basic_challenged else None
 
@@ -400,9 +403,9 @@ class UpstreamClient:
             return None
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:
-            current = await self.tokens.get(scope)
+            current = self.tokens.get(scope)
             if current and current != rejected:
-                return str(current)
+                return current
             return await self._fetch_token(challenge, scope)
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> str | None:
@@ -454,7 +457,7 @@ class UpstreamClient:
         lifetime = expires_in if isinstance(expires_in, int) and expires_in > 0 else TOKEN_DEFAULT_SECONDS
         authorization = f"Bearer {token}"
         # Renew a little early so a token never expires between our check and the upstream's.
-        await self.tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
+        self.tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
         return authorization
 
     def _basic_credentials(self) -> str | None:
