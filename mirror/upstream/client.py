@@ -21,7 +21,7 @@ import re
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
@@ -36,10 +36,12 @@ from tenacity import (
 from mirror.config import UpstreamConfig
 from mirror.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from mirror.metrics import Metrics
-from mirror.ttlmap import TtlMap
 from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, origin_of, parse_challenge
 from mirror.upstream.blocking import BlockingPool, BlockingResponse
 from mirror.upstream.ratelimit import RateLimitReading
+
+if TYPE_CHECKING:
+    from aiocache import SimpleMemoryCache
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,10 @@ class UpstreamClient:
         self.session = session
         self.metrics = metrics
         self.policy = RealmPolicy(config.url, config.auth_hosts)
-        # Tokens live for their `expires_in`; nothing about them needs to survive a restart.
-        self.tokens = TtlMap()
+        # Tokens live for their `expires_in`; nothing about them needs to survive a restart. The cache is made
+        # with the first token: importing aiocache loads redis-py (0.1-0.4 s), which `serve` should not pay at
+        # start-up, nor ever for an upstream without a token server.
+        self._tokens: SimpleMemoryCache | None = None
         self._base = urlsplit(config.url)
         # One token request per scope at a time: concurrent requests that hit the same 401 (parallel layer
         # pulls, a token expiring under many clients) wait for the first one's token. One lock per scope
@@ -381,9 +385,9 @@ class UpstreamClient:
 
     async def _known_authorization(self, scope: str) -> str | None:
         """What to send before any challenge: a cached token for the scope, or Basic once it was asked for."""
-        token = self.tokens.get(scope)
+        token = await self._tokens.get(scope) if self._tokens is not None else None
         if token:
-            return token
+            return str(token)
         credentials = self._basic_credentials()
         return f"Basic {credentials}" if credentials and self._basic_challenged else None
 
@@ -403,9 +407,9 @@ class UpstreamClient:
             return None
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:
-            current = self.tokens.get(scope)
+            current = await self._tokens.get(scope) if self._tokens is not None else None
             if current and current != rejected:
-                return current
+                return str(current)
             return await self._fetch_token(challenge, scope)
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> str | None:
@@ -457,7 +461,11 @@ class UpstreamClient:
         lifetime = expires_in if isinstance(expires_in, int) and expires_in > 0 else TOKEN_DEFAULT_SECONDS
         authorization = f"Bearer {token}"
         # Renew a little early so a token never expires between our check and the upstream's.
-        self.tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
+        if self._tokens is None:
+            from aiocache import SimpleMemoryCache
+
+            self._tokens = SimpleMemoryCache()
+        await self._tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
         return authorization
 
     def _basic_credentials(self) -> str | None:
