@@ -15,6 +15,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api.errors import CLIENT_CLOSED_STATUS, add_api_version, client_closed, registry_errors
+from mirror.api.peer_fills import serve_peer_fill
 from mirror.api.protocol_log import handler_args as protocol_handler_args
 from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
@@ -29,10 +30,11 @@ from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
 from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
 from mirror.observe.status import StatusPage
 from mirror.proxy.fills import FillManager
+from mirror.proxy.peers import PEER_FILL_ROUTE, ClusterFills
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.engine import replication_context
 from mirror.routing import Router, Upstream
-from mirror.state import CACHE, CONFIG, COORDINATOR, METRICS, ROUTER
+from mirror.state import CACHE, CLUSTER_FILLS, CONFIG, COORDINATOR, METRICS, ROUTER
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
@@ -102,6 +104,9 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/", StatusPage(health).handle)
     app.router.add_get("/metrics", serve_metrics)
     add_replication_routes(app)
+    if config.cluster is not None and config.cluster.shares_fills:
+        # Outside /v2 and before it: never behind client access control (the cluster secret guards it).
+        app.router.add_get(PEER_FILL_ROUTE, serve_peer_fill)
     app.router.add_route("*", "/v2{tail:.*}", dispatcher.handle)
     return app
 
@@ -135,10 +140,17 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         cache=cache,
     )
     fills = FillManager(metrics)
+    # A cluster node with an address and a secret shares its fills (mirror/proxy/peers.py); any other
+    # node downloads for itself, through exactly the single-node path.
+    peers = None
+    if config.cluster is not None and config.cluster.shares_fills:
+        peers = app[CLUSTER_FILLS] = ClusterFills(config.cluster, coordinator, fills, blobs)
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(coordinator.close)  # closed last: everything below may still use it
         await coordinator.start()
+        if peers is not None:
+            stack.callback(peers.close)
         stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:
@@ -169,6 +181,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                     f"repositories routed to {upstream_config.name} are mirrored read-only; "
                     f"push to a local namespace ({local_hint})"
                 ),
+                peers=peers,
             )
             proxy.on_fill = app[PULL_STATS].record_fill
             stack.push_async_callback(proxy.close)

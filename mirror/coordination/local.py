@@ -140,6 +140,14 @@ class LocalCoordinator:
         held.expires_at = time.monotonic() + lease.ttl
         return True
 
+    async def break_fill(self, upstream: str, digest: str, holder: str) -> bool:
+        key = fill_key(upstream, digest)
+        held = self._live(key)
+        if held is None or held.holder != holder:
+            return False
+        del self._leases[key]
+        return True
+
     async def release(self, lease: Lease) -> bool:
         held = self._live(lease.key)
         if held is None or held.token != lease.token:
