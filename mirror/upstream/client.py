@@ -192,6 +192,13 @@ class UpstreamClient:
         redirect policy, retries and rate-limit bookkeeping, over blocking connections."""
         return await self._open(method, path, scope, headers, self._send_blocking)
 
+    def warm_blob_connections(self, count: int) -> int:
+        """Blob GETs are about to follow (a manifest is on its way, and its layers will be prefetched):
+        open up to `count` of their connections now, in the background. Returns how many were started."""
+        if self.config.offline:
+            return 0
+        return self.blocking.warm(self.config.url, count)
+
     async def get_json(
         self, path: str, *, scope: str, headers: Mapping[str, str] | None = None, limit: int = JSON_BODY_LIMIT
     ) -> JsonResponse:
