@@ -454,6 +454,42 @@ async def test_a_rule_with_nothing_to_copy_does_not_queue_behind_a_rule_that_cop
     assert (await slow).copied == 1
 
 
+async def test_a_rerun_after_a_quiet_spell_reuses_the_connections_to_the_source(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Past aiohttp's default keep-alive (15 s) every request of a rerun would open a new connection
+    (over the internet: a TCP and a TLS handshake each)."""
+    fake = FakeUpstream()
+    fake.add_image("library/alpine", "3.20", [b"layer"])
+    fake.add_image("library/alpine", "3.21", [b"other layer"])
+    peers: list[tuple[str, object]] = []
+
+    @web.middleware
+    async def note_peer(request: web.Request, handler: Any) -> web.StreamResponse:
+        peers.append((request.path, request.transport.get_extra_info("peername") if request.transport else None))
+        return await handler(request)
+
+    app = fake.app()
+    app.middlewares.append(note_peer)
+    server = await aiohttp_server(app)
+    config = load_config_data({
+        "storage": {"path": str(tmp_path / "data")},
+        "upstreams": [{"name": "fake.io", "url": str(server.make_url("")).rstrip("/")}],
+        "replication": [{"name": "hub", "source": "fake.io/library/alpine", "destinations": [{"local": "copy/alpine"}]}],
+    })
+    client = await aiohttp_client(create_app(config))
+    engine = ReplicationEngine(client.app, remote=upstream_source_factory())
+    await engine.load()
+    assert (await engine.run_rule("hub")).copied == 2
+    first = {peer for _, peer in peers}
+    peers.clear()
+    await asyncio.sleep(16)
+    rerun = await engine.run_rule("hub")
+    assert (rerun.result, rerun.unchanged) == ("ok", 2)
+    assert peers and all(path.startswith("/v2/") for path, _ in peers)
+    assert {peer for _, peer in peers} <= first, "the rerun opened new connections to the source"
+
+
 async def test_an_interrupted_run_resumes_without_fetching_completed_blobs_again(
     aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
 ) -> None:

@@ -63,7 +63,7 @@ from mirror.storage.interface import (
     Registry,
     ReopenableBytes,
 )
-from mirror.upstream.client import USER_AGENT, UpstreamClient
+from mirror.upstream.client import KEEPALIVE_SECONDS, USER_AGENT, UpstreamClient
 
 if TYPE_CHECKING:
     from mirror.replication.rules import Destination
@@ -736,7 +736,7 @@ async def open_remote(
     async with aiohttp.ClientSession(
         auto_decompress=False,  # bytes exactly as stored, or digests would not match
         read_bufsize=256 << 10,
-        connector=aiohttp.TCPConnector(limit=32, ssl=tls),
+        connector=aiohttp.TCPConnector(limit=32, ssl=tls, keepalive_timeout=KEEPALIVE_SECONDS),
         headers={"User-Agent": USER_AGENT},
     ) as session:
         client = UpstreamClient(config, session, metrics, tls=tls)
