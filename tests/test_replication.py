@@ -475,7 +475,8 @@ async def test_a_rerun_after_a_quiet_spell_reuses_the_connections_to_the_source(
     config = load_config_data({
         "storage": {"path": str(tmp_path / "data")},
         "upstreams": [{"name": "fake.io", "url": str(server.make_url("")).rstrip("/")}],
-        "replication": [{"name": "hub", "source": "fake.io/library/alpine", "destinations": [{"local": "copy/alpine"}]}],
+        "replication": [{"name": "hub", "source": "fake.io/library/alpine",
+                         "destinations": [{"local": "copy/alpine"}]}],
     })
     client = await aiohttp_client(create_app(config))
     engine = ReplicationEngine(client.app, remote=upstream_source_factory())

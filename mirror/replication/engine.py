@@ -365,7 +365,7 @@ class ReplicationEngine:
         try:
             yield
         finally:
-            lock.release()
+            await asyncio.to_thread(lock.release)  # a close that flushes: off the event loop, like the acquire
 
     def _gate(self, rule: Rule) -> RateGate | None:
         upstream = rule.source.upstream
