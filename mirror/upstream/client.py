@@ -63,6 +63,12 @@ _LINK = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]*)*)")
 
 
 USER_AGENT = "mirror/0.1"
+# How long an idle connection to an upstream or a replication destination is kept for reuse. aiohttp's
+# default (15 s) closes them between an image's pull and the next one, or between two replication runs a
+# short interval apart, and every request then pays a new TCP (and TLS) handshake. Below the 60 s after
+# which many load balancers and CDNs close idle connections themselves (one closed by the server first
+# leaves the pool when its FIN arrives; one that races a request is retried like any reset).
+KEEPALIVE_SECONDS = 45.0
 
 
 class _Retryable(Exception):
