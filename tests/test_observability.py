@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import tempfile
@@ -38,7 +39,9 @@ pytestmark = [pytest.mark.real, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "grafana" / "dashboards" / "mirror.json"
 ALERTS = ROOT / "grafana" / "alerts.yaml"
-SCREENSHOT = ROOT / "docs" / "images" / "status-page.png"
+# The docs' picture of the status page is redrawn only when asked for (MIRROR_UPDATE_SCREENSHOT=1), so a
+# test run leaves the checkout as it found it.
+DOCS_SCREENSHOT = ROOT / "docs" / "images" / "status-page.png"
 MiB = 1 << 20
 FS_MIB = 48
 # Grafana's variables, as an operator's 5-minute view would fill them in.
@@ -174,7 +177,7 @@ async def test_every_panel_and_alert_returns_data_and_the_status_page_agrees_wit
         assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
         assert b"_created" not in exposition
 
-        await asyncio.to_thread(_check_status_page, mirror)
+        await asyncio.to_thread(_check_status_page, mirror, tmp_path)
     finally:
         prometheus.stop()
         await mirror.astop()
@@ -239,7 +242,7 @@ def _chromium(*args: str) -> subprocess.CompletedProcess[bytes]:
     return run(argv, timeout=90, what="chromium")
 
 
-def _check_status_page(mirror: MirrorProcess) -> None:
+def _check_status_page(mirror: MirrorProcess, pictures: Path) -> None:
     found = samples(mirror)
     dom = _chromium("--dump-dom", f"{mirror.url}/").stdout.decode()
     hits = total(found, "mirror_cache_lookups_total", kind="blob", result="hit|revalidated")
@@ -260,9 +263,9 @@ def _check_status_page(mirror: MirrorProcess) -> None:
     assert re.search(r"<b>broken</b>.*?badge bad[\"']>failed", dom, re.S)
     # Recent fills: the misses of the first image, with their upstream and repository.
     assert re.search(r"<td>docker\.io</td><td><code>library/first</code></td>", dom)
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    _chromium(f"--screenshot={SCREENSHOT}", f"{mirror.url}/")
-    assert SCREENSHOT.stat().st_size > 10_000
+    screenshot = DOCS_SCREENSHOT if os.environ.get("MIRROR_UPDATE_SCREENSHOT") == "1" else pictures / "status.png"
+    _chromium(f"--screenshot={screenshot}", f"{mirror.url}/")
+    assert screenshot.stat().st_size > 10_000  # the page renders to a picture, not a blank
 
 
 @pytest.mark.needs_tools("skopeo", "docker-registry")
@@ -282,8 +285,9 @@ def test_request_lines_are_json_and_no_credential_or_token_reaches_the_log(
     mirror = mirror_factory(
         {
             "storage": {"path": str(tmp_path / "data")},
+            # Without prefetch, so the first copy's blob lines say what a client's own download says.
             "upstreams": [{"name": "docker.io", "url": upstream_registry.url, "default": True,
-                           "username": user, "password": password}],
+                           "username": user, "password": password, "prefetch": False}],
             "log": {"format": "json", "level": "debug"},
         }
     )
@@ -300,9 +304,8 @@ def test_request_lines_are_json_and_no_credential_or_token_reaches_the_log(
     manifest_gets = [r for r in requests if r["route"] == "manifest" and r["method"] == "GET" and r["status"] == 200]
     assert manifest_gets and all(r["repository"] == f"docker.io/{repo}" for r in manifest_gets)
     blob_gets = [r for r in requests if r["route"] == "blob" and r["method"] == "GET"]
-    # The first copy came from downloads (its own, or layer prefetches it caught up with), the second hit.
-    results = {r["cache"] for r in blob_gets}
-    assert "hit" in results and results - {"hit"} and results - {"hit"} <= {"miss", "joined", "prefetched"}
+    # The first copy downloaded its blobs, the second found them cached.
+    assert {r["cache"] for r in blob_gets} == {"miss", "hit"}
     assert all(r["upstream"] == "docker.io" and r["duration_ms"] >= 0 for r in blob_gets)
     # `bytes` is the body sent (sendfile included), not only the headers: each blob's size in skopeo's copy.
     for entry in entries:
