@@ -28,6 +28,7 @@ from mirror.cache.manager import CacheManager
 from mirror.config import Config
 from mirror.coordination.factory import open_coordinator
 from mirror.metrics import Metrics
+from mirror.observe.budgets import refresh_shared_budgets
 from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
 from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
 from mirror.observe.status import StatusPage
@@ -73,6 +74,7 @@ async def count_requests(request: web.Request, handler: Handler) -> web.StreamRe
 
 async def serve_metrics(request: web.Request) -> web.Response:
     request["endpoint"] = "metrics"
+    await refresh_shared_budgets(request.app)
     body, content_type = await asyncio.to_thread(request.app[METRICS].render)
     response = web.Response(body=body)
     response.headers["Content-Type"] = content_type
@@ -175,7 +177,9 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                     headers={"User-Agent": USER_AGENT},
                 )
             )
-            client = UpstreamClient(upstream_config, session, metrics, tls=tls)
+            # A cluster node shares tags, tokens and the rate-limit budget through the coordinator.
+            shared = coordinator if config.cluster is not None else None
+            client = UpstreamClient(upstream_config, session, metrics, tls=tls, shared=shared)
             stack.callback(client.close)
             cache_repos = await asyncio.to_thread(RepoStore, config.storage.path / "cache" / upstream_config.name)
             proxy = ProxyRegistry(
@@ -192,6 +196,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                     f"push to a local namespace ({local_hint})"
                 ),
                 peers=peers,
+                shared_tags=shared,
             )
             proxy.on_fill = app[PULL_STATS].record_fill
             stack.push_async_callback(proxy.close)

@@ -84,8 +84,8 @@ class Metrics:
         )
         self.cache_lookups = Counter(
             "mirror_cache_lookups", "Pull-through lookups by upstream, kind (blob/manifest/tag) and result "
-            "(hit, miss, stale, revalidated; for blobs also joined: a download under way, prefetched: a prefetch "
-            "under way).",
+            "(hit, miss, stale, revalidated; for tags also shared: resolved by another cluster node; "
+            "for blobs also joined: a download under way, prefetched: a prefetch under way).",
             ["upstream", "kind", "result"], registry=r,
         )
         self.upstream_requests = Counter(

@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry
 
 from mirror import __version__
 from mirror.api.common import LISTING_FILTER
+from mirror.observe.budgets import refresh_shared_budgets
 from mirror.observe.health import HealthChecks
 from mirror.observe.requests import PULL_STATS, PullStats
 from mirror.replication.hosting import REPLICATION
@@ -143,6 +144,7 @@ class StatusPage:
     async def handle(self, request: web.Request) -> web.Response:
         request["endpoint"] = "status"
         app = request.app
+        await refresh_shared_budgets(app)
         samples = await asyncio.to_thread(Samples, app[METRICS].registry)
         checks = {result.name: result for result in await self.health.run()}
         page = self.render(app, samples, checks, time.time(), visible=request.get(LISTING_FILTER))

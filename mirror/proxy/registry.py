@@ -23,7 +23,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -54,6 +54,9 @@ from mirror.storage.interface import BlobBody, BlobFile, BlobInfo, Manifest, Man
 from mirror.storage.repos import ManifestLink, RepoStore, find_blob_sync
 from mirror.upstream.blocking import BlockingResponse
 from mirror.upstream.client import UpstreamClient
+
+if TYPE_CHECKING:
+    from mirror.coordination.interface import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,7 @@ class ProxyRegistry(Registry):
         manifest_limit: int,
         read_only_message: str,
         peers: ClusterFills | None = None,
+        shared_tags: Coordinator | None = None,
     ) -> None:
         self.client = client
         self.name = client.name
@@ -126,9 +130,13 @@ class ProxyRegistry(Registry):
         self.read_only_message = read_only_message
         # Set on a cluster node that shares fills: misses go through the fill lease (mirror/proxy/peers.py).
         self.peers = peers
+        # Set on a cluster node: a tag one node resolved from the upstream is trusted by every node for
+        # what is left of its `tag_ttl` (the coordinator keeps it that long), behind this node's memo.
+        self.shared_tags = shared_tags
         # Told of every finished download (the status page's "recent fills"); the app sets it.
         self.on_fill: Callable[[FillRecord], None] | None = None
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
+        self._tag_flights: SingleFlight[tuple[Manifest, float]] = SingleFlight()
         self._memo = ManifestMemo()
         self._sizes = ExpectedSizes()
         self._prefetch_slots = asyncio.Semaphore(client.config.prefetch_concurrency)
@@ -574,7 +582,7 @@ class ProxyRegistry(Registry):
                 self._memo.put(key, cached, link.validated_at)
                 return cached
         try:
-            manifest = await self._manifest_flights.run(key, lambda: self._refresh_tag(repo, tag, cached))
+            manifest, validated_at = await self._tag_flights.run(key, lambda: self._resolve_tag(repo, tag, cached))
         except _UPSTREAM_DOWN:
             if cached is None:
                 raise
@@ -584,8 +592,53 @@ class ProxyRegistry(Registry):
         except ManifestUnknown:
             self._memo.discard(key)
             raise
-        self._memo.put(key, manifest, time.time())
+        self._memo.put(key, manifest, validated_at)
         return manifest
+
+    async def _resolve_tag(self, repo: str, tag: str, cached: Manifest | None) -> tuple[Manifest, float]:
+        """The tag's manifest and when it was last confirmed against the upstream: by another node of the
+        cluster within `tag_ttl` if one did, else by asking the upstream now (and telling the others)."""
+        shared = await self._shared_tag(repo, tag, cached)
+        if shared is not None:
+            return shared
+        manifest = await self._refresh_tag(repo, tag, cached)
+        validated_at = time.time()
+        if self.shared_tags is not None:
+            # The digest and when it was resolved: a node that reads it trusts it only for the rest of
+            # the TTL, not for a whole TTL of its own.
+            try:
+                await self.shared_tags.set_tag(self.name, repo, tag, f"{manifest.digest} {validated_at!r}",
+                                               self.tag_ttl)
+            except Exception:  # noqa: BLE001 - the other nodes ask the upstream themselves then
+                log.warning("could not share tag %s/%s:%s", self.name, repo, tag, exc_info=True)
+        return manifest, validated_at
+
+    async def _shared_tag(self, repo: str, tag: str, cached: Manifest | None) -> tuple[Manifest, float] | None:
+        if self.shared_tags is None or self.client.config.offline:
+            return None
+        try:
+            value = await self.shared_tags.get_tag(self.name, repo, tag)
+        except Exception:  # noqa: BLE001 - the upstream still answers
+            log.warning("could not read shared tag %s/%s:%s", self.name, repo, tag, exc_info=True)
+            return None
+        digest_text, _, at_text = (value or "").partition(" ")
+        try:
+            digest = Digest.parse(digest_text)
+            validated_at = float(at_text)
+        except (RegistryError, ValueError):
+            return None
+        if time.time() - validated_at >= self.tag_ttl:
+            return None
+        if cached is not None and cached.digest == digest:
+            manifest = cached
+        else:
+            # Another node resolved the tag to a digest this node has not served for the tag: the manifest
+            # by digest (from this node's cache, else the upstream: immutable and verified), then the tag.
+            manifest = await self._manifest_by_digest(repo, digest)
+            await asyncio.to_thread(self.repos.set_tag, repo, tag, digest)
+        self._count("tag", "shared")
+        self.cache.note_access(manifest.digest)
+        return manifest, validated_at
 
     async def _refresh_tag(self, repo: str, tag: str, cached: Manifest | None) -> Manifest:
         if cached is not None:
@@ -797,3 +850,4 @@ class ProxyRegistry(Registry):
             task.cancel()
         await asyncio.gather(*self._prefetches, return_exceptions=True)
         await self._manifest_flights.close()
+        await self._tag_flights.close()

@@ -19,6 +19,7 @@ import json
 import logging
 import re
 import ssl
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -42,6 +43,8 @@ from mirror.upstream.ratelimit import RateLimitReading
 
 if TYPE_CHECKING:
     from aiocache import SimpleMemoryCache
+
+    from mirror.coordination.interface import Coordinator
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,7 @@ class UpstreamClient:
         metrics: Metrics,
         *,
         tls: ssl.SSLContext | None = None,
+        shared: Coordinator | None = None,
     ) -> None:
         self.config = config
         self.name = config.name
@@ -154,6 +158,10 @@ class UpstreamClient:
         # with the first token: importing aiocache loads redis-py (0.1-0.4 s), which `serve` should not pay at
         # start-up, nor ever for an upstream without a token server.
         self._tokens: SimpleMemoryCache | None = None
+        # A cluster node (`cluster.redis`): tokens and the rate-limit budget are shared with the other nodes
+        # through the coordinator, behind the local cache (a token in it costs no Redis round trip).
+        self.shared = shared
+        self._publishing: set[asyncio.Task[None]] = set()
         self._base = urlsplit(config.url)
         # One token request per scope at a time: concurrent requests that hit the same 401 (parallel layer
         # pulls, a token expiring under many clients) wait for the first one's token. One lock per scope
@@ -162,6 +170,8 @@ class UpstreamClient:
         # The upstream answered a Basic challenge: send the credentials up front from then on, instead of
         # paying a 401 round trip on every request.
         self._basic_challenged = False
+        # It answered a Bearer challenge: a cluster node looks for another node's token before sending.
+        self._bearer_challenged = False
         # The budget this upstream last announced; replication reads it to leave the rest to clients.
         self.ratelimit = RateLimitReading()
         # Whether it has the OCI referrers API, and when that was learned (replication asks once an hour,
@@ -172,7 +182,26 @@ class UpstreamClient:
         self.blocking = BlockingPool(user_agent=USER_AGENT, timeout=config.timeout, tls=tls or tls_context(config))
 
     def close(self) -> None:
+        for task in self._publishing:
+            task.cancel()
         self.blocking.close()
+
+    async def refresh_shared_budget(self) -> None:
+        """Take the cluster's newest rate-limit reading for this upstream (another node may have seen a
+        later one than ours) into `ratelimit` and the gauge: what /metrics and the status page show."""
+        if self.shared is None:
+            return
+        try:
+            budget = await self.shared.budget(self.name)
+        except Exception:  # noqa: BLE001 - the local reading is still a reading
+            log.warning("upstream %s: could not read the shared rate-limit budget", self.name, exc_info=True)
+            return
+        reading = self.ratelimit
+        if budget is None or budget.remaining is None or budget.observed_at <= reading.observed_at:
+            return
+        reading.remaining, reading.observed_at = budget.remaining, budget.observed_at
+        reading.window = budget.window or reading.window
+        self.metrics.ratelimit_remaining.labels(self.name).set(budget.remaining)
 
     # -- public ------------------------------------------------------------------------------------
     async def open(
@@ -401,8 +430,39 @@ class UpstreamClient:
         token = await self._tokens.get(scope) if self._tokens is not None else None
         if token:
             return str(token)
+        # Only once this upstream asked for a token at all: an anonymous upstream costs no Redis round trip.
+        shared = await self._shared_token(scope) if self._bearer_challenged else None
+        if shared:
+            return shared
         credentials = self._basic_credentials()
         return f"Basic {credentials}" if credentials and self._basic_challenged else None
+
+    async def _local_tokens(self) -> SimpleMemoryCache:
+        if self._tokens is None:
+            from aiocache import SimpleMemoryCache
+
+            self._tokens = SimpleMemoryCache()
+        return self._tokens
+
+    async def _shared_token(self, scope: str) -> str | None:
+        """A token another node fetched for `scope` (kept locally from then on, until it expires)."""
+        if self.shared is None:
+            return None
+        try:
+            value = await self.shared.get_token(self.name, scope)
+        except Exception:  # noqa: BLE001 - without the shared copy this node fetches its own token
+            log.warning("upstream %s: could not read the shared token", self.name, exc_info=True)
+            return None
+        # Stored as "<expiry, unix time> <Authorization value>": kept here only as long as it lives.
+        expires_text, _, authorization = (value or "").partition(" ")
+        try:
+            left = float(expires_text) - time.time()
+        except ValueError:
+            return None
+        if not authorization or left < 1:
+            return None
+        await (await self._local_tokens()).set(scope, authorization, ttl=left)
+        return authorization
 
     async def _authorize(self, challenge: Challenge, scope: str, *, rejected: str | None) -> str | None:
         """Turn a 401 challenge into an Authorization header value, caching Bearer tokens per scope.
@@ -418,11 +478,17 @@ class UpstreamClient:
             return f"Basic {credentials}"
         if challenge.scheme != "bearer" or not challenge.realm:
             return None
+        self._bearer_challenged = True
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:
             current = await self._tokens.get(scope) if self._tokens is not None else None
             if current and current != rejected:
                 return str(current)
+            # Another node's token, unless it is the one just refused (revoked or expired early): then
+            # this node fetches a fresh one, once, and shares that instead.
+            shared = await self._shared_token(scope)
+            if shared and shared != rejected:
+                return shared
             return await self._fetch_token(challenge, scope)
 
     async def _fetch_token(self, challenge: Challenge, scope: str) -> str | None:
@@ -474,11 +540,13 @@ class UpstreamClient:
         lifetime = expires_in if isinstance(expires_in, int) and expires_in > 0 else TOKEN_DEFAULT_SECONDS
         authorization = f"Bearer {token}"
         # Renew a little early so a token never expires between our check and the upstream's.
-        if self._tokens is None:
-            from aiocache import SimpleMemoryCache
-
-            self._tokens = SimpleMemoryCache()
-        await self._tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
+        ttl = max(lifetime - 10, 1)
+        await (await self._local_tokens()).set(scope, authorization, ttl=ttl)
+        if self.shared is not None:
+            try:
+                await self.shared.set_token(self.name, scope, f"{time.time() + ttl!r} {authorization}", ttl)
+            except Exception:  # noqa: BLE001 - the other nodes fetch their own then
+                log.warning("upstream %s: could not share a token", self.name, exc_info=True)
         return authorization
 
     def _basic_credentials(self) -> str | None:
@@ -490,7 +558,10 @@ class UpstreamClient:
     def _record(self, method: str, path: str, response: _Response) -> None:
         self.metrics.upstream_requests.labels(self.name, method, request_kind(path), str(response.status)).inc()
         self.metrics.upstream_up.labels(self.name).set(1 if response.status < 500 else 0)
+        seen_at = self.ratelimit.observed_at
         self.ratelimit.observe(response.status, response.headers)
+        if self.shared is not None and self.ratelimit.observed_at != seen_at:
+            self._publish_budget()
         for header, gauge in (
             ("ratelimit-remaining", self.metrics.ratelimit_remaining),
             ("ratelimit-limit", self.metrics.ratelimit_limit),
@@ -501,6 +572,23 @@ class UpstreamClient:
                     gauge.labels(self.name).set(int(value.split(";", 1)[0].strip()))
                 except ValueError:
                     pass
+
+    def _publish_budget(self) -> None:
+        """Tell the other nodes what the upstream just said is left (in the background: never a Redis round
+        trip in the request's way; the coordinator keeps the newest reading whatever order these land in)."""
+        assert self.shared is not None
+        reading = self.ratelimit
+        remaining, window, observed_at = reading.remaining, reading.window, reading.observed_at
+
+        async def publish(shared: Coordinator) -> None:
+            try:
+                await shared.observe_budget(self.name, remaining, window, observed_at)
+            except Exception:  # noqa: BLE001 - the next reading is published again
+                log.warning("upstream %s: could not publish the rate-limit budget", self.name, exc_info=True)
+
+        task = asyncio.get_running_loop().create_task(publish(self.shared))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     def scope_for(self, repo: str) -> str:
         return f"repository:{repo}:pull"
