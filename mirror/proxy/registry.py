@@ -613,6 +613,11 @@ class ProxyRegistry(Registry):
                 log.warning("could not share tag %s/%s:%s", self.name, repo, tag, exc_info=True)
         return manifest, validated_at
 
+    def _set_tag_sync(self, repo: str, tag: str, digest: Digest, validated_at: float) -> None:
+        # Dated when the other node confirmed it: read back from disk, it is trusted no longer than that.
+        self.repos.set_tag(repo, tag, digest)
+        self.repos.touch_tag(repo, tag, validated_at)
+
     async def _shared_tag(self, repo: str, tag: str, cached: Manifest | None) -> tuple[Manifest, float] | None:
         if self.shared_tags is None or self.client.config.offline:
             return None
@@ -635,7 +640,7 @@ class ProxyRegistry(Registry):
             # Another node resolved the tag to a digest this node has not served for the tag: the manifest
             # by digest (from this node's cache, else the upstream: immutable and verified), then the tag.
             manifest = await self._manifest_by_digest(repo, digest)
-            await asyncio.to_thread(self.repos.set_tag, repo, tag, digest)
+            await asyncio.to_thread(self._set_tag_sync, repo, tag, digest, validated_at)
         self._count("tag", "shared")
         self.cache.note_access(manifest.digest)
         return manifest, validated_at

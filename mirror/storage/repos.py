@@ -136,10 +136,11 @@ class RepoStore:
         except DigestInvalid:
             return None
 
-    def touch_tag(self, name: str, tag: str) -> None:
-        """Record that the tag was confirmed against its upstream just now."""
+    def touch_tag(self, name: str, tag: str, at: float | None = None) -> None:
+        """Record that the tag was confirmed against its upstream just now (or at `at`, wall clock)."""
+        when = time.time() if at is None else at
         try:
-            os.utime(self._repo(name) / "_tags" / tag, (time.time(), time.time()))
+            os.utime(self._repo(name) / "_tags" / tag, (when, when))
         except FileNotFoundError:
             pass
 

@@ -162,6 +162,8 @@ class UpstreamClient:
         # through the coordinator, behind the local cache (a token in it costs no Redis round trip).
         self.shared = shared
         self._publishing: set[asyncio.Task[None]] = set()
+        # The token last taken from the coordinator per scope (one entry per scope, like the locks below).
+        self._shared_tokens_used: dict[str, str] = {}
         self._base = urlsplit(config.url)
         # One token request per scope at a time: concurrent requests that hit the same 401 (parallel layer
         # pulls, a token expiring under many clients) wait for the first one's token. One lock per scope
@@ -355,7 +357,11 @@ class UpstreamClient:
         if sent:
             headers["Authorization"] = sent
         response = await self._follow(method, url, headers, send)
-        if response.status == 401:
+        # One answer to a 401; a second only when the token refused was another node's (revoked, or expired
+        # early): then this node fetches a fresh one, once.
+        for _round in range(2):
+            if response.status != 401 or (_round and self._shared_tokens_used.get(scope) != sent):
+                break
             challenge = parse_challenge(response.headers.get("WWW-Authenticate", ""))
             try:
                 authorization = await self._authorize(challenge, scope, rejected=sent) if challenge else None
@@ -364,10 +370,11 @@ class UpstreamClient:
                 raise
             # With nothing new to offer, this 401 is the answer: sending the same request again would only
             # cost another upstream request (and, on Docker Hub, maybe a pull from the rate limit).
-            if authorization is not None and authorization != sent:
-                response.release()
-                headers["Authorization"] = authorization
-                response = await self._follow(method, url, headers, send)
+            if authorization is None or authorization == sent:
+                break
+            response.release()
+            headers["Authorization"] = sent = authorization
+            response = await self._follow(method, url, headers, send)
         self._record(method, path, response)
         if response.status == 429:
             retry_after = response.headers.get("Retry-After", "60")
@@ -462,6 +469,7 @@ class UpstreamClient:
         if not authorization or left < 1:
             return None
         await (await self._local_tokens()).set(scope, authorization, ttl=left)
+        self._shared_tokens_used[scope] = authorization
         return authorization
 
     async def _authorize(self, challenge: Challenge, scope: str, *, rejected: str | None) -> str | None:
