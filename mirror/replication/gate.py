@@ -81,6 +81,9 @@ class RateGate:
     async def wait(self, kind: str, rule: str, listener: PauseListener) -> None:
         """Return once a GET of `kind` ("manifest" / "blob") may go to the upstream."""
         paused = False
+        # On a cluster the budget is every node's: decide on the newest reading any node published
+        # (a no-op on a single node).
+        await self.client.refresh_shared_budget()
         while (pause := self.pause_now()) is not None:
             if not paused:
                 paused = True
