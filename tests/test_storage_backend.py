@@ -1,0 +1,352 @@
+"""The BlobBackend's behaviour: the same tests against the filesystem and a real S3 server (Ceph RGW).
+
+Every test that writes also checks what is left in the store afterwards (`leftovers`): for the filesystem the
+files under tmp/, for S3 every object key and every unfinished multipart upload. S3 runs with 5 MiB parts
+(S3's smallest), so a 12 MiB blob is already a three-part multipart upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from mirror.errors import BlobUnknown, DigestInvalid, SizeInvalid
+from mirror.oci.digest import Digest
+from mirror.storage.backend import BlobBackend, put_stream
+from mirror.storage.blobs import BlobStore
+from mirror.storage.fs_backend import FilesystemBlobBackend
+from mirror.storage.s3 import S3BlobBackend, S3Settings, S3Unavailable
+from tests.support.rgw import RadosGateway
+
+MiB = 1 << 20
+PART = 5 * MiB
+
+
+class Store:
+    """A backend under test and a way to see everything it holds, committed or not."""
+
+    def __init__(self, kind: str, backend: Any, root: Path | None = None) -> None:
+        self.kind = kind
+        self.backend: BlobBackend = backend
+        self._raw = backend
+        self.root = root
+
+    async def leftovers(self) -> list[str]:
+        """Everything that is not a committed blob: temp files, temp objects, unfinished multipart uploads."""
+        if self.kind == "fs":
+            assert self.root is not None
+            return [str(p) for p in (self.root / "tmp").iterdir()]
+        backend: S3BlobBackend = self._raw
+        keys = await self.all_keys()
+        return [k for k in keys if not k.startswith("blobs/")] + [
+            f"multipart:{k}" for k in await backend.pending_multipart_uploads()
+        ]
+
+    async def all_keys(self) -> list[str]:
+        if self.kind == "fs":
+            assert self.root is not None
+            return [str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file()]
+        backend: S3BlobBackend = self._raw
+        answer = await backend.client.list_objects_v2(Bucket=backend.bucket)
+        return [entry["Key"] for entry in answer.get("Contents", ())]
+
+
+async def make_bucket(gateway: RadosGateway, **settings: Any) -> S3BlobBackend:
+    assert gateway.account is not None
+    account = gateway.account
+    backend = await S3BlobBackend.open(
+        S3Settings(
+            bucket=f"t-{uuid.uuid4().hex[:16]}", endpoint=account.endpoint, region=account.region,
+            access_key=account.access_key, secret_key=account.secret_key, **settings,
+        ),
+        part_size=PART,
+    )
+    await backend.client.create_bucket(Bucket=backend.bucket)
+    return backend
+
+
+async def empty_and_remove(backend: S3BlobBackend) -> None:
+    for key in await Store("s3", backend).all_keys():
+        await backend.client.delete_object(Bucket=backend.bucket, Key=key)
+    await backend.client.delete_bucket(Bucket=backend.bucket)
+
+
+@pytest.fixture(params=["fs", "s3"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "fs":
+        yield Store("fs", FilesystemBlobBackend(BlobStore(tmp_path / "data")), tmp_path / "data")
+        return
+    gateway: RadosGateway = request.getfixturevalue("rgw")
+    backend = await make_bucket(gateway)
+    try:
+        yield Store("s3", backend)
+    finally:
+        await empty_and_remove(backend)
+        await backend.close()
+
+
+def pattern(size: int, seed: int = 0) -> tuple[Digest, list[bytes]]:
+    """Deterministic pseudo-random bytes in 1 MiB chunks (and their digest), made once per call."""
+    block = hashlib.sha256(f"seed-{seed}".encode()).digest() * (MiB // 32)
+    chunks = [block[i % 7:] + block[: i % 7] for i in range(size // MiB)]
+    if size % MiB:
+        chunks.append(block[: size % MiB])
+    hasher = hashlib.sha256()
+    for chunk in chunks:
+        hasher.update(chunk)
+    return Digest("sha256", hasher.hexdigest()), chunks
+
+
+async def stream(chunks: list[bytes]) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        yield chunk
+
+
+async def read_all(backend: BlobBackend, digest: Digest, start: int = 0, end: int | None = None) -> bytes:
+    return b"".join([piece async for piece in backend.read(digest, start, end)])
+
+
+async def listed(backend: BlobBackend) -> list[Digest]:
+    return [digest async for digest in backend.list()]
+
+
+# -- basics ----------------------------------------------------------------------------------------
+async def test_write_commit_stat_and_ranged_read(store: Store) -> None:
+    data = os.urandom(300_000)
+    digest = Digest.of(data)
+    assert await put_stream(store.backend, digest, stream([data[:100_000], data[100_000:]]), size=len(data)) == len(
+        data
+    )
+    assert await store.backend.stat(digest) == len(data)
+    assert await read_all(store.backend, digest) == data
+    assert await read_all(store.backend, digest, 10, 20) == data[10:20]
+    assert await read_all(store.backend, digest, 299_999) == data[299_999:]
+    assert await read_all(store.backend, digest, 123_456, None) == data[123_456:]
+    assert await read_all(store.backend, digest, len(data)) == b""
+    assert await listed(store.backend) == [digest]
+    assert await store.leftovers() == []
+
+
+async def test_an_empty_blob_is_a_blob(store: Store) -> None:
+    digest = Digest.of(b"")
+    assert await put_stream(store.backend, digest, stream([]), size=0) == 0
+    assert await store.backend.stat(digest) == 0
+    assert await read_all(store.backend, digest) == b""
+
+
+async def test_a_missing_blob_has_no_size_and_cannot_be_read(store: Store) -> None:
+    digest = Digest.of(b"never stored")
+    assert await store.backend.stat(digest) is None
+    with pytest.raises(BlobUnknown):
+        await read_all(store.backend, digest)
+    assert await store.backend.delete(digest) is False
+
+
+async def test_delete_and_list(store: Store) -> None:
+    blobs = [os.urandom(1000 + i) for i in range(3)]
+    digests = [Digest.of(blob) for blob in blobs]
+    for blob, digest in zip(blobs, digests, strict=True):
+        await put_stream(store.backend, digest, stream([blob]))
+    assert sorted(await listed(store.backend), key=str) == sorted(digests, key=str)
+    assert await store.backend.delete(digests[1]) is True
+    assert await store.backend.stat(digests[1]) is None
+    assert sorted(await listed(store.backend), key=str) == sorted([digests[0], digests[2]], key=str)
+    assert await read_all(store.backend, digests[0]) == blobs[0]
+
+
+# -- nothing visible until verified, nothing left when it fails -----------------------------------
+@pytest.mark.parametrize("size", [1000, 12 * MiB], ids=["small", "multipart"])
+async def test_a_digest_mismatch_leaves_nothing(store: Store, size: int) -> None:
+    claimed, _ = pattern(size, seed=1)
+    _, chunks = pattern(size, seed=2)
+    with pytest.raises(DigestInvalid):
+        await put_stream(store.backend, claimed, stream(chunks))
+    assert await store.backend.stat(claimed) is None
+    assert await listed(store.backend) == []
+    assert await store.leftovers() == []
+
+
+@pytest.mark.parametrize("size", [1000, 12 * MiB], ids=["small", "multipart"])
+async def test_a_size_mismatch_leaves_nothing(store: Store, size: int) -> None:
+    digest, chunks = pattern(size)
+    with pytest.raises(SizeInvalid):
+        await put_stream(store.backend, digest, stream(chunks), size=size + 1)
+    assert await store.backend.stat(digest) is None
+    assert await store.leftovers() == []
+
+
+@pytest.mark.parametrize("expected", [True, False], ids=["digest-known", "digest-at-commit"])
+async def test_abort_after_several_parts_leaves_nothing(store: Store, expected: bool) -> None:
+    digest, chunks = pattern(12 * MiB)
+    sink = await store.backend.open_sink("sha256", expected=digest if expected else None)
+    for chunk in chunks:
+        await sink.write(chunk)
+    assert sink.size == 12 * MiB
+    await sink.abort()
+    await sink.abort()  # idempotent
+    assert await store.backend.stat(digest) is None
+    assert await store.leftovers() == []
+
+
+async def test_a_write_cancelled_midway_leaves_nothing(store: Store) -> None:
+    digest, chunks = pattern(12 * MiB)
+    halfway = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        for i, chunk in enumerate(chunks):
+            if i == 7:
+                halfway.set()
+                await asyncio.Event().wait()  # a client that stops sending
+            yield chunk
+
+    task = asyncio.create_task(put_stream(store.backend, digest, slow()))
+    await halfway.wait()
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await store.backend.stat(digest) is None
+    assert await store.leftovers() == []
+
+
+async def test_nothing_is_visible_before_commit(store: Store) -> None:
+    digest, chunks = pattern(12 * MiB)
+    sink = await store.backend.open_sink("sha256", expected=digest)
+    for chunk in chunks:
+        await sink.write(chunk)
+    assert await store.backend.stat(digest) is None
+    assert await listed(store.backend) == []
+    assert await sink.commit(digest) == 12 * MiB
+    assert await store.backend.stat(digest) == 12 * MiB
+
+
+# -- large and concurrent --------------------------------------------------------------------------
+async def _peak_memory_writing(backend: BlobBackend, size: int, seed: int) -> tuple[Digest, bytes, int]:
+    """Write a `size`-byte blob whose chunks are made as they are sent; the peak of Python allocations."""
+    digest, chunks = pattern(size, seed=seed)
+    block = chunks[0]
+    del chunks  # only the writer may hold the blob's bytes
+
+    async def produce() -> AsyncIterator[bytes]:
+        for i in range(size // MiB):
+            yield block[i % 7:] + block[: i % 7]
+
+    tracemalloc.start()
+    try:
+        assert await put_stream(backend, digest, produce(), size=size) == size
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return digest, block, peak
+
+
+async def test_a_blob_of_many_parts_streams_in_flat_memory(store: Store) -> None:
+    _, _, peak_small = await _peak_memory_writing(store.backend, 24 * MiB, seed=3)
+    digest, block, peak = await _peak_memory_writing(store.backend, 40 * MiB, seed=4)
+    # Flat: 16 MiB more blob costs no more memory (whole-blob buffering would cost 16 MiB more).
+    assert peak < peak_small + 4 * MiB, f"peak {peak / MiB:.1f} MiB for 40 MiB, {peak_small / MiB:.1f} for 24 MiB"
+    assert peak < 30 * MiB
+    hasher = hashlib.sha256()
+    async for piece in store.backend.read(digest):
+        hasher.update(piece)
+    assert hasher.hexdigest() == digest.hex
+    assert await read_all(store.backend, digest, 17 * MiB + 3, 17 * MiB + 10) == (block[17 % 7:] + block[:17 % 7])[3:10]
+    assert await store.leftovers() == []
+
+
+async def test_a_digest_given_only_at_commit_is_verified_and_published(store: Store) -> None:
+    digest, chunks = pattern(12 * MiB, seed=4)
+    sink = await store.backend.open_sink("sha256")
+    for chunk in chunks:
+        await sink.write(chunk)
+    assert await sink.commit(digest, size=12 * MiB) == 12 * MiB
+    assert hashlib.sha256(await read_all(store.backend, digest)).hexdigest() == digest.hex
+    assert await store.leftovers() == []
+    wrong, _ = pattern(12 * MiB, seed=5)
+    sink = await store.backend.open_sink("sha256")
+    for chunk in chunks:
+        await sink.write(chunk)
+    with pytest.raises(DigestInvalid):
+        await sink.commit(wrong)
+    assert await store.backend.stat(wrong) is None
+    assert await store.leftovers() == []
+
+
+async def test_concurrent_writers_of_one_digest_both_succeed_into_one_blob(store: Store) -> None:
+    digest, chunks = pattern(12 * MiB, seed=6)
+
+    async def writer() -> int:
+        async def paced() -> AsyncIterator[bytes]:
+            for chunk in chunks:
+                await asyncio.sleep(0)  # interleave the two writers chunk by chunk
+                yield chunk
+
+        return await put_stream(store.backend, digest, paced(), size=12 * MiB)
+
+    assert await asyncio.gather(writer(), writer()) == [12 * MiB, 12 * MiB]
+    assert await listed(store.backend) == [digest]
+    assert hashlib.sha256(await read_all(store.backend, digest)).hexdigest() == digest.hex
+    assert await store.leftovers() == []
+
+
+# -- S3 only ---------------------------------------------------------------------------------------
+async def test_s3_presigned_url_serves_the_blob_and_only_when_enabled(rgw: RadosGateway) -> None:
+    backend = await make_bucket(rgw, presign=True)
+    try:
+        data = os.urandom(50_000)
+        digest = Digest.of(data)
+        await put_stream(backend, digest, stream([data]))
+        url = await backend.presigned_url(digest, expires=60)
+        assert rgw.account is not None and url is not None
+        assert url.startswith(f"{rgw.account.endpoint}/{backend.bucket}/")  # path-style
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url, headers={"Range": "bytes=100-199"}) as response:
+                assert response.status == 206
+                assert await response.read() == data[100:200]
+            async with session.get(url.replace("Signature=", "Signature=00")) as response:
+                assert response.status == 403
+        backend.settings = S3Settings(bucket=backend.bucket, presign=False)
+        assert await backend.presigned_url(digest, expires=60) is None
+    finally:
+        await empty_and_remove(backend)
+        await backend.close()
+
+
+async def test_s3_check_names_a_missing_bucket_and_bad_credentials(rgw: RadosGateway) -> None:
+    assert rgw.account is not None
+    account = rgw.account
+    good = await make_bucket(rgw)
+    try:
+        await good.check()
+    finally:
+        await empty_and_remove(good)
+        await good.close()
+    missing = await S3BlobBackend.open(
+        S3Settings(bucket="no-such-bucket-here", endpoint=account.endpoint, access_key=account.access_key,
+                   secret_key=account.secret_key)
+    )
+    try:
+        with pytest.raises(S3Unavailable, match="no-such-bucket-here.*no such bucket"):
+            await missing.check()
+    finally:
+        await missing.close()
+    wrong_secret = "not-the-secret-0123456789"
+    denied = await S3BlobBackend.open(
+        S3Settings(bucket="anything", endpoint=account.endpoint, access_key=account.access_key,
+                   secret_key=wrong_secret)
+    )
+    try:
+        with pytest.raises(S3Unavailable, match="access denied") as caught:
+            await denied.check()
+        assert wrong_secret not in str(caught.value)
+    finally:
+        await denied.close()
