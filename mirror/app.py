@@ -22,7 +22,7 @@ from mirror.auth.install import install_access_control
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager
-from mirror.config import Config
+from mirror.config import Config, ConfigError
 from mirror.coordination.factory import open_coordinator
 from mirror.metrics import Metrics
 from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
@@ -33,6 +33,7 @@ from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.engine import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CONFIG, COORDINATOR, METRICS, ROUTER
+from mirror.storage.backend import S3_NOT_WIRED
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
@@ -76,6 +77,8 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
+    if config.storage.backend == "s3":
+        raise ConfigError(f"storage.backend: {S3_NOT_WIRED}")
     metrics = Metrics(created_series=config.metrics.created_series)
     app = web.Application(
         middlewares=[count_requests, observe_requests, registry_errors],

@@ -18,6 +18,7 @@ from mirror.cache.maintenance import gc, report_json, verify
 from mirror.config import Config, ConfigError, load_config, parse_duration
 from mirror.observe.logs import configure_logging
 from mirror.observe.requests import ACCESS_LOGGER, RequestLogger
+from mirror.storage.backend import S3_NOT_WIRED
 
 # How long `mirror serve` lets in-flight requests finish after SIGTERM/SIGINT before cancelling them.
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -108,14 +109,45 @@ def _check_cluster(config: Config) -> int:
     return 0
 
 
+def _check_storage(config: Config) -> int:
+    """With `storage.backend: s3`, the bucket must answer a HEAD with the configured keys."""
+    s3 = config.storage.s3
+    if config.storage.backend != "s3" or s3 is None:
+        return 0
+    import asyncio
+
+    try:
+        from mirror.storage.s3 import S3BlobBackend, S3Unavailable, settings_from_config
+    except ImportError as exc:  # aiobotocore is the optional `s3` extra
+        print(f"mirror: storage.backend: s3 needs the s3 extra (pip install 'mirror[s3]'): {exc}", file=sys.stderr)
+        return 1
+
+    async def check() -> None:
+        backend = await S3BlobBackend.open(settings_from_config(s3))
+        try:
+            await backend.check()
+        finally:
+            await backend.close()
+
+    try:
+        asyncio.run(check())
+    except S3Unavailable as exc:
+        print(f"mirror: storage.s3: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         config = _load(args.config)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return _check_cluster(config)
+        return _check_cluster(config) or _check_storage(config)
     if args.command == "serve":
         config = _load(args.config)
+        if config.storage.backend == "s3":
+            print(f"mirror: storage.backend: {S3_NOT_WIRED}", file=sys.stderr)
+            return 2
         configure_logging(args.log_level or config.log.level, config.log.format)
         from mirror.api.server import run_app
         from mirror.app import create_app

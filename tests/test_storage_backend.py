@@ -18,7 +18,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
+from mirror.app import create_app
+from mirror.cli import main as cli_main
+from mirror.config import ConfigError, load_config, load_config_data
 from mirror.errors import BlobUnknown, DigestInvalid, SizeInvalid
 from mirror.oci.digest import Digest
 from mirror.storage.backend import BlobBackend, put_stream
@@ -350,3 +354,84 @@ async def test_s3_check_names_a_missing_bucket_and_bad_credentials(rgw: RadosGat
         assert wrong_secret not in str(caught.value)
     finally:
         await denied.close()
+
+
+# -- config, check-config, serve -----------------------------------------------------------------
+def _s3_config(tmp_path: Path, s3: dict[str, Any]) -> Path:
+    path = tmp_path / "mirror.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"path": str(tmp_path / "data"), "backend": "s3", "s3": s3}}))
+    return path
+
+
+def test_storage_config_names_each_bad_key() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config_data({"storage": {"backend": "s3", "s3": {
+            "bucket": "Not_A_Bucket", "endpoint": "ftp://example", "region": "US East", "access_key": "AK",
+            "secret_key": 12345, "presign_expires": "30d", "colour": "blue",
+        }}})
+    errors = caught.value.errors
+    assert "storage.s3.bucket: expected an S3 bucket name (3-63 of a-z, 0-9, '.', '-'), got 'Not_A_Bucket'" in errors
+    assert "storage.s3.endpoint: expected http(s)://host[:port], got 'ftp://example'" in errors
+    assert "storage.s3.region: expected a region name like us-east-1, got 'US East'" in errors
+    assert "storage.s3.secret_key: expected a string, got a int (value not shown)" in errors
+    assert "storage.s3.presign_expires: must be between 1s and 7d" in errors
+    assert "storage.s3.colour: unknown key" in errors
+    assert not any("12345" in e for e in errors)
+    with pytest.raises(ConfigError, match=r"storage\.backend: expected one of fs, s3, got 'gcs'"):
+        load_config_data({"storage": {"backend": "gcs"}})
+    with pytest.raises(ConfigError, match=r"storage\.s3: required with storage\.backend: s3"):
+        load_config_data({"storage": {"backend": "s3"}})
+    with pytest.raises(ConfigError, match=r"storage\.s3\.secret_key: set access_key and secret_key together"):
+        load_config_data({"storage": {"backend": "s3", "s3": {"bucket": "abc", "access_key": "AK"}}})
+
+
+def test_storage_config_defaults_and_masks_the_secret() -> None:
+    assert load_config_data({}).storage.backend == "fs"
+    config = load_config_data({"storage": {"backend": "s3", "s3": {
+        "bucket": "layers", "endpoint": "http://127.0.0.1:7480/", "access_key": "AK", "secret_key": "hunter2",
+    }}})
+    assert config.storage.s3 is not None
+    assert (config.storage.s3.endpoint, config.storage.s3.region, config.storage.s3.path_style) == (
+        "http://127.0.0.1:7480", "us-east-1", True,
+    )
+    assert config.storage.s3.presign is False and config.storage.s3.presign_expires == 900.0
+    shown = config.to_dict()["storage"]["s3"]
+    assert shown["secret_key"] == "***" and shown["access_key"] == "AK"
+    assert "hunter2" not in repr(config)
+
+
+def test_check_config_heads_the_bucket(
+    rgw: RadosGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert rgw.account is not None
+    account = rgw.account
+
+    async def create() -> str:
+        backend = await make_bucket(rgw)
+        await backend.close()
+        return backend.bucket
+
+    bucket = asyncio.run(create())
+    keys = {"endpoint": account.endpoint, "access_key": account.access_key, "secret_key": account.secret_key}
+    assert cli_main(["check-config", "--config", str(_s3_config(tmp_path, {"bucket": bucket, **keys}))]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["storage"]["s3"]["secret_key"] == "***"
+
+    assert cli_main(["check-config", "--config", str(_s3_config(tmp_path, {"bucket": "not-made-yet", **keys}))]) == 1
+    captured = capsys.readouterr()
+    assert "storage.s3: bucket 'not-made-yet' at http://127.0.0.1:" in captured.err
+    assert "no such bucket" in captured.err
+
+    wrong = {**keys, "secret_key": "wrong-secret-xyz"}
+    assert cli_main(["check-config", "--config", str(_s3_config(tmp_path, {"bucket": bucket, **wrong}))]) == 1
+    captured = capsys.readouterr()
+    assert "access denied" in captured.err
+    assert "wrong-secret-xyz" not in captured.err + captured.out
+
+
+def test_serve_refuses_backend_s3_until_it_is_wired(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _s3_config(tmp_path, {"bucket": "layers", "endpoint": "http://127.0.0.1:1"})
+    assert cli_main(["serve", "--config", str(config)]) == 2
+    assert "storage.backend: s3 is not yet wired into serve" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not yet wired"):
+        create_app(load_config(config))

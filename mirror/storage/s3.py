@@ -28,10 +28,13 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mirror.errors import BlobUnknown, DigestInvalid, SizeInvalid
 from mirror.oci.digest import Digest
+
+if TYPE_CHECKING:
+    from mirror.config import S3Config
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,18 @@ class S3Settings:
 
     def __repr__(self) -> str:
         return f"S3Settings(bucket={self.bucket!r}, endpoint={self.endpoint!r}, region={self.region!r})"
+
+
+def settings_from_config(config: S3Config) -> S3Settings:
+    return S3Settings(
+        bucket=config.bucket,
+        endpoint=config.endpoint,
+        region=config.region,
+        access_key=config.access_key,
+        secret_key=config.secret_key,
+        path_style=config.path_style,
+        presign=config.presign,
+    )
 
 
 class S3Unavailable(ConnectionError):
