@@ -22,7 +22,7 @@ from mirror.auth.install import install_access_control
 from mirror.cache.index import BlobIndex
 from mirror.cache.maintenance import read_stats
 from mirror.cache.manager import CacheManager
-from mirror.config import Config, ConfigError
+from mirror.config import Config
 from mirror.coordination.factory import open_coordinator
 from mirror.metrics import Metrics
 from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
@@ -33,7 +33,7 @@ from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.engine import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CONFIG, COORDINATOR, METRICS, ROUTER
-from mirror.storage.backend import S3_NOT_WIRED
+from mirror.storage.backend import BlobBackend
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
@@ -77,8 +77,6 @@ async def serve_metrics(request: web.Request) -> web.Response:
 
 
 def create_app(config: Config) -> web.Application:
-    if config.storage.backend == "s3":
-        raise ConfigError(f"storage.backend: {S3_NOT_WIRED}")
     metrics = Metrics(created_series=config.metrics.created_series)
     app = web.Application(
         middlewares=[count_requests, observe_requests, registry_errors],
@@ -129,19 +127,23 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     cache = CacheManager(index, blobs, config.storage, metrics, reconciled=False, coordinator=coordinator)
     await cache.refresh_totals()
     app[CACHE] = cache
-    local = LocalRegistry(
-        blobs,
-        local_repos,
-        uploads,
-        manifest_limit=config.limits.manifest_bytes,
-        allow_delete=config.storage.delete,
-        cache=cache,
-    )
     fills = FillManager(metrics)
     local_hint = ", ".join(config.local.repositories) or "none configured"
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(coordinator.close)  # closed last: everything below may still use it
         await coordinator.start()
+        backend = await _open_blob_backend(config)
+        if backend is not None:
+            stack.push_async_callback(backend.close)
+        local = LocalRegistry(
+            blobs,
+            local_repos,
+            uploads,
+            manifest_limit=config.limits.manifest_bytes,
+            allow_delete=config.storage.delete,
+            cache=cache,
+            backend=backend,
+        )
         stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:
@@ -186,6 +188,23 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(fills.close)
         await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
         yield
+
+
+async def _open_blob_backend(config: Config) -> BlobBackend | None:
+    """The S3 bucket pushed blob bytes go to (storage.backend: s3), checked with a HEAD before serving: a node
+    that cannot reach its bucket must not accept pushes. None: the filesystem, as always."""
+    if config.storage.backend != "s3" or config.storage.s3 is None:
+        return None
+    from mirror.storage.s3 import S3BlobBackend, settings_from_config  # aiobotocore: the optional s3 extra
+
+    backend = await S3BlobBackend.open(settings_from_config(config.storage.s3))
+    try:
+        await backend.check()
+    except BaseException:
+        await backend.close()
+        raise
+    log.info("pushed blob bytes go to S3 bucket %s at %s", backend.bucket, backend.settings.endpoint or "AWS")
+    return backend
 
 
 def _expiring_uploads(uploads: UploadStore, config: Config, metrics: Metrics) -> AbstractAsyncContextManager[None]:

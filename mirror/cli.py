@@ -18,7 +18,6 @@ from mirror.cache.maintenance import gc, report_json, verify
 from mirror.config import Config, ConfigError, load_config, parse_duration
 from mirror.observe.logs import configure_logging
 from mirror.observe.requests import ACCESS_LOGGER, RequestLogger
-from mirror.storage.backend import S3_NOT_WIRED
 
 # How long `mirror serve` lets in-flight requests finish after SIGTERM/SIGINT before cancelling them.
 SHUTDOWN_GRACE_SECONDS = 5.0
@@ -145,14 +144,12 @@ def main(argv: list[str] | None = None) -> int:
         return _check_cluster(config) or _check_storage(config)
     if args.command == "serve":
         config = _load(args.config)
-        if config.storage.backend == "s3":
-            print(f"mirror: storage.backend: {S3_NOT_WIRED}", file=sys.stderr)
-            return 2
         configure_logging(args.log_level or config.log.level, config.log.format)
         from mirror.api.server import run_app
         from mirror.app import create_app
         from mirror.auth.tls import serve_options
         from mirror.coordination.interface import CoordinatorUnavailable
+        from mirror.storage.s3 import S3Unavailable  # imports aiobotocore only when a backend opens
 
         app = create_app(config)
         # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
@@ -174,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         except CoordinatorUnavailable as exc:  # a cluster node must not serve on its own
             print(f"mirror: cluster.redis: {exc}", file=sys.stderr)
+            return 1
+        except S3Unavailable as exc:  # the bucket does not answer (the message names it, never the secret)
+            print(f"mirror: storage.s3: {exc}", file=sys.stderr)
             return 1
         return 0
     if args.command == "healthcheck":

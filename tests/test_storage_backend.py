@@ -19,17 +19,20 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient
 
-from mirror.app import create_app
 from mirror.cli import main as cli_main
-from mirror.config import ConfigError, load_config, load_config_data
+from mirror.config import ConfigError, load_config_data
 from mirror.errors import BlobUnknown, DigestInvalid, SizeInvalid
 from mirror.oci.digest import Digest
 from mirror.storage.backend import BlobBackend, put_stream
 from mirror.storage.blobs import BlobStore
 from mirror.storage.fs_backend import FilesystemBlobBackend
 from mirror.storage.s3 import S3BlobBackend, S3Settings, S3Unavailable
-from tests.support.rgw import RadosGateway
+from tests.registry_helpers import ClientFactory, digest_of, error_codes, files_under, push_blob, push_image
+from tests.support.procs import free_port
+from tests.support.rgw import RadosGateway, new_bucket
 
 MiB = 1 << 20
 PART = 5 * MiB
@@ -429,9 +432,143 @@ def test_check_config_heads_the_bucket(
     assert "wrong-secret-xyz" not in captured.err + captured.out
 
 
-def test_serve_refuses_backend_s3_until_it_is_wired(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = _s3_config(tmp_path, {"bucket": "layers", "endpoint": "http://127.0.0.1:1"})
-    assert cli_main(["serve", "--config", str(config)]) == 2
-    assert "storage.backend: s3 is not yet wired into serve" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="not yet wired"):
-        create_app(load_config(config))
+def test_serve_refuses_to_start_when_its_bucket_does_not_answer(
+    rgw: RadosGateway, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node that cannot reach its bucket must not accept pushes it could not store."""
+    assert rgw.account is not None
+    account = rgw.account
+    config = _s3_config(tmp_path, {"bucket": "never-created", "endpoint": account.endpoint,
+                                   "access_key": account.access_key, "secret_key": account.secret_key})
+    data = yaml.safe_load(config.read_text())
+    data["listen"] = f"127.0.0.1:{free_port()}"
+    config.write_text(yaml.safe_dump(data))
+    assert cli_main(["serve", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "storage.s3: bucket 'never-created'" in err and "no such bucket" in err
+    assert account.secret_key not in err
+
+
+# -- the registry on S3 ----------------------------------------------------------------------------
+class S3Registry:
+    def __init__(self, client: TestClient, backend: S3BlobBackend, root: Path) -> None:
+        self.client, self.backend, self.root = client, backend, root
+
+    async def keys(self) -> list[str]:
+        return await Store("s3", self.backend).all_keys()
+
+    async def leftovers(self) -> list[str]:
+        return await Store("s3", self.backend).leftovers()
+
+
+@pytest.fixture
+async def s3_registry(make_registry: ClientFactory, rgw: RadosGateway, tmp_path: Path) -> AsyncIterator[S3Registry]:
+    s3 = await new_bucket(rgw)
+    client = await make_registry(storage={"path": str(tmp_path / "data"), "backend": "s3", "s3": s3})
+    backend = await S3BlobBackend.open(S3Settings(
+        bucket=s3["bucket"], endpoint=s3["endpoint"], access_key=s3["access_key"], secret_key=s3["secret_key"],
+    ))
+    try:
+        yield S3Registry(client, backend, tmp_path / "data")
+    finally:
+        await empty_and_remove(backend)
+        await backend.close()
+
+
+async def chunked_push(client: TestClient, name: str, chunks: list[bytes], digest: str) -> ClientResponse:
+    """A push in PATCHes of the given chunks, finished by a PUT with the digest."""
+    started = await client.post(f"/v2/{name}/blobs/uploads/")
+    assert started.status == 202, await started.text()
+    location = started.headers["Location"]
+    offset = 0
+    for chunk in chunks:
+        patched = await client.patch(location, data=chunk, headers={
+            "Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{offset + len(chunk) - 1}",
+        })
+        assert patched.status == 202, await patched.text()
+        location = patched.headers["Location"]
+        offset += len(chunk)
+    return await client.put(location, params={"digest": digest})
+
+
+async def test_pushed_blobs_live_in_the_bucket_and_pull_back(s3_registry: S3Registry) -> None:
+    client = s3_registry.client
+    big_digest, big_chunks = pattern(12 * MiB, seed=9)  # a multipart upload into the bucket
+    finished = await chunked_push(client, "team/app", big_chunks, str(big_digest))
+    assert finished.status == 201, await finished.text()
+    manifest_digest, _ = await push_image(client, "team/app", "v1", layers=(b"layer one", b"layer two"))
+
+    keys = await s3_registry.keys()
+    for blob in (b"layer one", b"layer two"):
+        assert f"blobs/sha256/{digest_of(blob)[7:]}" in keys
+    assert f"blobs/sha256/{big_digest.hex}" in keys
+    # On the filesystem: the manifest (metadata), and no layer bytes.
+    on_disk = files_under(s3_registry.root / "blobs")
+    assert on_disk == {f"sha256/{manifest_digest[7:9]}/{manifest_digest[7:]}"}
+    assert await s3_registry.leftovers() == []
+
+    got = await client.get(f"/v2/team/app/blobs/{big_digest}")
+    assert got.status == 200 and got.headers["Content-Length"] == str(12 * MiB)
+    assert hashlib.sha256(await got.read()).hexdigest() == big_digest.hex
+    ranged = await client.get(f"/v2/team/app/blobs/{big_digest}", headers={"Range": "bytes=5242878-5242881"})
+    assert ranged.status == 206 and ranged.headers["Content-Range"] == f"bytes 5242878-5242881/{12 * MiB}"
+    assert await ranged.read() == b"".join(big_chunks)[5242878:5242882]
+    head = await client.head(f"/v2/team/app/blobs/{digest_of(b'layer one')}")
+    assert head.status == 200 and head.headers["Content-Length"] == str(len(b"layer one"))
+    pulled = await client.get("/v2/team/app/manifests/v1")
+    assert pulled.status == 200 and pulled.headers["Docker-Content-Digest"] == manifest_digest
+    assert (await client.get(f"/v2/team/other/blobs/{big_digest}")).status == 404  # not linked there
+
+
+async def test_a_wrong_digest_on_s3_is_refused_and_leaves_nothing(s3_registry: S3Registry) -> None:
+    client = s3_registry.client
+    _, chunks = pattern(12 * MiB, seed=10)
+    claimed, _ = pattern(12 * MiB, seed=11)
+    finished = await chunked_push(client, "team/app", chunks, str(claimed))
+    assert finished.status == 400
+    assert await error_codes(finished) == ["DIGEST_INVALID"]
+    monolithic = await client.post("/v2/team/app/blobs/uploads/", params={"digest": str(claimed)}, data=b"x" * 1000)
+    assert monolithic.status == 400
+    assert await s3_registry.keys() == []
+    assert await s3_registry.leftovers() == []
+    assert (await client.get(f"/v2/team/app/blobs/{claimed}")).status == 404
+
+
+async def test_a_mount_on_s3_links_without_copying(s3_registry: S3Registry) -> None:
+    client = s3_registry.client
+    digest = await push_blob(client, "team/base", b"shared layer")
+    mounted = await client.post("/v2/team/app/blobs/uploads/", params={"mount": digest, "from": "team/base"})
+    assert mounted.status == 201
+    assert await (await client.get(f"/v2/team/app/blobs/{digest}")).read() == b"shared layer"
+    elsewhere = await client.post("/v2/team/app/blobs/uploads/", params={"mount": digest, "from": "team/none"})
+    assert elsewhere.status == 202  # not readable from there: an ordinary upload starts instead
+    assert await s3_registry.keys() == [f"blobs/sha256/{digest[7:]}"]
+
+
+async def test_blob_gets_redirect_to_a_presigned_url_when_enabled(
+    make_registry: ClientFactory, rgw: RadosGateway, tmp_path: Path
+) -> None:
+    s3 = await new_bucket(rgw)
+    client = await make_registry(storage={"path": str(tmp_path / "data"), "backend": "s3",
+                                          "s3": {**s3, "presign": True, "presign_expires": "2m"}})
+    data = os.urandom(70_000)
+    digest = await push_blob(client, "team/app", data)
+    redirected = await client.get(f"/v2/team/app/blobs/{digest}", allow_redirects=False)
+    assert redirected.status == 307
+    location = redirected.headers["Location"]
+    assert location.startswith(f"{s3['endpoint']}/{s3['bucket']}/blobs/sha256/{digest[7:]}?")
+    assert "X-Amz-Expires=120" in location
+    async with aiohttp.ClientSession() as session:
+        async with session.get(location, headers={"Range": "bytes=10-19"}) as response:
+            assert response.status == 206 and await response.read() == data[10:20]
+    # HEAD and a bad Range are still answered here.
+    assert (await client.head(f"/v2/team/app/blobs/{digest}")).status == 200
+    bad = await client.get(f"/v2/team/app/blobs/{digest}", headers={"Range": "bytes=5-2"}, allow_redirects=False)
+    assert bad.status == 416
+    backend = await S3BlobBackend.open(S3Settings(
+        bucket=s3["bucket"], endpoint=s3["endpoint"], access_key=s3["access_key"], secret_key=s3["secret_key"],
+    ))
+    try:
+        await empty_and_remove(backend)
+    finally:
+        await backend.close()

@@ -21,13 +21,6 @@ from typing import Protocol
 
 from mirror.oci.digest import Digest
 
-# What `serve` says to `storage.backend: s3` until the stores above use BlobBackend (issue 13's next slice):
-# serving on the filesystem while the operator asked for S3 would lose the point of the setting silently.
-S3_NOT_WIRED = (
-    "s3 is not yet wired into serve (the S3 blob backend exists and `mirror check-config` checks the bucket, "
-    "but pushes and pulls still store blob bytes under storage.path); use backend: fs for now"
-)
-
 
 class BlobSink(Protocol):
     """One blob being written: bytes go in with `write`, then exactly one of `commit` or `abort`."""
@@ -66,8 +59,9 @@ class BlobBackend(Protocol):
         """A path to serve with sendfile, for a backend that is a local filesystem; None otherwise."""
         ...
 
-    async def presigned_url(self, digest: Digest, *, expires: float) -> str | None:
-        """A URL a client may GET the blob from directly (a redirect target), or None when not offered."""
+    async def presigned_url(self, digest: Digest, *, expires: float | None = None) -> str | None:
+        """A URL a client may GET the blob from directly (a redirect target), valid for `expires` seconds
+        (None: the backend's configured default), or None when not offered."""
         ...
 
     async def open_sink(self, algorithm: str = "sha256", *, expected: Digest | None = None) -> BlobSink:

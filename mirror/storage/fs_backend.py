@@ -48,7 +48,7 @@ class FilesystemBlobBackend:
         stored = await self.store.stat(digest)
         return None if stored is None else stored.path
 
-    async def presigned_url(self, digest: Digest, *, expires: float) -> str | None:
+    async def presigned_url(self, digest: Digest, *, expires: float | None = None) -> str | None:
         return None
 
     async def open_sink(self, algorithm: str = "sha256", *, expected: Digest | None = None) -> FilesystemBlobSink:

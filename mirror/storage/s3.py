@@ -61,6 +61,7 @@ class S3Settings:
     secret_key: str | None = None  # never logged, never repr'd
     path_style: bool = True
     presign: bool = False
+    presign_expires: float = 900.0
 
     def __repr__(self) -> str:
         return f"S3Settings(bucket={self.bucket!r}, endpoint={self.endpoint!r}, region={self.region!r})"
@@ -75,6 +76,7 @@ def settings_from_config(config: S3Config) -> S3Settings:
         secret_key=config.secret_key,
         path_style=config.path_style,
         presign=config.presign,
+        presign_expires=config.presign_expires,
     )
 
 
@@ -118,8 +120,11 @@ class S3BlobBackend:
     ) -> S3BlobBackend:
         if part_size < MIN_PART_BYTES:
             raise ValueError(f"part_size must be at least {MIN_PART_BYTES} bytes (S3's smallest part)")
-        from aiobotocore.config import AioConfig
-        from aiobotocore.session import get_session
+        try:
+            from aiobotocore.config import AioConfig
+            from aiobotocore.session import get_session
+        except ImportError as exc:
+            raise S3Unavailable(f"storage.backend s3 needs the s3 extra (pip install 'mirror[s3]'): {exc}") from exc
 
         config = AioConfig(
             s3={"addressing_style": "path" if settings.path_style else "virtual"},
@@ -197,11 +202,12 @@ class S3BlobBackend:
     async def local_file(self, digest: Digest) -> Path | None:
         return None
 
-    async def presigned_url(self, digest: Digest, *, expires: float) -> str | None:
+    async def presigned_url(self, digest: Digest, *, expires: float | None = None) -> str | None:
         if not self.settings.presign:
             return None
+        seconds = int(self.settings.presign_expires if expires is None else expires)
         url = await self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": blob_key(digest)}, ExpiresIn=int(expires)
+            "get_object", Params={"Bucket": self.bucket, "Key": blob_key(digest)}, ExpiresIn=seconds
         )
         return str(url)
 

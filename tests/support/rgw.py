@@ -20,6 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .procs import ManagedProcess, free_port, require_tool
 
@@ -40,6 +41,24 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+async def new_bucket(gateway: RadosGateway) -> dict[str, Any]:
+    """A fresh, empty bucket on `gateway`, as the `storage.s3` config section that reaches it."""
+    from aiobotocore.session import get_session
+
+    assert gateway.account is not None
+    account = gateway.account
+    bucket = f"t-{uuid.uuid4().hex[:20]}"
+    async with get_session().create_client(
+        "s3", endpoint_url=account.endpoint, region_name=account.region, aws_access_key_id=account.access_key,
+        aws_secret_access_key=account.secret_key,
+    ) as client:
+        await client.create_bucket(Bucket=bucket)
+    return {
+        "bucket": bucket, "endpoint": account.endpoint, "region": account.region,
+        "access_key": account.access_key, "secret_key": account.secret_key,
+    }
 
 
 class RadosGateway:
