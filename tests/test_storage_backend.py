@@ -534,6 +534,17 @@ async def test_a_wrong_digest_on_s3_is_refused_and_leaves_nothing(s3_registry: S
     assert (await client.get(f"/v2/team/app/blobs/{claimed}")).status == 404
 
 
+async def test_a_blob_gone_from_the_bucket_is_blob_unknown(s3_registry: S3Registry) -> None:
+    client = s3_registry.client
+    digest = await push_blob(client, "team/app", b"soon gone")
+    await s3_registry.backend.delete(Digest.parse(digest))  # behind the mirror's back (a lifecycle rule, ...)
+    for method in ("GET", "HEAD"):
+        response = await client.request(method, f"/v2/team/app/blobs/{digest}")
+        assert response.status == 404
+        if method == "GET":
+            assert await error_codes(response) == ["BLOB_UNKNOWN"]
+
+
 async def test_a_mount_on_s3_links_without_copying(s3_registry: S3Registry) -> None:
     client = s3_registry.client
     digest = await push_blob(client, "team/base", b"shared layer")

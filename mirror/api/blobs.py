@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -74,10 +75,29 @@ async def serve_from_backend(request: web.Request, body: BlobInBackend) -> web.S
     if byte_range:
         response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
     response.content_length = end - start
+    pieces = aiter(body.iter_range(start, end))
+    try:
+        return await _send_pieces(request, response, body, pieces, end - start)
+    finally:
+        # Stopped early (client gone, backend failed): the backend's own connection is released now.
+        close = getattr(pieces, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _send_pieces(
+    request: web.Request, response: web.StreamResponse, body: BlobInBackend, pieces: AsyncIterator[bytes], length: int
+) -> web.StreamResponse:
+    # The first piece before the headers: a blob deleted meanwhile is still a 404 (a backend error a 500)
+    # rather than a 200 cut short.
+    first = await anext(pieces, b"") if length else b""
     await response.prepare(request)
     sent = 0
     try:
-        async for piece in body.iter_range(start, end):
+        if first:
+            await response.write(first)
+            sent += len(first)
+        async for piece in pieces:
             await response.write(piece)
             sent += len(piece)
     except ConnectionError:
@@ -88,8 +108,8 @@ async def serve_from_backend(request: web.Request, body: BlobInBackend) -> web.S
         if request.transport is not None:
             request.transport.abort()
         return response
-    if sent != end - start:
-        log.warning("aborting %s: the storage backend sent %d of %d bytes", body.digest, sent, end - start)
+    if sent != length:
+        log.warning("aborting %s: the storage backend sent %d of %d bytes", body.digest, sent, length)
         if request.transport is not None:
             request.transport.abort()
         return response
