@@ -18,6 +18,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from mirror.errors import NameUnknown
+from mirror.oci.names import is_valid_name
 from mirror.storage.interface import Registry
 
 
@@ -78,7 +80,13 @@ class Router:
                 # Never the default upstream (that would be another registry's content under the same
                 # name): the local copy under the full name, if one was imported; else a 404, on which
                 # containerd tries its next host.
-                return Target(self.local, local_name(f"{ns}/{name}"), None)
+                local = local_name(f"{ns}/{name}")
+                if not is_valid_name(local):
+                    # A host with a port (registry.local:5000), or junk: no repository name can hold it, so
+                    # nothing was imported under it. Built into a path anyway, it was a 500.
+                    raise NameUnknown(f"no upstream or local repository for ns={ns[:100]!r}",
+                                      detail={"ns": ns[:100]})
+                return Target(self.local, local, None)
             return self._upstream_target(upstream, name)
         first, _, rest = name.partition("/")
         if rest and first in self.upstreams:

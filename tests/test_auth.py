@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -215,6 +216,31 @@ async def test_immutable_tags_cannot_move_or_be_deleted_even_by_ops(clients: Any
         assert response.status == 200 and response.headers["Docker-Content-Digest"] != digest_of(other)
     assert (await put_manifest(ops, "team/release/app", "edge", other, OCI_MANIFEST)).status == 201
     assert (await put_manifest(ops, "team/release/app", "edge", b"x" * 10 + other[10:], OCI_MANIFEST)).status != 403
+
+
+async def test_concurrent_pushes_to_an_immutable_tag_leave_exactly_one_winner(clients: Any) -> None:
+    """The tag-move check and the tag write are one step: eight different manifests PUT at the same moment
+    to a new immutable tag (and to a tag alice may create but not overwrite) give one 201 and seven 403
+    DENIED, and the tag then names the winner. (Checked apart from the write, all eight passed the check,
+    because the tag did not exist yet, and all eight were 201: the last writer silently moved the tag.)"""
+    ops, alice = await clients.as_("ops"), await clients.as_("alice")
+    for client, name, tag in ((ops, "team/release/app", "v9"), (alice, "team/app", "race")):
+        bodies = []
+        for index in range(8):
+            config = b'{"architecture":"amd64","os":"linux","n":%d}' % index
+            await push_blob(client, name, config)
+            await push_blob(client, name, b"layer one")
+            bodies.append(image_manifest(config, [b"layer one"]))
+        responses = await asyncio.gather(*(put_manifest(client, name, tag, body, OCI_MANIFEST) for body in bodies))
+        statuses = [response.status for response in responses]
+        assert sorted(statuses) == [201] + [403] * 7, statuses
+        winner = bodies[statuses.index(201)]
+        for response in responses:
+            if response.status == 403:
+                assert await error_codes(response) == ["DENIED"]
+        async with client.get(f"/v2/{name}/manifests/{tag}") as got:
+            assert got.headers["Docker-Content-Digest"] == digest_of(winner)
+            assert await got.read() == winner
 
 
 async def test_delete_by_tag_needs_delete(clients: Any) -> None:

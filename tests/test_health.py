@@ -88,3 +88,22 @@ async def test_created_samples_appear_only_when_asked_for(make_registry: Any, tm
     asked = await make_registry(metrics={"created_series": True}, storage={"path": str(tmp_path / "other")})
     await asked.get("/v2/")
     assert "mirror_http_requests_created" in await (await asked.get("/metrics")).text()
+
+
+def test_the_plain_access_log_line_names_each_field_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from aiohttp import web
+    from aiohttp.test_utils import make_mocked_request
+
+    from mirror.observe.requests import RequestLogger
+
+    request = make_mocked_request("GET", "/v2/library/alpine/manifests/3.20")
+    request["endpoint"], request["repository"] = "manifest", "docker.io/library/alpine"
+    logger = logging.getLogger("mirror.access-test")
+    with caplog.at_level(logging.INFO, logger="mirror.access-test"):
+        RequestLogger(logger, "").log(request, web.Response(status=200), 0.0123)
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert line.startswith("GET /v2/library/alpine/manifests/3.20 route=manifest ")
+    assert line.count("GET") == 1 and "status=200" in line and "duration_ms=12.3" in line
+    assert caplog.records[0].http["method"] == "GET"  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ from tests.proxy_helpers import (
     start_mirror,
     temp_files,
 )
-from tests.registry_helpers import error_codes, push_image
+from tests.registry_helpers import digest_of, error_codes, push_image
 
 LAYER_BYTES = (2 << 20) + 12345  # a bit over two write buffers, not a multiple of the fake's 64 KiB pieces
 
@@ -368,6 +368,12 @@ async def test_unknown_ns_is_never_the_default_upstream(aiohttp_server, make_reg
     async with client.get("/v2/library/alpine/manifests/3.20", params={"ns": "elsewhere.example"}) as response:
         assert response.status == 404
         assert await error_codes(response) == ["MANIFEST_UNKNOWN"]
+    # A host with a port (or junk) cannot be part of a local name: 404 too, not a 500 from building a path.
+    for ns in ("registry.local:5000", ":", "-1"):
+        for path in ("/v2/team/app/tags/list", "/v2/team/app/manifests/1", f"/v2/team/app/blobs/{digest_of(b'x')}"):
+            async with client.get(path, params={"ns": ns}) as response:
+                assert response.status == 404, (ns, path)
+                assert await error_codes(response) == ["NAME_UNKNOWN"]
     assert sum(fake.requests.values()) == 0
 
 

@@ -30,6 +30,7 @@ from tests.support.fixtures import DockerDaemonFactory, MirrorFactory
 from tests.support.images import BuiltImage
 from tests.support.mirror_proc import MirrorProcess
 from tests.support.procs import CommandFailed, free_port
+from tests.support.slow_link import SlowLink
 from tests.support.tls import PrivateCA, make_client_cert, make_private_ca
 from tests.support.token_server import Creds, TokenServer
 
@@ -49,7 +50,7 @@ class Secured:
 
 def secured_mirror(
     mirror_factory: MirrorFactory, tmp_path: Path, upstream: DistributionRegistry, upstream_creds: Creds,
-    challenge: str = "bearer", token_ttl: str = "5m", mutual: bool = False,
+    challenge: str = "bearer", token_ttl: str = "5m", mutual: bool = False, leeway: str = "0s",
 ) -> Secured:
     ca = make_private_ca(tmp_path / "tls")
     cert_dir = tmp_path / "certs"
@@ -69,7 +70,7 @@ def secured_mirror(
             "htpasswd": str(htpasswd),
             "challenge": challenge,
             "groups": {"ci": ["alice"]},
-            "token": {"ttl": token_ttl, "leeway": "0s"},
+            "token": {"ttl": token_ttl, "leeway": leeway},
             "access": [
                 {"repository": "docker.io/**", "anonymous": ["pull"]},
                 {"repository": "team/**", "groups": {"ci": ["pull", "push"]}, "users": {"ops": ["*"]}},
@@ -280,3 +281,63 @@ def test_client_certificates_are_required_with_a_client_ca(
         without.getresponse()
     skopeo_tls_copy(busybox_image.ref, f"docker://{mirror.host}/team/m:1", secured.cert_dir,
                     dest_creds=f"alice:{USERS['alice']}")
+
+
+
+def token_requests(mirror: MirrorProcess) -> list[tuple[float, str]]:
+    """(seconds since the first, method) of every answered token request in the mirror's access log."""
+    stamps = []
+    for line in mirror.log_text(tail=None).splitlines():
+        if "mirror.access:" in line and " /auth/token " in line and "status=200" in line:
+            stamp = time.mktime(time.strptime(line[:19], "%Y-%m-%d %H:%M:%S")) + int(line[20:23]) / 1000
+            stamps.append((stamp, line.split("mirror.access: ", 1)[1].split(" ", 1)[0]))
+    return [(stamp - stamps[0][0], method) for stamp, method in stamps] if stamps else []
+
+
+@pytest.mark.needs_tools("dockerd", "docker", "skopeo", "docker-registry")
+def test_docker_renews_an_expired_token_in_the_middle_of_a_pull(
+    mirror_factory: MirrorFactory, tmp_path: Path, upstream_registry: DistributionRegistry, upstream_creds: Creds,
+    image_factory: Any, docker_daemon_factory: DockerDaemonFactory, certs_d_cleanup: list[Path],
+) -> None:
+    """A token expires while Docker is still pulling; Docker gets a new one and the pull succeeds.
+
+    The token lives 60 s (what Docker, skopeo and containerd honour: they treat a shorter `expires_in` as
+    60 s). Over a link of 16 KiB/s per connection the first three layers (1 MiB each, Docker pulls three
+    at a time) take about 64 s, so the last layers are asked for after the token issued at the start of
+    the pull has expired. Docker notices by its own clock (`issued_at` + `expires_in`, both from the
+    mirror), asks the token endpoint again with the refresh token `docker login` stored, and the pull
+    completes; no request is refused for an expired token. This is the only renewal these clients make:
+    a 401 with `error="invalid_token"` in the middle of a pull is not retried with a new token by
+    Docker 20.10 (the pull fails, "unauthorized: authentication required") nor by containerd 1.6 (it
+    resends the same token once, then fails "server message: invalid_token"), which is why the token
+    must outlive what the client believes and why `leeway` (10 s here) covers a request sent just before
+    the client's deadline and checked just after it.
+    """
+    secured = secured_mirror(mirror_factory, tmp_path, upstream_registry, upstream_creds, token_ttl="60s",
+                             leeway="10s")
+    host = secured.mirror.host
+    image = image_factory.busybox(extra_layers=(1 << 20, 1 << 20, 1000, 2000, 3000))
+    skopeo_tls_copy(image.ref, f"docker://{host}/team/slow:1", secured.cert_dir,
+                    dest_creds=f"alice:{USERS['alice']}")
+    daemon = docker_daemon_factory()
+    with SlowLink(secured.mirror.port, 16 << 10) as link:
+        slow_host = f"127.0.0.1:{link.port}"
+        directory = CERTS_D / slow_host
+        directory.mkdir(parents=True, exist_ok=True)
+        certs_d_cleanup.append(directory)
+        shutil.copy(secured.ca.ca_file, directory / "ca.crt")
+        daemon.docker("login", slow_host, "-u", "alice", "--password-stdin", input=USERS["alice"].encode())
+        logged_in = len(token_requests(secured.mirror))
+        started = time.monotonic()
+        daemon.docker("pull", f"{slow_host}/team/slow:1", timeout=300)
+        took = time.monotonic() - started
+    assert took > 64, f"the pull took {took:.0f}s: too fast to outlast the token"
+    during_pull = token_requests(secured.mirror)[logged_in:]
+    assert len(during_pull) >= 2, during_pull
+    first, last = during_pull[0][0], during_pull[-1][0]
+    assert last - first >= 60, during_pull  # a new token once the first one had expired, not before
+    assert {method for _, method in during_pull} == {"POST"}  # with the refresh token, not the password
+    log = secured.mirror.log_text(tail=None)
+    assert "token expired" not in log
+    assert "hello-from-mirror" in daemon.run_image(f"{slow_host}/team/slow:1")
+    assert "Traceback" not in log

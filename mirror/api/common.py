@@ -20,10 +20,11 @@ READ_CHUNK_BYTES = 1 << 20
 _PAGE_NUMBER = re.compile(r"[0-9]+")
 # More digits than this is "as many as you allow" anyway; int() refuses > 4300 digits with a ValueError.
 _PAGE_NUMBER_MAX_DIGITS = 18
-# Set by access control (mirror/auth): a manifest body it had to read to judge a tag move, and the
-# predicate a listing applies to repository names. Without auth neither is ever set.
-PRELOADED_BODY = "preloaded_body"
+# Set by access control (mirror/auth): the predicate a listing applies to repository names, and the check
+# (mirror.storage.interface.TagMoveCheck) the registry runs when a manifest PUT would move a tag. Without
+# auth neither is ever set.
 LISTING_FILTER = "listing_filter"
+TAG_MOVE_CHECK = "tag_move_check"
 
 
 def target_for(request: web.Request, name: str) -> Target:
@@ -69,9 +70,6 @@ async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
 
 async def read_limited(request: web.Request, limit: int) -> bytes:
     """Read a small body (a manifest), refusing with 413 as soon as it passes `limit`."""
-    preloaded: bytes | None = request.get(PRELOADED_BODY)
-    if preloaded is not None:
-        return preloaded
     if request.content_length is not None and request.content_length > limit:
         raise ManifestTooLarge(f"manifest is larger than {limit} bytes")
     body = bytearray()

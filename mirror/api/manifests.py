@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from mirror.api.common import content_headers, read_limited, target_for
+from mirror.api.common import TAG_MOVE_CHECK, content_headers, read_limited, target_for
 from mirror.api.dispatch import Params
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.names import validate_tag
@@ -38,7 +38,9 @@ async def put_manifest(request: web.Request, params: Params) -> web.StreamRespon
     reference = checked_reference(params["reference"])
     target = target_for(request, params["name"])
     body = await read_limited(request, request.app[CONFIG].limits.manifest_bytes)
-    result = await target.registry.put_manifest(target.repo, reference, body, request.headers.get("Content-Type"))
+    result = await target.registry.put_manifest(
+        target.repo, reference, body, request.headers.get("Content-Type"), on_tag_move=request.get(TAG_MOVE_CHECK)
+    )
     headers = {
         "Location": f"/v2/{params['name']}/manifests/{result.digest}",
         "Docker-Content-Digest": str(result.digest),

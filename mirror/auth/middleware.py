@@ -4,7 +4,7 @@ The middleware matches the request to its endpoint with the dispatcher's own tab
 with the router (so `?ns=`, a path prefix and the default upstream all meet the same policy under one
 name: `team/app` for a local repository, `docker.io/library/alpine` for a mirrored one), maps
 (endpoint, method) to an action and asks the policy. Handlers never check users; listings get a filter
-to apply, a manifest PUT that would move a tag is judged here with its body read once and handed on.
+to apply, a manifest PUT that may not move a tag hands the registry a check to run while it holds the tag.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
 
-from mirror.api.common import LISTING_FILTER, PRELOADED_BODY, read_limited
+from mirror.api.common import LISTING_FILTER, TAG_MOVE_CHECK
 from mirror.api.dispatch import Dispatcher
 from mirror.auth.policy import ANONYMOUS, DELETE, OVERWRITE, PULL, PUSH, Identity, Policy
 from mirror.auth.settings import AuthConfig, LoginBackoff
@@ -34,7 +34,6 @@ from mirror.auth.tokens import TokenInvalid, TokenService, granted_actions, load
 from mirror.auth.users import UserDirectory
 from mirror.errors import (
     Denied,
-    ManifestUnknown,
     NameInvalid,
     NameUnknown,
     RegistryError,
@@ -44,7 +43,7 @@ from mirror.errors import (
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.names import validate_name
 from mirror.routing import Target
-from mirror.state import CONFIG, ROUTER
+from mirror.state import ROUTER
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("mirror.audit")
@@ -71,6 +70,7 @@ _ACTIONS = {
     ("blob", "DELETE"): DELETE,
     ("referrers", "GET"): PULL,
 }
+DENIAL_AUDITED = "denial_audited"
 _AUDITED = {("manifest", "PUT"), ("manifest", "DELETE"), ("upload", "PUT"), ("blob", "DELETE"),
             ("upload_start", "POST")}
 
@@ -132,8 +132,9 @@ class AccessControl:
         robots_file = self.config.robots_file or auth_dir / "robots.json"
         if self.config.token.ttl < MIN_CLIENT_TOKEN_SECONDS:
             log.warning(
-                "auth.token.ttl is %gs: Docker and skopeo treat any token as valid for at least %ds and do not "
-                "ask again after a 401, so sessions longer than the ttl will fail", self.config.token.ttl,
+                "auth.token.ttl is %gs: Docker, skopeo and containerd treat any token as valid for at least %ds "
+                "and do not ask again after a 401, so pulls and pushes longer than the ttl will fail",
+                self.config.token.ttl,
                 MIN_CLIENT_TOKEN_SECONDS,
             )
         key = await asyncio.to_thread(load_or_create_key, key_file, self.config.token.algorithm)
@@ -283,7 +284,7 @@ class AccessControl:
         if action not in allowed:
             raise self.deny(request, caller, client_name, target, action)
         if endpoint.name == "manifest" and method == "PUT":
-            await self.check_tag_move(request, caller, client_name, target, params["reference"], allowed)
+            self.guard_tag_move(request, caller, client_name, target, params["reference"], allowed)
         elif endpoint.name == "manifest" and method == "DELETE":
             self.check_tag_delete(request, caller, client_name, target, params["reference"])
         elif endpoint.name == "upload_start" and "mount" in request.query:
@@ -303,32 +304,33 @@ class AccessControl:
         request[LISTING_FILTER] = lambda name: PULL in policy.allowed(identity, name, mirrored=True)
         return await handler(request)
 
-    async def check_tag_move(
+    def guard_tag_move(
         self, request: web.Request, caller: Caller, client_name: str, target: Target, reference: str,
         allowed: frozenset[str],
     ) -> None:
         """A tag that exists may be pointed elsewhere only with `overwrite` (and never if it is immutable).
-        Pushing the same manifest to it again is no move and is allowed."""
+        Pushing the same manifest to it again is no move and is allowed.
+
+        Whether the tag exists, and where it points, is the registry's to read while it holds the tag: the
+        check goes to the handler as a callback the registry runs between reading the tag and writing it.
+        Checked here, before the write, two concurrent PUTs to a new immutable tag both passed."""
         if looks_like_digest(reference):
             return
         repository = canonical_name(target)
         immutable = self.policy.immutable(repository, reference)
         if OVERWRITE in allowed and not immutable:
             return
-        try:
-            current = await target.registry.stat_manifest(target.repo, reference)
-        except (ManifestUnknown, NameUnknown):
-            return
-        body = await read_limited(request, request.app[CONFIG].limits.manifest_bytes)
-        request[PRELOADED_BODY] = body
-        if Digest.of(body, current.digest.algorithm) == current.digest:
-            return
         why = (
             f"tag {reference} of {repository} is immutable"
             if immutable
             else f"{caller.identity.label} may not overwrite the existing tag {reference} of {repository}"
         )
-        raise self.deny(request, caller, client_name, target, OVERWRITE, why)
+
+        def refuse_move(current: Digest, new: Digest) -> None:
+            request[DENIAL_AUDITED] = True
+            raise self.deny(request, caller, client_name, target, OVERWRITE, why)
+
+        request[TAG_MOVE_CHECK] = refuse_move
 
     def check_tag_delete(
         self, request: web.Request, caller: Caller, client_name: str, target: Target, reference: str
@@ -371,7 +373,8 @@ class AccessControl:
             if request["endpoint"] == "manifest" and response_digest(request) is not None:
                 digest = response_digest(request)
             result = "ok" if status < 400 else f"failed {status}"
-            if not (request["endpoint"] == "upload_start" and status == 202):  # a session opened, nothing pushed
+            opened = request["endpoint"] == "upload_start" and status == 202  # a session opened, nothing pushed
+            if not opened and not request.get(DENIAL_AUDITED):  # a refused tag move has its denial line
                 audit(request, caller.identity.label, action, repository, digest, result)
 
 

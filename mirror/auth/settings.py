@@ -118,6 +118,7 @@ class HttpLimits:
     max_body_bytes: int | None = None  # declared Content-Length of one request; None = unbounded (blobs)
     body_idle_timeout: float = 60.0  # a request body that sends nothing for this long is cut off
     keepalive_timeout: float = 75.0  # an idle keep-alive connection is closed after this long
+    header_timeout: float = 30.0  # a request line and headers not complete after this long: 408, closed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -127,6 +128,7 @@ class HttpLimits:
             "max_body_bytes": self.max_body_bytes,
             "body_idle_timeout": self.body_idle_timeout,
             "keepalive_timeout": self.keepalive_timeout,
+            "header_timeout": self.header_timeout,
         }
 
 
@@ -390,6 +392,10 @@ def _parse_http(section: _Section) -> HttpLimits:
         max_body_bytes=None if body_raw is None else parse_size(body_raw, section.path("max_body_bytes")),
         body_idle_timeout=_duration(section, "body_idle_timeout", 60),
         keepalive_timeout=_duration(section, "keepalive_timeout", 75),
+        header_timeout=_duration(section, "header_timeout", 30),
     )
+    if limits.header_timeout <= 0:
+        raise _error(f"{section.path('header_timeout')}: must be more than 0 (a slow client would hold its "
+                     "connection for ever)")
     section.finish()
     return limits

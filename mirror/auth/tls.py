@@ -50,13 +50,15 @@ class ReloadableTLS:
 
 
 def serve_options(app: web.Application, security: SecurityConfig) -> dict[str, Any]:
-    """Keyword arguments for `web.run_app`: the TLS context (with its SIGHUP reload) and the HTTP limits."""
+    """Keyword arguments for `mirror.api.server.run_app`: the TLS context (with its SIGHUP reload) and the
+    HTTP limits."""
     limits = security.http
     options: dict[str, Any] = {
         "max_line_size": limits.max_url_bytes,
         "max_field_size": limits.max_header_bytes,
         "max_headers": limits.max_headers,
         "keepalive_timeout": limits.keepalive_timeout,
+        "header_timeout": limits.header_timeout,  # RegistryAppRunner's, not aiohttp's
     }
     if security.tls.enabled:
         tls = ReloadableTLS(security.tls)

@@ -128,7 +128,10 @@ class RequestLogger(AbstractAccessLogger):
             "upstream": request.get("upstream"),
             "remote": request.remote,
         }
-        shown = " ".join(f"{key}={value}" for key, value in fields.items() if value is not None)
+        # The plain line starts with the method already; JSON keeps it as a field of its own.
+        shown = " ".join(
+            f"{key}={value}" for key, value in fields.items() if value is not None and key != "method"
+        )
         self.logger.info("%s %s %s", request.method, request.path[:300], shown, extra={"http": fields})
 
     @property

@@ -55,6 +55,7 @@ from mirror.storage.interface import (
     ManifestInfo,
     PutManifestResult,
     Registry,
+    TagMoveCheck,
 )
 
 log = logging.getLogger(__name__)
@@ -661,7 +662,8 @@ class _BundleSource(Registry):
         return await self.layout.list_repositories()
 
     async def put_manifest(
-        self, repo: str, reference: str, body: bytes, content_type: str | None
+        self, repo: str, reference: str, body: bytes, content_type: str | None,
+        *, on_tag_move: TagMoveCheck | None = None,
     ) -> PutManifestResult:
         raise self._unsupported()
 

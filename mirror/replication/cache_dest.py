@@ -44,7 +44,7 @@ from mirror.oci.names import validate_tag
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.rules import Destination
 from mirror.state import CONFIG, ROUTER
-from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry
+from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry, TagMoveCheck
 from mirror.storage.repos import ManifestLink
 
 log = logging.getLogger(__name__)
@@ -292,8 +292,10 @@ class CacheDestination(Registry):
         return Manifest(link.digest, link.media_type, body)
 
     async def put_manifest(
-        self, repo: str, reference: str, body: bytes, content_type: str | None
+        self, repo: str, reference: str, body: bytes, content_type: str | None,
+        *, on_tag_move: TagMoveCheck | None = None,
     ) -> PutManifestResult:
+        self._refuse_tag_move_check(on_tag_move)
         if len(body) > self.manifest_limit:
             raise ManifestTooLarge(f"manifest is larger than {self.manifest_limit} bytes")
         parsed = parse_manifest(body, content_type)

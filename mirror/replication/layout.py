@@ -42,7 +42,7 @@ from mirror.errors import (
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import INDEX_TYPES, OCI_INDEX, OCI_MANIFEST, Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
-from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry
+from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry, TagMoveCheck
 
 REF_NAME = "org.opencontainers.image.ref.name"
 # containerd's `ctr import` names images by this one; the OCI one alone would give it bare tags.
@@ -853,8 +853,10 @@ class LayoutRegistry(Registry):
         return Manifest(digest, parsed.media_type, body)
 
     async def put_manifest(
-        self, repo: str, reference: str, body: bytes, content_type: str | None
+        self, repo: str, reference: str, body: bytes, content_type: str | None,
+        *, on_tag_move: TagMoveCheck | None = None,
     ) -> PutManifestResult:
+        self._refuse_tag_move_check(on_tag_move)
         sink = self._writable()
         if len(body) > MAX_MANIFEST_BYTES:
             raise ManifestInvalid(f"manifest is larger than {MAX_MANIFEST_BYTES} bytes")

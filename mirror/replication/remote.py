@@ -62,6 +62,7 @@ from mirror.storage.interface import (
     PutManifestResult,
     Registry,
     ReopenableBytes,
+    TagMoveCheck,
 )
 from mirror.upstream.client import USER_AGENT, UpstreamClient
 
@@ -229,8 +230,10 @@ class RemoteRegistry(Registry):
         return Manifest(digest, parsed.media_type, body)
 
     async def put_manifest(
-        self, repo: str, reference: str, body: bytes, content_type: str | None
+        self, repo: str, reference: str, body: bytes, content_type: str | None,
+        *, on_tag_move: TagMoveCheck | None = None,
     ) -> PutManifestResult:
+        self._refuse_tag_move_check(on_tag_move)
         parsed = parse_manifest(body, content_type)
         response = await self._request(
             "PUT", f"/v2/{repo}/manifests/{reference}", repo,

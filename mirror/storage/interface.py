@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, Protocol, runtime_checkable
@@ -62,6 +62,11 @@ class BlobInBackend:
 
 
 BlobBody = BlobFile | BlobStream | BlobInBackend
+
+# Asked by a registry, while it holds the tag, when a manifest PUT would point an existing tag at another
+# manifest: (current target, new manifest). It raises (e.g. Denied) to refuse the move. Because the
+# registry reads the tag, asks and writes as one step, two concurrent PUTs cannot both pass it.
+TagMoveCheck = Callable[[Digest, Digest], None]
 
 
 @runtime_checkable
@@ -142,6 +147,12 @@ class Registry:
     def _unsupported(self) -> Unsupported:
         return Unsupported(self.read_only_message)
 
+    def _refuse_tag_move_check(self, on_tag_move: TagMoveCheck | None) -> None:
+        """For a destination only the copier writes: a tag-move check it cannot make atomic with the write
+        is refused, never skipped."""
+        if on_tag_move is not None:
+            raise Unsupported("this repository cannot check a tag move atomically")
+
     async def put_blob(
         self, repo: str, digest: Digest, chunks: AsyncIterable[bytes], *, size: int | None = None
     ) -> BlobInfo:
@@ -153,7 +164,8 @@ class Registry:
         raise self._unsupported()
 
     async def put_manifest(
-        self, repo: str, reference: str, body: bytes, content_type: str | None
+        self, repo: str, reference: str, body: bytes, content_type: str | None,
+        *, on_tag_move: TagMoveCheck | None = None,
     ) -> PutManifestResult:
         raise self._unsupported()
 

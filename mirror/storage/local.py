@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, Callable
+import contextlib
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -32,6 +33,7 @@ from mirror.storage.interface import (
     ManifestInfo,
     PutManifestResult,
     Registry,
+    TagMoveCheck,
 )
 from mirror.storage.repos import ManifestLink, RepoStore, find_blob_sync
 from mirror.storage.uploads import Upload, UploadStore
@@ -40,6 +42,37 @@ from mirror.storage.uploads import Upload, UploadStore
 _PARSE_ON_LOOP_BYTES = 64 << 10
 _REFERENCES_ON_DEFAULT_EXECUTOR = 500
 _T = TypeVar("_T")
+
+
+class _TagLocks:
+    """One lock per (repository, tag), kept only while someone holds or waits for it.
+
+    The tag a manifest PUT moves is read, judged (immutable? may this caller overwrite?) and written under
+    it, so of two concurrent PUTs the second sees what the first wrote. It covers this process, which is
+    all that writes a local repository's files: cluster nodes keep their own storage."""
+
+    def __init__(self) -> None:
+        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, repo: str, tag: str) -> AsyncIterator[None]:
+        key = (repo, tag)
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+def _same_manifest(current: Digest, new: Digest, body: bytes) -> bool:
+    """Pushing the bytes a tag already names (maybe hashed with another algorithm) moves nothing."""
+    return current == new or (current.algorithm != new.algorithm and Digest.of(body, current.algorithm) == current)
 
 
 class LocalRegistry(Registry):
@@ -67,6 +100,7 @@ class LocalRegistry(Registry):
         # only make the event loop wait longer each time it needs the GIL back.
         self._manifest_checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest-check")
         self.pushes = PushFeed()  # tag pushes, for on_push replication rules
+        self._tag_locks = _TagLocks()
 
     # -- blobs -------------------------------------------------------------------------------------
     async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
@@ -193,7 +227,8 @@ class LocalRegistry(Registry):
         return Manifest(link.digest, link.media_type, body)
 
     async def put_manifest(
-        self, repo: str, reference: str, body: bytes, content_type: str | None
+        self, repo: str, reference: str, body: bytes, content_type: str | None,
+        *, on_tag_move: TagMoveCheck | None = None,
     ) -> PutManifestResult:
         if len(body) > self.manifest_limit:
             raise ManifestTooLarge(f"manifest is larger than {self.manifest_limit} bytes")
@@ -220,7 +255,6 @@ class LocalRegistry(Registry):
             raise ManifestBlobUnknown(
                 f"manifest references {len(missing)} blob(s) not in {repo}", detail={"digests": missing[:20]}
             )
-        await self.blobs.put_bytes(body, digest)
 
         def link() -> None:
             self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body)))
@@ -239,7 +273,19 @@ class LocalRegistry(Registry):
             if tag is not None:
                 self.repos.set_tag(repo, tag, digest)
 
-        await asyncio.to_thread(link)
+        async def store() -> None:
+            await self.blobs.put_bytes(body, digest)
+            await asyncio.to_thread(link)
+
+        if tag is None:
+            await store()
+        else:
+            async with self._tag_locks.hold(repo, tag):
+                if on_tag_move is not None:
+                    current = await asyncio.to_thread(self.repos.tag, repo, tag)
+                    if current is not None and not _same_manifest(current.digest, digest, body):
+                        on_tag_move(current.digest, digest)  # raises to refuse; nothing is stored then
+                await store()
         await self.cache.hold(digest, len(body), LOCAL)
         if tag is not None:
             self.pushes.publish(repo, tag)
@@ -274,7 +320,10 @@ class LocalRegistry(Registry):
     async def delete_manifest(self, repo: str, reference: str) -> None:
         self._check_delete()
         if not looks_like_digest(reference):
-            if not await asyncio.to_thread(self.repos.delete_tag, repo, validate_tag(reference)):
+            tag = validate_tag(reference)
+            async with self._tag_locks.hold(repo, tag):
+                deleted = await asyncio.to_thread(self.repos.delete_tag, repo, tag)
+            if not deleted:
                 raise ManifestUnknown(detail={"reference": reference})
             return
         digest = Digest.parse(reference)
