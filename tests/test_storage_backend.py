@@ -545,6 +545,27 @@ async def test_a_blob_gone_from_the_bucket_is_blob_unknown(s3_registry: S3Regist
             assert await error_codes(response) == ["BLOB_UNKNOWN"]
 
 
+async def test_a_bucket_that_fails_is_503_and_the_push_can_be_finished_later(s3_registry: S3Registry) -> None:
+    client, backend = s3_registry.client, s3_registry.backend
+    started = await client.post("/v2/team/app/blobs/uploads/")
+    data = os.urandom(200_000)
+    patched = await client.patch(started.headers["Location"], data=data)
+    assert patched.status == 202
+    await backend.client.delete_bucket(Bucket=backend.bucket)  # the bucket goes away (empty: nothing pushed yet)
+    digest = digest_of(data)
+    refused = await client.put(patched.headers["Location"], params={"digest": digest})
+    assert refused.status == 503
+    assert await error_codes(refused) == ["UNAVAILABLE"]
+    monolithic = await client.post("/v2/team/app/blobs/uploads/", params={"digest": digest_of(b"m")}, data=b"m")
+    assert monolithic.status == 503 and await error_codes(monolithic) == ["UNAVAILABLE"]
+    # The session kept every byte: once the bucket is back, the same PUT finishes the push.
+    await backend.client.create_bucket(Bucket=backend.bucket)
+    finished = await client.put(patched.headers["Location"], params={"digest": digest})
+    assert finished.status == 201, await finished.text()
+    assert await (await client.get(f"/v2/team/app/blobs/{digest}")).read() == data
+    assert await s3_registry.leftovers() == []
+
+
 async def test_a_mount_on_s3_links_without_copying(s3_registry: S3Registry) -> None:
     client = s3_registry.client
     digest = await push_blob(client, "team/base", b"shared layer")

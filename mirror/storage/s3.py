@@ -24,13 +24,13 @@ import contextlib
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mirror.errors import BlobUnknown, DigestInvalid, SizeInvalid
+from mirror.errors import BlobUnknown, DigestInvalid, RegistryError, SizeInvalid, StorageUnavailable
 from mirror.oci.digest import Digest
 
 if TYPE_CHECKING:
@@ -95,6 +95,32 @@ def _client_error_code(exc: BaseException) -> str | None:
 
 def _is_missing(exc: BaseException) -> bool:
     return _client_error_code(exc) in ("404", "NoSuchKey", "NotFound")
+
+
+def _unavailable(exc: BaseException, action: str, bucket: str) -> BaseException:
+    """What a failed S3 call becomes for the registry: a 503 naming the bucket (never a key), or itself when
+    it is not the backend's (a registry error, a cancellation, a bug)."""
+    if isinstance(exc, RegistryError) or not isinstance(exc, Exception):
+        return exc
+    backend_error = isinstance(exc, OSError | TimeoutError) or type(exc).__module__.split(".")[0] in (
+        "botocore", "aiobotocore", "aiohttp",
+    )
+    if not backend_error:
+        return exc
+    reason = _client_error_code(exc) or type(exc).__name__
+    log.warning("S3 %s in bucket %s failed: %s", action, bucket, exc)
+    return StorageUnavailable(f"storage backend failed to {action}: {reason}", detail={"bucket": bucket})
+
+
+@contextlib.contextmanager
+def _s3_call(action: str, bucket: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        translated = _unavailable(exc, action, bucket)
+        if translated is exc:
+            raise
+        raise translated from exc
 
 
 def blob_key(digest: Digest) -> str:
@@ -176,7 +202,7 @@ class S3BlobBackend:
         except Exception as exc:
             if _is_missing(exc):
                 return None
-            raise
+            raise _unavailable(exc, "look up a blob", self.bucket) from exc
         return int(answer["ContentLength"])
 
     async def read(self, digest: Digest, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
@@ -194,10 +220,11 @@ class S3BlobBackend:
                 raise BlobUnknown(detail={"digest": str(digest)}) from exc
             if _client_error_code(exc) == "InvalidRange":
                 return  # a start at (or past) the end: nothing to send
-            raise
-        async with answer["Body"] as body:
-            async for piece in body.iter_chunks(READ_PIECE_BYTES):
-                yield piece
+            raise _unavailable(exc, "read a blob", self.bucket) from exc
+        with _s3_call("read a blob", self.bucket):
+            async with answer["Body"] as body:
+                async for piece in body.iter_chunks(READ_PIECE_BYTES):
+                    yield piece
 
     async def local_file(self, digest: Digest) -> Path | None:
         return None
@@ -213,13 +240,14 @@ class S3BlobBackend:
 
     async def list(self) -> AsyncIterator[Digest]:
         paginator = self.client.get_paginator("list_objects_v2")
-        async for page in paginator.paginate(Bucket=self.bucket, Prefix=BLOB_PREFIX):
-            for entry in page.get("Contents", ()):
-                algorithm, _, hex_part = entry["Key"][len(BLOB_PREFIX):].partition("/")
-                try:
-                    yield Digest.parse(f"{algorithm}:{hex_part}")
-                except DigestInvalid:
-                    continue  # not a blob of ours
+        with _s3_call("list blobs", self.bucket):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=BLOB_PREFIX):
+                for entry in page.get("Contents", ()):
+                    algorithm, _, hex_part = entry["Key"][len(BLOB_PREFIX):].partition("/")
+                    try:
+                        yield Digest.parse(f"{algorithm}:{hex_part}")
+                    except DigestInvalid:
+                        continue  # not a blob of ours
 
     # -- writes ------------------------------------------------------------------------------------
     async def open_sink(self, algorithm: str = "sha256", *, expected: Digest | None = None) -> S3BlobSink:
@@ -228,7 +256,8 @@ class S3BlobBackend:
     async def delete(self, digest: Digest) -> bool:
         if await self.stat(digest) is None:
             return False
-        await self.client.delete_object(Bucket=self.bucket, Key=blob_key(digest))
+        with _s3_call("delete a blob", self.bucket):
+            await self.client.delete_object(Bucket=self.bucket, Key=blob_key(digest))
         return True
 
     async def pending_multipart_uploads(self) -> tuple[str, ...]:
@@ -269,14 +298,16 @@ class S3BlobSink:
     async def write(self, chunk: bytes) -> None:
         if self._finished:
             raise RuntimeError("write after commit or abort")
-        self._raise_if_failed()
+        with _s3_call("store a blob", self._bucket):
+            self._raise_if_failed()  # a part that failed while this chunk was on its way
         if not chunk:
             return
         self._buffer.append(chunk)
         self._buffered += len(chunk)
         self._size += len(chunk)
-        while self._buffered >= self._backend.part_size:
-            await self._send_part(self._take(self._backend.part_size))
+        with _s3_call("store a blob", self._bucket):
+            while self._buffered >= self._backend.part_size:
+                await self._send_part(self._take(self._backend.part_size))
 
     def _take(self, count: int) -> bytes:
         """The first `count` buffered bytes, as one piece."""
@@ -359,9 +390,12 @@ class S3BlobSink:
                 if self._key != final:
                     await _copy(self._client, self._bucket, self._key, final, self._size)
                     await self._client.delete_object(Bucket=self._bucket, Key=self._key)
-        except BaseException:
+        except BaseException as exc:
             await self.abort()
-            raise
+            translated = _unavailable(exc, "store a blob", self._bucket)
+            if translated is exc:
+                raise
+            raise translated from exc
         self._finished = self._committed = True
         return self._size
 
