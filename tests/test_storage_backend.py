@@ -258,10 +258,11 @@ async def _peak_memory_writing(backend: BlobBackend, size: int, seed: int) -> tu
 
 async def test_a_blob_of_many_parts_streams_in_flat_memory(store: Store) -> None:
     _, _, peak_small = await _peak_memory_writing(store.backend, 24 * MiB, seed=3)
-    digest, block, peak = await _peak_memory_writing(store.backend, 40 * MiB, seed=4)
-    # Flat: 16 MiB more blob costs no more memory (whole-blob buffering would cost 16 MiB more).
-    assert peak < peak_small + 4 * MiB, f"peak {peak / MiB:.1f} MiB for 40 MiB, {peak_small / MiB:.1f} for 24 MiB"
-    assert peak < 30 * MiB
+    digest, block, peak = await _peak_memory_writing(store.backend, 64 * MiB, seed=4)
+    # Flat: 40 MiB more blob costs no more memory than the writer's own bound and its jitter under load
+    # (the filesystem writer holds at most 16 MiB, S3 a few 5 MiB parts); whole-blob buffering would add 40 MiB.
+    assert peak < peak_small + 16 * MiB, f"peak {peak / MiB:.1f} MiB for 64 MiB, {peak_small / MiB:.1f} for 24 MiB"
+    assert peak < 44 * MiB
     hasher = hashlib.sha256()
     async for piece in store.backend.read(digest):
         hasher.update(piece)
