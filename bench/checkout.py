@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,12 @@ THIS_CHECKOUT = Path(__file__).resolve().parents[1]
 class CheckoutMirror:
     """`python -m mirror serve` with the code of `checkout`, stopped by its pid."""
 
-    def __init__(self, checkout: Path, config: dict[str, Any], workdir: Path) -> None:
+    def __init__(
+        self, checkout: Path, config: dict[str, Any], workdir: Path, *, env: Mapping[str, str | None] | None = None
+    ) -> None:
+        """`env`: variables to set in the process's environment (None: to remove) over this one's."""
         self.checkout = checkout.resolve()
+        self.env = dict(env or {})
         self.port = free_port()
         self.config = {**config, "listen": f"127.0.0.1:{self.port}"}
         self.workdir = workdir
@@ -47,6 +52,11 @@ class CheckoutMirror:
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
         env["PYTHONPATH"] = str(self.checkout)
         env["PYTHONUNBUFFERED"] = "1"
+        for name, value in self.env.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
         started = time.monotonic()
         log = open(self.log_path, "ab")  # noqa: SIM115 - the child owns it
         self.proc = subprocess.Popen(
@@ -66,6 +76,13 @@ class CheckoutMirror:
             except (urllib.error.URLError, OSError):
                 time.sleep(0.005)
         raise RuntimeError("the mirror did not answer /v2/")
+
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system, all threads) the process has used so far: unlike wall time, hardly
+        moved by other work on the machine."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def metric(self, name: str, **labels: str) -> float | None:
         with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:

@@ -6,15 +6,18 @@ import asyncio
 import contextlib
 import functools
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from mirror.api.errors import CLIENT_CLOSED_STATUS, add_api_version, client_closed, registry_errors
+from mirror.api.peer_fills import serve_peer_fill
 from mirror.api.protocol_log import handler_args as protocol_handler_args
 from mirror.api.replication import add_replication_routes
 from mirror.api.routes import api_dispatcher
@@ -29,10 +32,11 @@ from mirror.observe.health import HEALTH, HealthChecks, livez, readyz_handler
 from mirror.observe.requests import PULL_STATS, PullStats, observe_requests
 from mirror.observe.status import StatusPage
 from mirror.proxy.fills import FillManager
+from mirror.proxy.peers import PEER_FILL_ROUTE, ClusterFills
 from mirror.proxy.registry import ProxyRegistry
-from mirror.replication.engine import replication_context
+from mirror.replication.hosting import replication_context
 from mirror.routing import Router, Upstream
-from mirror.state import CACHE, CONFIG, COORDINATOR, METRICS, ROUTER
+from mirror.state import CACHE, CLUSTER_FILLS, CONFIG, COORDINATOR, METRICS, ROUTER
 from mirror.storage.backend import BlobBackend
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
@@ -103,6 +107,9 @@ def create_app(config: Config) -> web.Application:
     app.router.add_get("/", StatusPage(health).handle)
     app.router.add_get("/metrics", serve_metrics)
     add_replication_routes(app)
+    if config.cluster is not None and config.cluster.shares_fills:
+        # Outside /v2 and before it: never behind client access control (the cluster secret guards it).
+        app.router.add_get(PEER_FILL_ROUTE, serve_peer_fill)
     app.router.add_route("*", "/v2{tail:.*}", dispatcher.handle)
     return app
 
@@ -128,10 +135,20 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     await cache.refresh_totals()
     app[CACHE] = cache
     fills = FillManager(metrics)
+    # A cluster node with an address and a secret shares its fills (mirror/proxy/peers.py); any other
+    # node downloads for itself, through exactly the single-node path.
+    peers = None
+    if config.cluster is not None and config.cluster.shares_fills:
+        peers = app[CLUSTER_FILLS] = ClusterFills(config.cluster, coordinator, fills, blobs)
     local_hint = ", ".join(config.local.repositories) or "none configured"
+    # One TLS context per CA file, shared by the upstreams that trust it (loading one costs ~60 ms of
+    # start-up); none for the system's CAs, see tls_context.
+    tls_by_ca_file: dict[Path | None, ssl.SSLContext | None] = {}
     async with contextlib.AsyncExitStack() as stack:
         stack.push_async_callback(coordinator.close)  # closed last: everything below may still use it
         await coordinator.start()
+        if peers is not None:
+            stack.callback(peers.close)
         backend = await _open_blob_backend(config)
         if backend is not None:
             stack.push_async_callback(backend.close)
@@ -149,12 +166,14 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         for upstream_config in config.upstreams:
             # One session per upstream: its own connection pool and limits. Bytes are passed through
             # exactly as sent (no transparent decompression), or digests would not match.
-            tls = tls_context(upstream_config)
+            if upstream_config.ca_file not in tls_by_ca_file:
+                tls_by_ca_file[upstream_config.ca_file] = tls_context(upstream_config)
+            tls = tls_by_ca_file[upstream_config.ca_file]
             session = await stack.enter_async_context(
                 aiohttp.ClientSession(
                     auto_decompress=False,
                     read_bufsize=256 << 10,
-                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=tls),
+                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=tls if tls is not None else True),
                     headers={"User-Agent": USER_AGENT},
                 )
             )
@@ -174,6 +193,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                     f"repositories routed to {upstream_config.name} are mirrored read-only; "
                     f"push to a local namespace ({local_hint})"
                 ),
+                peers=peers,
             )
             proxy.on_fill = app[PULL_STATS].record_fill
             stack.push_async_callback(proxy.close)

@@ -65,14 +65,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_bundle_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from mirror.replication.bundle_commands import add_export_arguments, add_import_arguments
-
-    add_export_arguments(commands.add_parser(
+    # Defined here, not beside the command bodies (mirror/replication/bundle_commands.py): parsing any
+    # command's arguments, `mirror serve`'s too, must not import what export and import run on.
+    export = commands.add_parser(
         "export", help="write images into an air-gap bundle (an OCI layout folder or FILE.tar)"
-    ))
-    add_import_arguments(commands.add_parser(
+    )
+    export.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="images as clients name them: alpine:3.20, docker.io/library/alpine:3.20, team/app:1")
+    export.add_argument("--rule", help="export what the replication rule NAME selects")
+    export.add_argument("--to", required=True, type=Path, help="a new folder, or FILE.tar for an archive")
+    export.add_argument("--since", type=Path,
+                        help="an earlier bundle (or its mirror-bundle.json): leave out what it carried")
+    export.add_argument("--split", help="cut the archive into pieces of this size (e.g. 4GB)")
+    export.add_argument("--platform", action="append", dest="platforms",
+                        help="keep only this platform of multi-platform images (repeatable; default all)")
+    export.add_argument("--no-referrers", action="store_true", help="leave out signatures, SBOMs, attestations")
+    export.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
+
+    imports = commands.add_parser(
         "import", help="verify air-gap bundles and store their images (all of an image or none)"
-    ))
+    )
+    imports.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE",
+                         help="bundle folders, archives or pieces (bases before or after their deltas)")
+    imports.add_argument("--repository",
+                         help="repository for images a layout names by bare tag only (e.g. skopeo's oci:DIR:1)")
+    imports.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
 
 
 def _load(path: Path | None) -> Config:

@@ -169,6 +169,16 @@ class ClusterConfig:
 
     redis: str  # redis://host:port/db, rediss://... or unix:///path
     prefix: str = "mirror"  # every key this cluster writes starts with `<prefix>:`
+    # This node's address for the other nodes (http://host:port, no path): the name in its fill leases,
+    # where followers stream a fill in progress from. With `secret`, fills are single-flight cluster-wide;
+    # without both, each node downloads for itself (the rest is still coordinated).
+    advertise: str | None = None
+    secret: str | None = field(default=None, repr=False)  # shared by every node; guards /_mirror/fills
+    lease_ttl: float = 90.0  # a fill lease lives this long unless renewed (every third of it)
+
+    @property
+    def shares_fills(self) -> bool:
+        return self.advertise is not None and self.secret is not None
 
     @property
     def redis_display(self) -> str:
@@ -218,6 +228,8 @@ class Config:
         data["local"]["repositories"] = list(self.local.repositories)
         if self.cluster is not None:
             data["cluster"]["redis"] = self.cluster.redis_display
+            if self.cluster.secret is not None:
+                data["cluster"]["secret"] = "***"
         return data
 
 
@@ -624,9 +636,15 @@ def _parse_replication(root: _Section, upstreams: tuple[UpstreamConfig, ...]) ->
     """The `replication:` rules (mirror/replication/rules.py, which reports the first problem of the list).
 
     Rules name upstreams: only those that parsed are known here (one that did not is reported already)."""
-    from mirror.replication.rules import parse_rules  # imports this module: loaded once it is complete
 
-    return root.value("replication", (), lambda value, key: parse_rules(value, upstreams))
+    def parse(value: Any, key: str) -> tuple[Rule, ...]:
+        # Imported here: that module imports this one, and a config without rules need not load it (nor
+        # cron and version parsing).
+        from mirror.replication.rules import parse_rules
+
+        return parse_rules(value, upstreams)
+
+    return root.value("replication", (), parse)
 
 
 def _parse_upload_expiry(value: Any, key: str) -> float:
@@ -713,10 +731,52 @@ def _cluster_prefix(value: Any, key: str) -> str:
     return value
 
 
+def _advertise_url(value: Any, key: str) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{key}: expected this node's http://host:port for the other nodes, got {value!r}")
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError as exc:
+        raise ConfigError(f"{key}: bad port in {value!r}") from exc
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        raise ConfigError(f"{key}: expected scheme://host:port only (no path, query or credentials), got {value!r}")
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+_MIN_SECRET = 16
+
+
+def _cluster_secret(value: Any, key: str) -> str:
+    if not isinstance(value, str) or len(value) < _MIN_SECRET:
+        raise ConfigError(
+            f"{key}: expected a string of at least {_MIN_SECRET} characters (${{ENV}} keeps it out of the file)"
+        )
+    return value
+
+
+def _lease_ttl(value: Any, key: str) -> float:
+    ttl = parse_duration(value, key)
+    if ttl < 1.0:
+        raise ConfigError(f"{key}: must be at least 1s, got {value!r}")
+    return ttl
+
+
 def _parse_cluster(section: _Section) -> ClusterConfig | None:
     url = section.value("redis", None, _redis_url, required=True)
     prefix = section.value("prefix", "mirror", _cluster_prefix)
-    return None if url is None else ClusterConfig(redis=url, prefix=prefix)
+    advertise = section.value("advertise", None, _advertise_url)
+    secret = section.value("secret", None, _cluster_secret)
+    lease_ttl = section.value("lease_ttl", 90.0, _lease_ttl)
+    if (advertise is None) != (secret is None) and not section.errors.reported(
+        section.path("advertise"), section.path("secret")
+    ):
+        missing = "secret" if secret is None else "advertise"
+        section.error(missing, "required together with "
+                      f"cluster.{'advertise' if missing == 'secret' else 'secret'} (cluster-wide fills need both)")
+    if url is None:
+        return None
+    return ClusterConfig(redis=url, prefix=prefix, advertise=advertise, secret=secret, lease_ttl=lease_ttl)
 
 
 def load_config(path: Path | None) -> Config:

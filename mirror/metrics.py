@@ -106,6 +106,10 @@ class Metrics:
         self.upstream_bytes = Counter(
             "mirror_upstream_bytes", "Blob bytes downloaded from upstreams.", ["upstream"], registry=r,
         )
+        self.cluster_peer_bytes = Counter(
+            "mirror_cluster_peer_bytes", "Blob bytes of an upstream's fills streamed from another cluster node "
+            "(the one downloading it) instead of from the upstream.", ["upstream"], registry=r,
+        )
         self.upstream_errors = Counter(
             "mirror_upstream_errors", "Upstream failures (connection, timeout, 5xx, 429, verification).",
             ["upstream", "reason"], registry=r,

@@ -80,6 +80,10 @@ class FakeUpstream:
     # (repo, subject digest) -> the descriptors of its referrers
     referrers: dict[tuple[str, str], list[dict[str, Any]]] = field(default_factory=dict)
     referrers_page_size: int | None = None  # referrers in pages of this many, linked with ?page=
+    # Blob GETs with `Range: bytes=N-` get a 206 of the rest (False: the whole blob, as if Range were unknown).
+    honour_ranges: bool = True
+    blob_ranges: list[str] = field(default_factory=list)  # the Range header of every blob GET ("" = none)
+    blob_finished_at: dict[str, float] = field(default_factory=dict)  # digest -> when a GET sent its last byte
     # Manifest GETs and HEADs that arrive over TLS get a 307 to the same path there (see cdn_app()).
     redirect_manifests_to: str | None = None
 
@@ -320,16 +324,26 @@ class FakeUpstream:
         if fault and fault.kind in ("padded", "chunked-padded"):
             data = data + b"0123456789"
         response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **headers})
+        first = 0
+        if request.method == "GET":
+            asked = request.headers.get("Range", "")
+            self.blob_ranges.append(asked)
+            if asked.startswith("bytes=") and asked.endswith("-") and asked[6:-1].isdigit() and self.honour_ranges:
+                first = int(asked[6:-1])
+                if first >= len(data):
+                    return web.Response(status=416, headers={"Content-Range": f"bytes */{len(data)}"})
+                response.set_status(206)
+                response.headers["Content-Range"] = f"bytes {first}-{len(data) - 1}/{len(data)}"
         chunked = fault is not None and fault.kind.startswith("chunked")
         if chunked:
             response.enable_chunked_encoding()  # no Content-Length: the size is known only at the end
         else:
-            response.content_length = len(data)
+            response.content_length = len(data) - first
         await response.prepare(request)
         if request.method == "HEAD":
             return response
         step = 64 * 1024
-        for offset in range(0, len(data), step):
+        for offset in range(first, len(data), step):
             if fault and fault.kind in ("truncate", "chunked-truncate") and offset >= len(data) // 2:
                 assert request.transport is not None
                 request.transport.close()
@@ -342,6 +356,7 @@ class FakeUpstream:
             self.bytes_sent[digest] += len(piece)
             if (fault and fault.kind == "slow") or self.blob_delay:
                 await asyncio.sleep(fault.delay if fault and fault.kind == "slow" else self.blob_delay)
+        self.blob_finished_at[digest] = asyncio.get_running_loop().time()
         await response.write_eof()
         return response
 

@@ -9,7 +9,7 @@ from typing import Any
 from mirror.app import create_app
 from mirror.config import load_config_data
 from mirror.replication.bundles import export_bundle, import_bundles, rule_images
-from mirror.replication.engine import REPLICATION
+from mirror.replication.hosting import REPLICATION
 from mirror.replication.layout import REF_NAME
 from mirror.state import CONFIG, ROUTER
 from tests.registry_helpers import push_image

@@ -23,7 +23,7 @@ from mirror.coordination.interface import Coordinator, Held, Lease, keep_alive
 from mirror.coordination.local import LocalCoordinator
 from mirror.coordination.redis import RedisCoordinator
 from mirror.oci.digest import Digest
-from mirror.replication.engine import REPLICATION
+from mirror.replication.hosting import REPLICATION
 from mirror.state import CACHE, COORDINATOR
 from tests.registry_helpers import DOCKER_MANIFEST, push_image
 from tests.support.procs import free_port
@@ -120,6 +120,22 @@ async def test_expired_fill_is_taken_over_with_its_progress(nodes: tuple[Coordin
     assert not await a.release(dead)
     now = await a.fill_progress("hub", DIGEST)
     assert now is not None and now.holder == b.node and now.holder_alive and now.committed == 1000
+
+
+async def test_a_fill_lease_is_broken_only_by_naming_its_holder(nodes: tuple[Coordinator, Coordinator]) -> None:
+    """A node restarted under its old name breaks the leases its dead process held; nobody else's."""
+    a, b = nodes
+    lease = await acquire(a, ttl=30.0)
+    assert await a.publish_progress(lease, 1 << 20, size=4 << 20)
+    assert not await b.break_fill("hub", DIGEST, "node-a:1")  # a longer name with the holder's as its prefix
+    assert not await b.break_fill("hub", DIGEST, "node")
+    assert not await b.break_fill("hub", DIGEST, "other")
+    assert isinstance(await b.acquire_fill("hub", DIGEST, 5.0), Held)
+    assert await b.break_fill("hub", DIGEST, a.node)
+    assert not await b.break_fill("hub", DIGEST, a.node)  # nothing left to break
+    taken = await acquire(b)
+    assert taken.taken_over is not None and taken.taken_over.committed == 1 << 20
+    assert not await a.renew(lease) and not await a.publish_progress(lease, 2 << 20)
 
 
 async def test_a_finished_fill_starts_afresh(nodes: tuple[Coordinator, Coordinator]) -> None:
@@ -490,6 +506,21 @@ async def test_readyz_of_a_single_node_has_no_cluster_check(make_registry: Any) 
         ({"redis": "redis://127.0.0.1:6379/0", "prefix": "a b"}, "cluster.prefix: expected"),
         ({"redis": "redis://127.0.0.1:6379/0", "prefix": ""}, "cluster.prefix: expected"),
         ({"redis": "redis://127.0.0.1:6379/0", "nodes": 3}, "cluster.nodes: unknown key"),
+        ({"redis": "redis://127.0.0.1:6379/0", "advertise": "127.0.0.1:5000", "secret": "s" * 16},
+         "cluster.advertise: expected this node's http://host:port"),
+        ({"redis": "redis://127.0.0.1:6379/0", "advertise": "http://10.0.0.1:5000/v2", "secret": "s" * 16},
+         "cluster.advertise: expected scheme://host:port only"),
+        ({"redis": "redis://127.0.0.1:6379/0", "advertise": "http://10.0.0.1:port", "secret": "s" * 16},
+         "cluster.advertise: bad port"),
+        ({"redis": "redis://127.0.0.1:6379/0", "advertise": "http://10.0.0.1:5000"},
+         "cluster.secret: required together with cluster.advertise"),
+        ({"redis": "redis://127.0.0.1:6379/0", "secret": "s" * 16},
+         "cluster.advertise: required together with cluster.secret"),
+        ({"redis": "redis://127.0.0.1:6379/0", "advertise": "http://10.0.0.1:5000", "secret": "short"},
+         "cluster.secret: expected a string of at least 16"),
+        ({"redis": "redis://127.0.0.1:6379/0", "lease_ttl": "soon"}, "cluster.lease_ttl: expected a duration"),
+        ({"redis": "redis://127.0.0.1:6379/0", "lease_ttl": "100ms"}, "cluster.lease_ttl: must be at least 1s"),
+        ({"redis": "redis://127.0.0.1:6379/0", "lease_ttl": 0.5}, "cluster.lease_ttl: must be at least 1s"),
         ("redis://127.0.0.1:6379", "cluster: expected a mapping"),
     ],
 )
@@ -502,6 +533,12 @@ def test_cluster_config_defaults() -> None:
     assert load_config_data({}).cluster is None
     cluster = load_config_data({"cluster": {"redis": "redis://127.0.0.1:6379/0"}}).cluster
     assert cluster is not None and cluster.prefix == "mirror"
+    assert (cluster.advertise, cluster.secret, cluster.lease_ttl, cluster.shares_fills) == (None, None, 90.0, False)
+    sharing = load_config_data({"cluster": {"redis": "redis://127.0.0.1:6379/0", "advertise": "http://10.0.0.1:5000/",
+                                            "secret": "s" * 16, "lease_ttl": "30s"}}).cluster
+    assert sharing is not None and sharing.shares_fills
+    assert (sharing.advertise, sharing.lease_ttl) == ("http://10.0.0.1:5000", 30.0)
+    assert "s" * 16 not in repr(sharing)
 
 
 def _write_config(tmp_path: Path, redis_url: str) -> Path:
@@ -515,7 +552,20 @@ def test_check_config_pings_the_configured_redis(
 ) -> None:
     assert cli_main(["check-config", "--config", str(_write_config(tmp_path, redis_server.url))]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["cluster"] == {"redis": redis_server.url, "prefix": "mirror"}
+    assert printed["cluster"] == {"redis": redis_server.url, "prefix": "mirror", "advertise": None, "secret": None,
+                                  "lease_ttl": 90.0}
+
+
+def test_check_config_never_prints_the_cluster_secret(
+    tmp_path: Path, redis_server: RedisServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "mirror.yaml"
+    cluster = {"redis": redis_server.url, "advertise": "http://127.0.0.1:5000", "secret": "do-not-print-0123456789"}
+    path.write_text(yaml.safe_dump({"storage": {"path": str(tmp_path / "data")}, "cluster": cluster}))
+    assert cli_main(["check-config", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "do-not-print" not in out
+    assert yaml.safe_load(out)["cluster"]["secret"] == "***"
 
 
 def test_check_config_fails_clearly_when_redis_does_not_answer(

@@ -13,7 +13,8 @@ from aiohttp.test_utils import TestClient
 
 from mirror.app import create_app
 from mirror.config import ConfigError, load_config_data
-from mirror.replication.engine import REPLICATION, ReplicationEngine, next_run_at
+from mirror.replication.engine import ReplicationEngine, next_run_at
+from mirror.replication.hosting import REPLICATION
 from mirror.replication.planner import select_tags
 from mirror.replication.rules import TagFilter
 from mirror.replication.status import RuleState

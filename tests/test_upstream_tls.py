@@ -10,10 +10,12 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from tests.fake_upstream import FakeUpstream, Fault, upstream_config
 from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, fills_settled, metric_value, metrics_text
+from tests.support.fixtures import MirrorFactory
 from tests.support.mux import ProtocolMux
 from tests.support.tls import PrivateCA, make_private_ca
 
@@ -144,3 +146,28 @@ async def test_a_same_host_redirect_from_https_to_http_carries_no_credentials(
         assert sent and all(auth.startswith("Bearer ") for auth in sent)
     else:
         assert sent == {"Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+async def test_an_upstream_without_ca_file_is_trusted_through_the_system_cas_by_both_transports(
+    aiohttp_server, mirror_factory: MirrorFactory, private_ca: PrivateCA, tmp_path: Path
+) -> None:
+    # No TLS context is made at start-up for such an upstream (aiohttp's default one serves requests, the
+    # blob transport makes its own at its first https connection): both must still trust what the
+    # system trusts, here the private CA through SSL_CERT_FILE, as a container's CA bundle would.
+    fake = FakeUpstream(require_token=True)
+    layer = os.urandom(2 * MiB)
+    _, manifest = fake.add_image("library/app", "1", [layer])
+    digest = fake.add_blob(layer)
+    url = await _tls_upstream(aiohttp_server, fake, private_ca)
+    mirror = mirror_factory(
+        {"storage": {"path": str(tmp_path / "data")}, "upstreams": [upstream_config(url, library_prefix=True)]},
+        env={**os.environ, "SSL_CERT_FILE": str(private_ca.ca_file)},
+    )
+    async with aiohttp.ClientSession(base_url=mirror.url) as session:
+        async with session.get("/v2/app/manifests/1") as response:
+            assert response.status == 200
+            assert await response.read() == manifest
+        async with session.get(f"/v2/app/blobs/{digest}") as response:
+            assert response.status == 200
+            assert await response.read() == layer
+    assert fake.count("GET", digest) == 1

@@ -44,20 +44,25 @@ async def get_blob(request: web.Request, params: Params) -> web.StreamResponse:
     with request.app[CACHE].serving(digest):
         body = await target.registry.open_blob(target.repo, digest)
         if isinstance(body, BlobFile):
-            # The Range is judged here, by the same rules as for streamed blobs; FileResponse (sendfile,
-            # HEAD, conditional requests) sees it only in the canonical form it agrees with, or not at all.
-            byte_range = requested_range(request, body.digest, body.size)
-            response = _PreparedFileResponse(body.path, headers=blob_headers(digest))
-            try:
-                await response.prepare(_with_range(request, byte_range))
-            except ConnectionError:
-                # Only the client's socket is written here (sendfile raises before the transport even knows
-                # it is closed): the client left mid-body. Routine, it retries with Range; nothing to log.
-                note_client_closed(request)
-            return response
+            return await send_blob_file(request, body)
         if isinstance(body, BlobInBackend):
             return await serve_from_backend(request, body)
         return await stream_blob(request, body)
+
+
+async def send_blob_file(request: web.Request, body: BlobFile) -> web.StreamResponse:
+    """A stored blob with sendfile (the caller holds its in-use mark until this returns)."""
+    # The Range is judged here, by the same rules as for streamed blobs; FileResponse (sendfile,
+    # HEAD, conditional requests) sees it only in the canonical form it agrees with, or not at all.
+    byte_range = requested_range(request, body.digest, body.size)
+    response = _PreparedFileResponse(body.path, headers=blob_headers(body.digest))
+    try:
+        await response.prepare(_with_range(request, byte_range))
+    except ConnectionError:
+        # Only the client's socket is written here (sendfile raises before the transport even knows
+        # it is closed): the client left mid-body. Routine, it retries with Range; nothing to log.
+        note_client_closed(request)
+    return response
 
 
 async def serve_from_backend(request: web.Request, body: BlobInBackend) -> web.StreamResponse:

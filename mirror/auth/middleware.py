@@ -42,6 +42,7 @@ from mirror.errors import (
 )
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.names import validate_name
+from mirror.proxy.peers import PEER_FILL_PREFIX
 from mirror.routing import Target
 from mirror.state import ROUTER
 
@@ -246,7 +247,8 @@ class AccessControl:
             # The status page is open to all, so it names only what anyone may pull.
             policy = self.policy
             request[LISTING_FILTER] = lambda name: PULL in policy.allowed(ANONYMOUS, name, mirrored=True)
-        if path in EXEMPT_PATHS or path == TOKEN_PATH:
+        if path in EXEMPT_PATHS or path == TOKEN_PATH or path.startswith(PEER_FILL_PREFIX):
+            # The peer endpoint checks the cluster secret itself; a client's credentials are no business of it.
             return await handler(request)
         caller = await self.identify(request)
         request["identity"] = caller.identity

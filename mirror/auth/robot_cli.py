@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 from mirror.auth.settings import ROBOT_PREFIX
-from mirror.auth.users import create_robot
 from mirror.config import Config, ConfigError, parse_duration
 
 _ROBOT_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_.")
@@ -55,6 +54,8 @@ def run_robot_command(args: argparse.Namespace, config: Config) -> int:
         except ConfigError as exc:
             print(f"mirror: {exc}", file=sys.stderr)
             return 2
+    from mirror.auth.users import create_robot  # here: bcrypt is loaded only by the command that hashes
+
     secret = create_robot(path, name, args.group, expires)
     print(f"username: {ROBOT_PREFIX}{name}")
     print(f"secret:   {secret}")

@@ -12,4 +12,9 @@ def open_coordinator(cluster: ClusterConfig | None) -> Coordinator:
         return LocalCoordinator()
     from mirror.coordination.redis import RedisCoordinator  # redis-py is needed only by a cluster
 
-    return RedisCoordinator(cluster.redis, prefix=cluster.prefix, display_url=cluster.redis_display)
+    # A node that shares its fills is named by its advertised address: the holder of a fill lease is
+    # then where the other nodes stream that fill from.
+    return RedisCoordinator(
+        cluster.redis, prefix=cluster.prefix, display_url=cluster.redis_display, node=cluster.advertise,
+        lease_ttl=cluster.lease_ttl, heartbeat=cluster.lease_ttl / 3,
+    )

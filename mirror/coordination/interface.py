@@ -103,6 +103,12 @@ class Coordinator(Protocol):
         """Extend by `lease.ttl` if `lease.token` still holds it (compare-and-set); False = lost."""
         ...
 
+    async def break_fill(self, upstream: str, digest: str, holder: str) -> bool:
+        """Delete the fill lease if `holder` holds it (compare-and-delete on the holder, not a token): for a
+        node that knows that holder is dead — its own previous process, restarted under the same name.
+        The fill's progress is kept, so the next acquire_fill is a take-over."""
+        ...
+
     async def release(self, lease: Lease) -> bool:
         """Delete if `lease.token` still holds it (compare-and-delete); False = it was no longer ours."""
         ...

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import itertools
 import os
 import secrets
 import socket
@@ -29,6 +28,7 @@ from mirror.coordination.interface import (
     fill_key,
 )
 from mirror.coordination.wakeups import Wakeups
+from mirror.ttlmap import TtlMap
 
 # A finished fill's progress stays readable this long, so a follower woken by "done" still reads it.
 PROGRESS_RETENTION = 60.0
@@ -45,37 +45,6 @@ class _Held:
     expires_at: float  # time.monotonic()
 
 
-class _TtlMap:
-    """Values with an expiry; expired ones are dropped when read, and a few at a time on every write."""
-
-    def __init__(self) -> None:
-        self._values: dict[str, tuple[str, float]] = {}
-        self._expiries: list[tuple[float, int, str]] = []
-        self._order = itertools.count()
-
-    def set(self, key: str, value: str, ttl: float) -> None:
-        now = time.monotonic()
-        expires_at = now + ttl
-        self._values[key] = (value, expires_at)
-        heapq.heappush(self._expiries, (expires_at, next(self._order), key))
-        for _ in range(2):  # two out per one in: the heap never outgrows the live entries by much
-            if not self._expiries or self._expiries[0][0] > now:
-                break
-            _, _, old = heapq.heappop(self._expiries)
-            entry = self._values.get(old)
-            if entry is not None and entry[1] <= now:
-                del self._values[old]
-
-    def get(self, key: str) -> str | None:
-        entry = self._values.get(key)
-        if entry is None:
-            return None
-        if entry[1] <= time.monotonic():
-            del self._values[key]
-            return None
-        return entry[0]
-
-
 class LocalCoordinator:
     def __init__(self, node: str | None = None, *, lease_ttl: float = DEFAULT_LEASE_TTL) -> None:
         self.node = node or default_node_name()
@@ -87,8 +56,8 @@ class LocalCoordinator:
         self._in_use: Counter[str] = Counter()
         self._lru: dict[str, tuple[int, float]] = {}
         self._lru_bytes = 0
-        self._tags = _TtlMap()
-        self._tokens = _TtlMap()
+        self._tags = TtlMap()
+        self._tokens = TtlMap()
         self._budgets: dict[str, RateBudget] = {}
         self._rule_locks: dict[str, asyncio.Lock] = {}
 
@@ -138,6 +107,14 @@ class LocalCoordinator:
         if held is None or held.token != lease.token:
             return False
         held.expires_at = time.monotonic() + lease.ttl
+        return True
+
+    async def break_fill(self, upstream: str, digest: str, holder: str) -> bool:
+        key = fill_key(upstream, digest)
+        held = self._live(key)
+        if held is None or held.holder != holder:
+            return False
+        del self._leases[key]
         return True
 
     async def release(self, lease: Lease) -> bool:

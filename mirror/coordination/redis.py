@@ -86,6 +86,14 @@ if KEYS[2] then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 return 1
 """
 
+# KEYS: lease. ARGV: "<holder>:" (tokens are "<holder>:<hex>"; the hex part has no colon).
+_BREAK = """
+local token = redis.call('GET', KEYS[1])
+if not token or string.sub(token, 1, #ARGV[1]) ~= ARGV[1] then return 0 end
+if string.find(string.sub(token, #ARGV[1] + 1), ':', 1, true) then return 0 end
+return redis.call('DEL', KEYS[1])
+"""
+
 _RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 return redis.call('DEL', KEYS[1])
@@ -187,6 +195,7 @@ class RedisCoordinator:
             name: self.redis.register_script(body)
             for name, body in {
                 "acquire": _ACQUIRE, "acquire_fill": _ACQUIRE_FILL, "renew": _RENEW, "release": _RELEASE,
+                "break": _BREAK,
                 "publish": _PUBLISH, "read_progress": _READ_PROGRESS, "touch": _TOUCH, "remove": _REMOVE,
                 "observe": _OBSERVE, "spend": _SPEND, "block": _BLOCK,
             }.items()
@@ -291,6 +300,9 @@ class RedisCoordinator:
             keys.append(self._k("progress", lease.key))
         args = [lease.token, int(lease.ttl * 1000), self._retention_ms(lease.ttl)]
         return bool(await self._run("renew", keys, args))
+
+    async def break_fill(self, upstream: str, digest: str, holder: str) -> bool:
+        return bool(await self._run("break", [self._k("lease", fill_key(upstream, digest))], [f"{holder}:"]))
 
     async def release(self, lease: Lease) -> bool:
         return bool(await self._run("release", [self._k("lease", lease.key)], [lease.token]))

@@ -31,6 +31,8 @@ STREAMED_FROM_UPSTREAM = frozenset({"miss", "joined", "prefetched"})
 @dataclass(slots=True)
 class RequestNote:
     cache: str | None = None  # hit, miss, joined, stale, revalidated
+    # Body bytes of a blob sent with sendfile, which aiohttp's own count (`body_length`) never sees.
+    blob_bytes: int | None = None
 
 
 _CURRENT_NOTE: contextvars.ContextVar[RequestNote | None] = contextvars.ContextVar("mirror_request_note", default=None)
@@ -104,7 +106,8 @@ async def observe_requests(request: web.Request, handler: Handler) -> web.Stream
         transport = request.transport
         if transport is not None and not transport.is_closing():
             source = "local" if upstream is None else "upstream" if note.cache in STREAMED_FROM_UPSTREAM else "cache"
-            metrics.served_bytes.labels(source).inc(response.content_length or 0)
+            note.blob_bytes = response.content_length or 0
+            metrics.served_bytes.labels(source).inc(note.blob_bytes)
     return response
 
 
@@ -122,7 +125,7 @@ class RequestLogger(AbstractAccessLogger):
             "route": endpoint,
             "repository": repository,
             "status": response.status,
-            "bytes": response.body_length,
+            "bytes": note.blob_bytes if note and note.blob_bytes is not None else response.body_length,
             "duration_ms": round(time * 1000, 2),
             "cache": note.cache if note else None,
             "upstream": request.get("upstream"),

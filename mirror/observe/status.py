@@ -21,7 +21,7 @@ from mirror import __version__
 from mirror.api.common import LISTING_FILTER
 from mirror.observe.health import HealthChecks
 from mirror.observe.requests import PULL_STATS, PullStats
-from mirror.replication.engine import REPLICATION
+from mirror.replication.hosting import REPLICATION
 from mirror.state import CACHE, CONFIG, METRICS, ROUTER
 
 HIT_RESULTS = ("hit", "revalidated")

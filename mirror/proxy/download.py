@@ -31,17 +31,22 @@ class BodyDownload:
     """One response body on its way to `fd` and `hasher`. `on_written` runs in the event loop."""
 
     def __init__(self, response: BlockingResponse, fd: int, hasher: hashlib._Hash,
-                 on_written: Callable[[int], None], *, upstream: str, size: int | None = None) -> None:
+                 on_written: Callable[[int], None], *, upstream: str, size: int | None = None,
+                 start: int = 0, skip: int = 0) -> None:
+        """`start`: bytes of the blob already in the file and the hash (a resumed fill: this response
+        continues there); `skip`: body bytes to drop first (a source that ignored the Range asked for)."""
         self._response = response
-        # How many bytes the body must have: its Content-Length or, without one, the size the blob's
+        # How many bytes the blob must have: its Content-Length or, without one, the size the blob's
         # descriptor gave. None: whatever arrives (the digest check still decides).
-        self._size = size if size is not None else response.content_length
+        length = response.content_length
+        self._size = size if size is not None else (None if length is None else start + length - skip)
         self._fd = fd
         self._hasher = hasher
         self._on_written = on_written
         self._upstream = upstream
-        self.received = 0
-        self._reported = 0
+        self._skip = skip
+        self.received = start
+        self._reported = start
         self._report_scheduled = False
         self._pieces: queue.Queue[tuple[bytearray, int] | None] = queue.Queue(QUEUE_PIECES)
         self._free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()  # hashed, ready to be filled again
@@ -87,6 +92,7 @@ class BodyDownload:
     def _receive(self, loop: asyncio.AbstractEventLoop) -> None:
         try:
             expected = self._size
+            self._discard(self._skip)
             while True:
                 buffer = self._buffer()
                 try:
@@ -118,6 +124,18 @@ class BodyDownload:
             self._error = exc
         finally:
             self._pieces.put(None)
+
+    def _discard(self, count: int) -> None:
+        """Read and drop `count` body bytes (never written, never hashed)."""
+        scratch = bytearray(min(count, PIECE_BYTES)) if count else bytearray()
+        while count > 0:
+            try:
+                got = self._response.readinto(memoryview(scratch)[:min(count, len(scratch))])
+            except Exception as exc:  # noqa: BLE001 - a broken stream, as in _receive
+                raise UpstreamUnavailable(f"upstream {self._upstream} stream broke: {type(exc).__name__}") from exc
+            if not got or self._aborted:
+                raise UpstreamUnavailable(f"upstream {self._upstream} stream ended before the resumed offset")
+            count -= got
 
     def _hash(self) -> None:
         # Drains the queue to the end whatever happens: a receiver blocked on a full queue must never hang.

@@ -47,6 +47,7 @@ from mirror.oci.names import is_valid_tag, validate_tag
 from mirror.proxy.download import BodyDownload
 from mirror.proxy.fills import Fill, FillManager
 from mirror.proxy.memo import ExpectedSizes, ManifestMemo
+from mirror.proxy.peers import ClusterFills, ClusterSource
 from mirror.proxy.singleflight import SingleFlight
 from mirror.storage.blobs import BlobStore, StoredBlob
 from mirror.storage.interface import BlobBody, BlobFile, BlobInfo, Manifest, ManifestInfo, Registry
@@ -111,6 +112,7 @@ class ProxyRegistry(Registry):
         tag_ttl: float,
         manifest_limit: int,
         read_only_message: str,
+        peers: ClusterFills | None = None,
     ) -> None:
         self.client = client
         self.name = client.name
@@ -122,6 +124,8 @@ class ProxyRegistry(Registry):
         self.tag_ttl = tag_ttl
         self.manifest_limit = manifest_limit
         self.read_only_message = read_only_message
+        # Set on a cluster node that shares fills: misses go through the fill lease (mirror/proxy/peers.py).
+        self.peers = peers
         # Told of every finished download (the status page's "recent fills"); the app sets it.
         self.on_fill: Callable[[FillRecord], None] | None = None
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
@@ -235,41 +239,80 @@ class ProxyRegistry(Registry):
             fill.begin(stored.size, read_fd)
             await fill.commit(stored.path)
             return
-        response = await self.client.open_blocking(
-            "GET", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo)
-        )
+        if self.peers is not None:
+            await self._download_in_cluster(fill, repo, digest, expected, linked=linked)
+            return
+        response = await self._open_upstream_blob(repo, digest, {})
         try:
-            if response.status in (401, 403, 404):
-                raise BlobUnknown(f"upstream {self.name} has no blob {digest} in {repo}")
-            if response.status != 200:
-                raise UpstreamUnavailable(f"upstream {self.name} answered blob GET with {response.status}")
-            self._check_size(digest, response.content_length, expected)
-            # Without a Content-Length, the descriptor's size lets clients be answered (and streamed to)
-            # at once; the body must then have exactly that many bytes.
-            size = response.content_length if response.content_length is not None else expected
-            # Room is made (and these bytes counted as on their way) before the fill answers; the count
-            # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
-            # A blob larger than the whole cache bound is streamed through without being kept: caching
-            # it would mean evicting everything else and still exceeding storage.max_size.
-            if _unclaimed_prefetch(fill):
-                # A prefetch evicts nothing (should_keep may): it fits as things are, or it is skipped. No
-                # await from here into incoming(): the check holds when the bytes are counted.
-                if not self._prefetch_fits(size):
-                    raise PrefetchSkipped(f"no room to prefetch {digest} within the cache bound")
-                keep = True
-            else:
-                keep = await self.cache.should_keep(digest, size)
-            async with self.cache.incoming(size or 0 if keep else 0):
-                await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep)
+            await self._fill_from(fill, response, repo, digest, expected, None)
         finally:
             response.release()
 
+    async def _open_upstream_blob(self, repo: str, digest: Digest, headers: dict[str, str]) -> BlockingResponse:
+        return await self.client.open_blocking(
+            "GET", f"/v2/{repo}/blobs/{digest}", scope=self.client.scope_for(repo), headers=headers or None
+        )
+
+    async def _download_in_cluster(
+        self, fill: Fill, repo: str, digest: Digest, expected: int | None, *, linked: bool
+    ) -> None:
+        """The fill as one node of a cluster: download it under the fill lease, or stream it from the node
+        that holds the lease (mirror/proxy/peers.py), taking over if that node dies."""
+        assert self.peers is not None
+
+        async def vouch() -> None:
+            if await self._upstream_has_blob(repo, digest) is None:
+                raise BlobUnknown(detail={"digest": str(digest)})
+
+        source = self.peers.source(
+            self.name, digest, open_upstream=functools.partial(self._open_upstream_blob, repo, digest), vouch=vouch
+        )
+        error: BaseException | None = None
+        try:
+            response = await source.first(linked=linked)
+            await self._fill_from(fill, response, repo, digest, expected, source)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await source.finish(error)
+
+    async def _fill_from(
+        self, fill: Fill, response: BlockingResponse, repo: str, digest: Digest, expected: int | None,
+        source: ClusterSource | None,
+    ) -> None:
+        """Judge the first response of a fill and stream it into the store (see _download)."""
+        if response.status in (401, 403, 404):
+            raise BlobUnknown(f"upstream {self.name} has no blob {digest} in {repo}")
+        if response.status != 200:
+            raise UpstreamUnavailable(f"upstream {self.name} answered blob GET with {response.status}")
+        self._check_size(digest, response.content_length, expected)
+        # Without a Content-Length, the descriptor's size lets clients be answered (and streamed to)
+        # at once; the body must then have exactly that many bytes.
+        size = response.content_length if response.content_length is not None else expected
+        # Room is made (and these bytes counted as on their way) before the fill answers; the count
+        # lasts until the blob is held or the fill failed, so concurrent fills cannot overshoot the bound.
+        # A blob larger than the whole cache bound is streamed through without being kept: caching
+        # it would mean evicting everything else and still exceeding storage.max_size.
+        if _unclaimed_prefetch(fill):
+            # A prefetch evicts nothing (should_keep may): it fits as things are, or it is skipped. No
+            # await from here into incoming(): the check holds when the bytes are counted.
+            if not self._prefetch_fits(size):
+                raise PrefetchSkipped(f"no room to prefetch {digest} within the cache bound")
+            keep = True
+        else:
+            keep = await self.cache.should_keep(digest, size)
+        async with self.cache.incoming(size or 0 if keep else 0):
+            await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep, source=source)
+
     async def _stream_to_store(
         self, fill: Fill, response: BlockingResponse, repo: str, digest: Digest, *, size: int | None,
-        keep: bool = True,
+        keep: bool = True, source: ClusterSource | None = None,
     ) -> None:
         """Receive the body (exactly `size` bytes when known) into a temp file while readers follow it;
-        verify, then commit it (or, with `keep` false, only let the readers finish)."""
+        verify, then commit it (or, with `keep` false, only let the readers finish). With a cluster
+        `source`, a body that breaks off is continued from wherever the source finds the rest (another
+        node, or the upstream with Range) into the same file and hash."""
         started = time.perf_counter()
         temp = self.blobs.new_temp_path()
         write_fd, read_fd = await asyncio.to_thread(_open_pair, temp)
@@ -282,13 +325,26 @@ class ProxyRegistry(Registry):
                 fill.begin(size, read_fd)
             upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
 
-            def on_written(size: int) -> None:  # bytes are on disk: readers may move on
+            def advance(size: int) -> None:  # bytes are on disk: readers may move on
                 upstream_bytes.inc(size - fill.written)
                 fill.advance(size)
 
-            received = await BodyDownload(
-                response, write_fd, hasher, on_written, upstream=self.name, size=size
-            ).run()
+            on_written = advance if source is None else self._cluster_progress(fill, source)
+
+            if source is not None:
+                source.begin(size)
+            body = BodyDownload(response, write_fd, hasher, on_written, upstream=self.name, size=size)
+            while True:
+                try:
+                    received = await body.run()
+                    break
+                except UpstreamUnavailable:
+                    resumed = await source.resume(body.received) if source is not None and size else None
+                    if resumed is None:
+                        raise
+                    next_response, skip = resumed
+                    body = BodyDownload(next_response, write_fd, hasher, on_written, upstream=self.name, size=size,
+                                        start=body.received, skip=skip)
             actual = hasher.hexdigest()
             if actual != digest.hex:
                 self.metrics.upstream_errors.labels(self.name, "digest_mismatch").inc()
@@ -327,6 +383,18 @@ class ProxyRegistry(Registry):
                 result = "invalid" if isinstance(exc, UpstreamInvalid) else "failed"
                 self._fill_finished(repo, digest, fill.written, started, result)
             raise
+
+    def _cluster_progress(self, fill: Fill, source: ClusterSource) -> Callable[[int], None]:
+        """on_written for a cluster fill: bytes from a peer are counted as such, and the owner publishes."""
+        upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
+        peer_bytes = self.metrics.cluster_peer_bytes.labels(self.name)
+
+        def on_written(size: int) -> None:
+            (peer_bytes if source.from_peer else upstream_bytes).inc(size - fill.written)
+            fill.advance(size)
+            source.written(size)
+
+        return on_written
 
     def _fill_finished(self, repo: str, digest: Digest, size: int, started: float, result: str) -> None:
         self.metrics.fills.labels(self.name, result).inc()

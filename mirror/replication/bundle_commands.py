@@ -6,35 +6,12 @@ import argparse
 import asyncio
 import logging
 import sys
-from pathlib import Path
 
 from mirror.config import Config, ConfigError, parse_size
 from mirror.errors import RegistryError
 from mirror.replication.bundles import BundleError, app_target, export_bundle, import_bundles, rule_images
 from mirror.replication.standalone import open_app
 from mirror.state import ROUTER
-
-
-def add_export_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="*", metavar="IMAGE",
-                        help="images as clients name them: alpine:3.20, docker.io/library/alpine:3.20, team/app:1")
-    parser.add_argument("--rule", help="export what the replication rule NAME selects")
-    parser.add_argument("--to", required=True, type=Path, help="a new folder, or FILE.tar for an archive")
-    parser.add_argument("--since", type=Path,
-                        help="an earlier bundle (or its mirror-bundle.json): leave out what it carried")
-    parser.add_argument("--split", help="cut the archive into pieces of this size (e.g. 4GB)")
-    parser.add_argument("--platform", action="append", dest="platforms",
-                        help="keep only this platform of multi-platform images (repeatable; default all)")
-    parser.add_argument("--no-referrers", action="store_true", help="leave out signatures, SBOMs, attestations")
-    parser.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
-
-
-def add_import_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("bundles", nargs="+", type=Path, metavar="BUNDLE",
-                        help="bundle folders, archives or pieces (bases before or after their deltas)")
-    parser.add_argument("--repository",
-                        help="repository for images a layout names by bare tag only (e.g. skopeo's oci:DIR:1)")
-    parser.add_argument("--config", type=Path, help="YAML config file (embedded defaults without it)")
 
 
 def _human(size: float) -> str:

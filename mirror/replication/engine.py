@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
 import logging
-import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -53,6 +49,7 @@ from mirror.replication.destinations import (
 from mirror.replication.gate import Pause, RateGate
 from mirror.replication.planner import Job, Plan, Target, make_plan, select_tags
 from mirror.replication.rules import ARCHIVE, OCI_LAYOUT, REGISTRY, Rule
+from mirror.replication.serve_lock import FileLock, take_serve_lock
 from mirror.replication.status import RuleState, load_state_sync, rule_dir, save_state_sync
 from mirror.replication.throttle import Bucket, ThrottledRegistry
 from mirror.state import CONFIG, COORDINATOR, METRICS, ROUTER
@@ -65,7 +62,6 @@ IMAGE_CONCURRENCY = 8  # images of one rule copied at once (an unchanged one cos
 BLOB_CONCURRENCY = 8  # blobs of one run in flight at once, all its images together
 RETRY_ATTEMPTS = 3
 MAX_RATE_LIMIT_WAITS = 5  # 429s tolerated per image before it counts as failed
-SERVE_LOCK = "serve.lock"
 
 
 class Progress(Protocol):
@@ -135,46 +131,6 @@ def next_run_at(rule: Rule, state: RuleState, now: float, rng: random.Random) ->
     return None
 
 
-class _FileLock:
-    """An exclusive flock on a file: held by one process at a time, released when the process dies."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._handle: IO[str] | None = None
-
-    def try_acquire(self) -> bool:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            handle.close()
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                return False
-            raise
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._handle = handle
-        return True
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None
-
-
-def serve_lock_held(data_dir: Path) -> bool:
-    """True when a `mirror serve` runs replication on this data directory right now."""
-    lock = _FileLock(data_dir / "replication" / SERVE_LOCK)
-    if lock.try_acquire():
-        lock.release()
-        return False
-    return True
-
-
 class ReplicationEngine:
     def __init__(
         self,
@@ -205,7 +161,7 @@ class ReplicationEngine:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._kept = contextlib.AsyncExitStack()  # what outlives a run: registry destinations' sessions
         self._kept_destinations: dict[tuple[str, str], Registry] = {}
-        self._serve_lock: _FileLock | None = None
+        self._serve_lock: FileLock | None = None
         self._rng = random.Random()
         self.scheduling = False
 
@@ -226,9 +182,8 @@ class ReplicationEngine:
     async def start_schedules(self) -> None:
         """Run the rules on their schedules (mirror serve); at most one server per data directory does."""
         # Taken even without rules: `mirror sync` learns from it that a server owns this data directory.
-        lock = _FileLock(self.root / SERVE_LOCK)
-        if not await asyncio.to_thread(lock.try_acquire):
-            log.error("another mirror serve runs replication on %s: this one does not schedule rules", self.root)
+        lock = await take_serve_lock(self.app[CONFIG].storage.path)
+        if lock is None:
             return
         self._serve_lock = lock
         self.scheduling = True
@@ -348,7 +303,7 @@ class ReplicationEngine:
 
     @contextlib.asynccontextmanager
     async def _rule_file_lock(self, name: str) -> AsyncIterator[None]:
-        lock = _FileLock(rule_dir(self.root, name) / "run.lock")
+        lock = FileLock(rule_dir(self.root, name) / "run.lock")
         waited = False
         while not await asyncio.to_thread(lock.try_acquire):
             if not waited:
@@ -652,21 +607,3 @@ def _copy(value: Any) -> Any:
 
 def _safe(key: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in key)[:120]
-
-
-REPLICATION: web.AppKey[ReplicationEngine] = web.AppKey("replication")
-RUN_SCHEDULES: web.AppKey[bool] = web.AppKey("replication_schedules")
-
-
-async def replication_context(app: web.Application) -> AsyncIterator[None]:
-    """The app-owned engine: rules' state loaded, schedules running (unless the app is a command's, see
-    mirror/replication/standalone.py), everything stopped on exit."""
-    engine = ReplicationEngine(app)
-    await engine.load()
-    app[REPLICATION] = engine
-    if app.get(RUN_SCHEDULES, True):
-        await engine.start_schedules()
-    try:
-        yield
-    finally:
-        await engine.close()

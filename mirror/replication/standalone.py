@@ -12,7 +12,7 @@ from aiohttp import web
 
 from mirror.app import create_app
 from mirror.config import Config
-from mirror.replication.engine import RUN_SCHEDULES
+from mirror.replication.hosting import RUN_SCHEDULES
 
 
 @contextlib.asynccontextmanager

@@ -25,7 +25,9 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedCo
 from rich.table import Table
 
 from mirror.config import Config
-from mirror.replication.engine import REPLICATION, RunReport, serve_lock_held
+from mirror.replication.engine import RunReport
+from mirror.replication.hosting import REPLICATION
+from mirror.replication.serve_lock import serve_lock_held
 
 
 class _Bars:

@@ -142,7 +142,8 @@ class BlockingPool:
         self.user_agent = user_agent
         self.timeout = timeout
         self.max_connections = max_connections
-        self._tls = tls or ssl.create_default_context()
+        self._tls = tls  # None: the system's CAs, loaded by the first https connection (see _tls_context)
+        self._tls_loading = threading.Lock()
         self._idle: dict[_HostKey, list[tuple[http.client.HTTPConnection, float]]] = {}
         self._open: set[http.client.HTTPConnection] = set()  # busy or idle; at most max_connections
         self._lock = threading.Lock()
@@ -213,11 +214,19 @@ class BlockingPool:
         scheme, host, port = key
         fresh: http.client.HTTPConnection  # not connected until its first request
         if scheme == "https":
-            fresh = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls)
+            fresh = http.client.HTTPSConnection(host, port, timeout=self.timeout, context=self._tls_context())
         else:
             fresh = http.client.HTTPConnection(host, port, timeout=self.timeout)
         self._admit(fresh)
         return fresh, False
+
+    def _tls_context(self) -> ssl.SSLContext:
+        """Made in the thread that opens the first https connection, not at start-up: an upstream reached
+        over plain http never needs it, and one over https pays the ~60 ms off the event loop."""
+        with self._tls_loading:
+            if self._tls is None:
+                self._tls = ssl.create_default_context()
+            return self._tls
 
     def _admit(self, connection: http.client.HTTPConnection) -> None:
         """Count a new connection as open once there is room: an idle one (to any host) is closed to

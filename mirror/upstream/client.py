@@ -21,11 +21,10 @@ import re
 import ssl
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
-from aiocache import SimpleMemoryCache
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -40,6 +39,9 @@ from mirror.metrics import Metrics
 from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, origin_of, parse_challenge
 from mirror.upstream.blocking import BlockingPool, BlockingResponse
 from mirror.upstream.ratelimit import RateLimitReading
+
+if TYPE_CHECKING:
+    from aiocache import SimpleMemoryCache
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +121,13 @@ def _size_text(limit: int) -> str:
     return f"{limit >> 20} MiB" if limit >= 1 << 20 and limit % (1 << 20) == 0 else f"{limit} bytes"
 
 
-def tls_context(config: UpstreamConfig) -> ssl.SSLContext:
-    """What to trust for this upstream's certificates: its `ca_file`, or the system's CAs. One context
-    serves both transports (aiohttp for requests, BlockingPool for blob bodies), so they agree."""
-    return ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+def tls_context(config: UpstreamConfig) -> ssl.SSLContext | None:
+    """What to trust for this upstream's certificates: a context of its `ca_file`, which serves both
+    transports (aiohttp for requests, BlockingPool for blob bodies) so they agree; or None: the system's
+    CAs, which aiohttp's default context (made when aiohttp is imported) and BlockingPool's (made at its
+    first https connection) trust alike. Loading the system's bundle costs ~60 ms (OpenSSL 3 parses every
+    certificate): a server does not load it once more per upstream before it can listen."""
+    return ssl.create_default_context(cafile=str(config.ca_file)) if config.ca_file else None
 
 
 class UpstreamClient:
@@ -139,8 +144,10 @@ class UpstreamClient:
         self.session = session
         self.metrics = metrics
         self.policy = RealmPolicy(config.url, config.auth_hosts)
-        # Tokens live for their `expires_in`; nothing about them needs to survive a restart.
-        self.tokens = SimpleMemoryCache()
+        # Tokens live for their `expires_in`; nothing about them needs to survive a restart. The cache is made
+        # with the first token: importing aiocache loads redis-py (0.1-0.4 s), which `serve` should not pay at
+        # start-up, nor ever for an upstream without a token server.
+        self._tokens: SimpleMemoryCache | None = None
         self._base = urlsplit(config.url)
         # One token request per scope at a time: concurrent requests that hit the same 401 (parallel layer
         # pulls, a token expiring under many clients) wait for the first one's token. One lock per scope
@@ -378,7 +385,7 @@ class UpstreamClient:
 
     async def _known_authorization(self, scope: str) -> str | None:
         """What to send before any challenge: a cached token for the scope, or Basic once it was asked for."""
-        token = await self.tokens.get(scope)
+        token = await self._tokens.get(scope) if self._tokens is not None else None
         if token:
             return str(token)
         credentials = self._basic_credentials()
@@ -400,7 +407,7 @@ class UpstreamClient:
             return None
         lock = self._token_locks.setdefault(scope, asyncio.Lock())
         async with lock:
-            current = await self.tokens.get(scope)
+            current = await self._tokens.get(scope) if self._tokens is not None else None
             if current and current != rejected:
                 return str(current)
             return await self._fetch_token(challenge, scope)
@@ -454,7 +461,11 @@ class UpstreamClient:
         lifetime = expires_in if isinstance(expires_in, int) and expires_in > 0 else TOKEN_DEFAULT_SECONDS
         authorization = f"Bearer {token}"
         # Renew a little early so a token never expires between our check and the upstream's.
-        await self.tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
+        if self._tokens is None:
+            from aiocache import SimpleMemoryCache
+
+            self._tokens = SimpleMemoryCache()
+        await self._tokens.set(scope, authorization, ttl=max(lifetime - 10, 1))
         return authorization
 
     def _basic_credentials(self) -> str | None:
