@@ -9,7 +9,9 @@ empty distribution registry as destination and measures:
 
 - the first run: every tag of every repository listed and copied;
 - a rerun with nothing changed: its wall time, and the requests it made at the source, counted in the
-  source's access log (manifest and blob GETs are what Docker Hub's rate limit and bandwidth bill).
+  source's access log (manifest and blob GETs are what Docker Hub's rate limit and bandwidth bill), and
+  at its destination; and the CPU seconds the tool, the source and its destination spent on it (on a
+  shared 2-core machine a rerun's wall time follows what the whole exchange costs in CPU).
 
 The mirror's side (`--via`):
 - `serve` (default): one rule per repository inside a running `mirror serve`, as production runs them;
@@ -29,6 +31,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -205,6 +208,48 @@ def _run_skopeo(source: DistributionRegistry, dest: DistributionRegistry, repos:
     return elapsed
 
 
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a running process has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's children that have ended (skopeo, a one-shot mirror)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _pid(registry: DistributionRegistry) -> int:
+    assert registry.proc is not None, "the registry is not running"
+    return registry.proc.pid
+
+
+class _CpuMeter:
+    """CPU seconds spent during one run by the tool and by each registry: on a machine where every
+    process competes for 2 cores, a run's wall time follows the CPU the whole exchange costs."""
+
+    def __init__(self, tool_pid: int | None, source: DistributionRegistry, dest: DistributionRegistry) -> None:
+        self.tool_pid, self.pids = tool_pid, {"source": _pid(source), "dest": _pid(dest)}
+
+    def __enter__(self) -> _CpuMeter:
+        self.start = self._read()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end = self._read()
+        self.used = {name: round(end[name] - self.start[name], 3) for name in end}
+
+    def _read(self) -> dict[str, float]:
+        tool = _process_cpu(self.tool_pid) if self.tool_pid is not None else _children_cpu()
+        return {"tool": tool, **{name: _process_cpu(pid) for name, pid in self.pids.items()}}
+
+
+def _dest_counts(requests: list[tuple[str, str, int]]) -> dict[str, int]:
+    return {"requests": len(requests), "heads": sum(1 for r in requests if r[0] == "HEAD"),
+            "gets": sum(1 for r in requests if r[0] == "GET")}
+
+
 def _source_counts(requests: list[tuple[str, str, int]]) -> dict[str, int]:
     reads = [r for r in requests if r[0] == "GET" and ("/manifests/" in r[1] or "/blobs/" in r[1])]
     return {"requests": len(requests), "manifest_blob_gets": len(reads),
@@ -226,6 +271,10 @@ class Round:
     mirror_rerun_inside_s: float
     sync_command_rerun_s: float  # serve only: `mirror sync` through the running server, process start-up included
     load_average: tuple[float, float, float]  # when the round ended
+    mirror_rerun_dest: dict[str, int]  # requests at each tool's own destination during the rerun
+    skopeo_rerun_dest: dict[str, int]
+    mirror_rerun_cpu: dict[str, float]  # CPU seconds during the rerun: the tool, the source, its destination
+    skopeo_rerun_cpu: dict[str, float]
 
 
 def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str, concurrency: int | None
@@ -250,13 +299,17 @@ def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: s
         skopeo_first = _run_skopeo(source, skopeo_dest, repos, workdir)
         skopeo_first_source = _source_counts(source.requests(mark))
         mark, dest_mark = source.log_mark(), mirror_dest.log_mark()
-        mirror_rerun, rerun_stats = run_mirror()
+        with _CpuMeter(serve.process.pid if serve is not None else None, source, mirror_dest) as mirror_cpu:
+            mirror_rerun, rerun_stats = run_mirror()
         mirror_rerun_source = _source_counts(source.requests(mark))
-        writes = [r for r in mirror_dest.requests(dest_mark) if r[0] in ("POST", "PATCH", "PUT", "DELETE")]
+        mirror_dest_requests = mirror_dest.requests(dest_mark)
+        writes = [r for r in mirror_dest_requests if r[0] in ("POST", "PATCH", "PUT", "DELETE")]
         assert not writes, f"the no-change rerun wrote at the destination: {writes[:5]}"
-        mark = source.log_mark()
-        skopeo_rerun = _run_skopeo(source, skopeo_dest, repos, workdir)
+        mark, dest_mark = source.log_mark(), skopeo_dest.log_mark()
+        with _CpuMeter(None, source, skopeo_dest) as skopeo_cpu:
+            skopeo_rerun = _run_skopeo(source, skopeo_dest, repos, workdir)
         skopeo_rerun_source = _source_counts(source.requests(mark))
+        skopeo_dest_requests = skopeo_dest.requests(dest_mark)
         if serve is not None:
             sync_command_rerun = serve.run_sync_command()
     finally:
@@ -267,7 +320,8 @@ def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: s
     return Round(mirror_first, skopeo_first, mirror_rerun, skopeo_rerun, mirror_rerun_source, skopeo_rerun_source,
                  mirror_first_source, skopeo_first_source, int(first_stats["images"]),  # type: ignore[call-overload]
                  float(first_stats["inside_s"]), float(rerun_stats["inside_s"]),  # type: ignore[arg-type]
-                 sync_command_rerun, os.getloadavg())
+                 sync_command_rerun, os.getloadavg(), _dest_counts(mirror_dest_requests),
+                 _dest_counts(skopeo_dest_requests), mirror_cpu.used, skopeo_cpu.used)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,8 +376,25 @@ def main(argv: list[str] | None = None) -> int:
                        ("rerun source HEADs", "heads")):
         print(f"{label:28} {last.mirror_rerun_source[key]:10d} {last.skopeo_rerun_source[key]:12d}"
               + ("           0" if key == "manifest_blob_gets" else ""))
+    for label, key in (("rerun destination requests", "requests"), ("rerun destination HEADs", "heads"),
+                       ("rerun destination GETs", "gets")):
+        print(f"{label:28} {last.mirror_rerun_dest[key]:10d} {last.skopeo_rerun_dest[key]:12d}")
     print(f"{'first run source requests':28} {last.mirror_first_source['requests']:10d} "
           f"{last.skopeo_first_source['requests']:12d}")
+
+    def median_cpu(name: str, part: str) -> float:
+        return statistics.median(getattr(r, name)[part] for r in rounds)
+
+    totals = []
+    for name in ("mirror_rerun_cpu", "skopeo_rerun_cpu"):
+        totals.append(statistics.median(sum(getattr(r, name).values()) for r in rounds))
+    print(f"{'rerun CPU s: the tool':28} {median_cpu('mirror_rerun_cpu', 'tool'):10.2f} "
+          f"{median_cpu('skopeo_rerun_cpu', 'tool'):12.2f}")
+    print(f"{'  the source registry':28} {median_cpu('mirror_rerun_cpu', 'source'):10.2f} "
+          f"{median_cpu('skopeo_rerun_cpu', 'source'):12.2f}")
+    print(f"{'  its destination registry':28} {median_cpu('mirror_rerun_cpu', 'dest'):10.2f} "
+          f"{median_cpu('skopeo_rerun_cpu', 'dest'):12.2f}")
+    print(f"{'  all three':28} {totals[0]:10.2f} {totals[1]:12.2f} {totals[0] / totals[1]:7.2f}")
     loads = ", ".join(" ".join(f"{x:.2f}" for x in r.load_average) for r in rounds)
     print(f"load average (1, 5, 15 min) at the end of each round: {loads}")
     if args.json:

@@ -290,6 +290,80 @@ def docker_pull(servers: list[Server], image_name: str, *, label: str = "5 docke
     ]
 
 
+_MANIFEST_TYPES = ", ".join((
+    "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.distribution.manifest.list.v2+json",
+    ACCEPT_MANIFEST, "application/vnd.oci.image.index.v1+json",
+))
+
+
+def _docker_like_pull(base_url: str, repo: str, tag: str) -> float:
+    """Docker's requests for a cold pull, without its unpacking: /v2/, HEAD the tag, GET the manifest by
+    digest, the config, then the layers three at a time in manifest order (dockerd's default
+    max-concurrent-downloads), each body read to its end. Returns the wall time."""
+    import http.client
+    import queue
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(base_url)
+
+    def request(connection: http.client.HTTPConnection, method: str, path: str) -> http.client.HTTPResponse:
+        connection.request(method, path, headers={"Accept": _MANIFEST_TYPES})
+        response = connection.getresponse()
+        while response.read(1 << 20):
+            pass
+        if response.status != 200:
+            raise RuntimeError(f"{method} {path}: HTTP {response.status}")
+        return response
+
+    started = time.perf_counter()
+    main = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
+    request(main, "GET", "/v2/")
+    digest = request(main, "HEAD", f"/v2/{repo}/manifests/{tag}").getheader("Docker-Content-Digest")
+    main.request("GET", f"/v2/{repo}/manifests/{digest}", headers={"Accept": _MANIFEST_TYPES})
+    manifest = json.loads(main.getresponse().read())
+    request(main, "GET", f"/v2/{repo}/blobs/{manifest['config']['digest']}")
+    layers: queue.Queue[str] = queue.Queue()
+    for layer in manifest["layers"]:
+        layers.put(layer["digest"])
+    failures: list[BaseException] = []
+
+    def worker() -> None:
+        connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=120)
+        try:
+            while True:
+                try:
+                    layer = layers.get_nowait()
+                except queue.Empty:
+                    return
+                request(connection, "GET", f"/v2/{repo}/blobs/{layer}")
+        except BaseException as exc:  # noqa: BLE001 - re-raised by the caller
+            failures.append(exc)
+
+    workers = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    if failures:
+        raise failures[0]
+    return time.perf_counter() - started
+
+
+def pull_requests(servers: list[Server], repo: str, tag: str, rounds: int, *, label: str,
+                  profile: str) -> list[Result]:
+    """A cold pull's requests as Docker makes them (_docker_like_pull) through a fresh server, alternating:
+    the registries' part of scenario 9, without dockerd's unpacking (which both pay alike, and which
+    dominates, and scatters, scenario 9's wall time on a loaded machine)."""
+    times: dict[str, list[float]] = {s.name: [] for s in servers}
+    for _ in range(rounds):
+        for server in servers:
+            server.reset()
+            times[server.name].append(_docker_like_pull(server.url, repo, tag))
+    return [Result(label, "cold wall time", "s", statistics.median(times["mirror"]), statistics.median(times["peer"]),
+                   False, None, {"samples_mirror_s": [round(v, 3) for v in times["mirror"]],
+                                 "samples_peer_s": [round(v, 3) for v in times["peer"]]}, profile)]
+
+
 # -- reporting -----------------------------------------------------------------------------------
 def print_table(results: list[Result], profiles: dict[str, str]) -> None:
     header = f"{'scenario':38} {'metric':26} {'mirror':>12} {'peer':>12} {'unit':>6} {'ratio':>7} {'target':>8}  ok"
@@ -361,7 +435,7 @@ def run_loopback(args: argparse.Namespace, work: Path) -> list[Result]:
 
 
 def run_at_distance(args: argparse.Namespace, work: Path, profile: Profile) -> list[Result]:
-    """Scenarios 7-9: the upstream serving TLS from a private CA, behind bench/shaper.py. The mirror
+    """Scenarios 7-10: the upstream serving TLS from a private CA, behind bench/shaper.py. The mirror
     trusts the CA with upstreams[].ca_file, the peer with SSL_CERT_FILE; both reach it through the proxy."""
     ca = make_private_ca(work / "ca")
     upstream = TlsDistribution(ca).start()
@@ -371,7 +445,8 @@ def run_at_distance(args: argparse.Namespace, work: Path, profile: Profile) -> l
         print(f"[{profile.name}] seeding the TLS upstream with a {args.wan_blob_mb} MB blob and a 10-layer image ...",
               flush=True)
         image = seed_big_image(upstream.url, work, args.wan_blob_mb, repo="bench/far", ca_file=ca.ca_file)
-        box = "" if "9" in args.skip else seed_runnable_image(upstream.host, work, tag="10", extra_layers=TEN_LAYERS)
+        pulls = "9" not in args.skip or "10" not in args.skip
+        box = seed_runnable_image(upstream.host, work, tag="10", extra_layers=TEN_LAYERS) if pulls else ""
         shaper = ShapingProxy("127.0.0.1", upstream.port, profile).start()
         far = f"https://{shaper.host}"
         servers = [MirrorServer(far, ca.ca_file, prefetch=not args.no_prefetch), PeerServer(far, ca.ca_file)]
@@ -383,6 +458,8 @@ def run_at_distance(args: argparse.Namespace, work: Path, profile: Profile) -> l
                                     rss_label=f"8 peak RSS {label}", target=None, profile=profile.name)),
             ("9", lambda: docker_pull(servers, box, label=f"9 docker pull, 10 layers {label}", cold_target=0.7,
                                       profile=profile.name, rounds=args.rounds)),
+            ("10", lambda: pull_requests(servers, "library/benchbox", "10", max(args.rounds, 5),
+                                         label=f"10 Docker's requests, 10 layers {label}", profile=profile.name)),
         ]
         results: list[Result] = []
         for number, step in steps:
@@ -406,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per scenario (1: quick look)")
     parser.add_argument("--clients", type=int, default=20, help="concurrent clients in the cold-miss scenarios")
     parser.add_argument("--profile", choices=("loopback", "wan", "both"), default="both",
-                        help="loopback: scenarios 1-6; wan: 7-9, the upstream behind TLS and bench/shaper.py")
+                        help="loopback: scenarios 1-6; wan: 7-10, the upstream behind TLS and bench/shaper.py")
     parser.add_argument("--rtt-ms", type=float, default=WAN.rtt * 1e3, help="round trip added by the shaper")
     parser.add_argument("--bandwidth-mbps", type=float, default=WAN.bandwidth / 1e6,
                         help="MB/s per connection through the shaper")

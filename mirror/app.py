@@ -42,7 +42,7 @@ from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
 from mirror.storage.uploads import UploadStore
-from mirror.upstream.client import USER_AGENT, UpstreamClient, tls_context
+from mirror.upstream.client import KEEPALIVE_SECONDS, USER_AGENT, UpstreamClient, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,10 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                 aiohttp.ClientSession(
                     auto_decompress=False,
                     read_bufsize=256 << 10,
-                    connector=aiohttp.TCPConnector(limit=64, ttl_dns_cache=300, ssl=tls if tls is not None else True),
+                    connector=aiohttp.TCPConnector(
+                        limit=64, ttl_dns_cache=300, ssl=tls if tls is not None else True,
+                        keepalive_timeout=KEEPALIVE_SECONDS,
+                    ),
                     headers={"User-Agent": USER_AGENT},
                 )
             )

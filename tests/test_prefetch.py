@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from mirror.state import ROUTER
 from tests.fake_upstream import OCI_MANIFEST, FakeUpstream, Fault, digest_of
 from tests.proxy_helpers import eventually, fills_settled, metric_value, metrics_text, start_mirror, temp_files
 from tests.test_disk_full import small_fs  # noqa: F401 - the fixture, used by name below
@@ -83,6 +84,33 @@ async def test_the_clients_blob_gets_join_the_running_prefetches(aiohttp_server,
     assert metric_value(text, "mirror_prefetch_claims_total", upstream="fake.io") == 2
     await fills_settled(client)
     assert (await prefetch_results(client))["ok"] == 3
+
+
+async def test_layers_are_on_their_way_while_the_manifest_is_still_being_stored(
+    aiohttp_server, make_registry, monkeypatch
+):
+    """Storing the manifest (a write, an fsync, index rows) does not hold the layer GETs back: at a
+    distance their round trips overlap it, and Docker's GET of the config, right after the manifest,
+    finds its fill running."""
+    fake = FakeUpstream()
+    _, manifest = fake.add_image("library/app", "1", [os.urandom(200_000), os.urandom(100_000)])
+    client, _ = await start_mirror(aiohttp_server, make_registry, fake, prefetch=True)
+    blobs = client.server.app[ROUTER].upstreams["fake.io"].registry.blobs
+    store_manifest = blobs.put_bytes
+    digests = layer_digests(manifest)
+
+    async def store_once_the_layers_are_asked_for(body: bytes, digest: Any) -> Any:
+        await eventually(lambda: all(blob_gets(fake, d) == 1 for d in digests), timeout=3.0,
+                         what="the layer GETs, while the manifest is being stored")
+        return await store_manifest(body, digest)
+
+    monkeypatch.setattr(blobs, "put_bytes", store_once_the_layers_are_asked_for)
+    async with client.get("/v2/app/manifests/1", headers=ACCEPT) as response:
+        assert response.status == 200
+        assert await response.read() == manifest
+    await fills_settled(client)
+    assert (await prefetch_results(client))["ok"] == len(digests)
+    assert all(blob_gets(fake, d) == 1 for d in digests)
 
 
 async def test_with_prefetch_off_a_manifest_get_fetches_no_blob(aiohttp_server, make_registry):

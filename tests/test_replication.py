@@ -429,6 +429,69 @@ async def test_at_most_the_bound_of_rules_run_at_once(aiohttp_client: Any, aioht
     assert [run.result().result for run in runs] == ["ok", "ok", "ok"]
 
 
+async def test_a_rule_with_nothing_to_copy_does_not_queue_behind_a_rule_that_copies(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    fake = FakeUpstream()
+    fake.add_image("library/slow", "1", [b"s" * (1 << 20)])
+    fake.add_image("library/done", "1", [b"d" * 4096])
+    server = await aiohttp_server(fake.app())
+    config = load_config_data({
+        "storage": {"path": str(tmp_path / "data")},
+        "upstreams": [{"name": "fake.io", "url": str(server.make_url("")).rstrip("/")}],
+        "replication": [{"name": repo, "source": f"fake.io/library/{repo}", "destinations": [{"local": f"copy/{repo}"}]}
+                        for repo in ("slow", "done")],
+    })
+    client = await aiohttp_client(create_app(config))
+    engine = ReplicationEngine(client.app, remote=upstream_source_factory(), max_concurrent=1)
+    await engine.load()
+    assert (await engine.run_rule("done")).copied == 1
+    fake.blob_delay = 0.2  # 16 pieces of 64 KiB: the slow rule holds the only slot for over 3 s
+    slow = asyncio.create_task(engine.run_rule("slow"))
+    await wait_for(lambda: engine.state("slow").result == "running", 5, "the slow rule to take the slot")
+    rerun = await asyncio.wait_for(engine.run_rule("done"), 2.5)  # it would wait for the slot: 3 s and more
+    assert (rerun.result, rerun.unchanged, rerun.copied) == ("ok", 1, 0)
+    assert not slow.done()
+    assert (await slow).copied == 1
+
+
+async def test_a_rerun_after_a_quiet_spell_reuses_the_connections_to_the_source(
+    aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Past aiohttp's default keep-alive (15 s) every request of a rerun would open a new connection
+    (over the internet: a TCP and a TLS handshake each)."""
+    fake = FakeUpstream()
+    fake.add_image("library/alpine", "3.20", [b"layer"])
+    fake.add_image("library/alpine", "3.21", [b"other layer"])
+    peers: list[tuple[str, object]] = []
+
+    @web.middleware
+    async def note_peer(request: web.Request, handler: Any) -> web.StreamResponse:
+        peers.append((request.path, request.transport.get_extra_info("peername") if request.transport else None))
+        return await handler(request)
+
+    app = fake.app()
+    app.middlewares.append(note_peer)
+    server = await aiohttp_server(app)
+    config = load_config_data({
+        "storage": {"path": str(tmp_path / "data")},
+        "upstreams": [{"name": "fake.io", "url": str(server.make_url("")).rstrip("/")}],
+        "replication": [{"name": "hub", "source": "fake.io/library/alpine",
+                         "destinations": [{"local": "copy/alpine"}]}],
+    })
+    client = await aiohttp_client(create_app(config))
+    engine = ReplicationEngine(client.app, remote=upstream_source_factory())
+    await engine.load()
+    assert (await engine.run_rule("hub")).copied == 2
+    first = {peer for _, peer in peers}
+    peers.clear()
+    await asyncio.sleep(16)
+    rerun = await engine.run_rule("hub")
+    assert (rerun.result, rerun.unchanged) == ("ok", 2)
+    assert peers and all(path.startswith("/v2/") for path, _ in peers)
+    assert {peer for _, peer in peers} <= first, "the rerun opened new connections to the source"
+
+
 async def test_an_interrupted_run_resumes_without_fetching_completed_blobs_again(
     aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path
 ) -> None:

@@ -170,8 +170,10 @@ async def test_mirror_sync_runs_rules_side_by_side_up_to_replication_concurrency
         return [(s["last_run_started"], s["last_run_finished"]) for s in states]
 
     for concurrency, overlap in ((2, True), (1, False)):
+        # Fresh destinations each time: the bound is on rules that copy (one found up to date takes no slot).
+        rules = [{**_rule(name), "destinations": [{"local": f"copy/{name}{concurrency}"}]} for name in ("a", "b")]
         config = {"listen": "127.0.0.1:1", "storage": {"path": str(data)}, "replication_concurrency": concurrency,
-                  "replication": [_rule("a"), _rule("b")]}
+                  "replication": rules}
         synced = _sync(_write(tmp_path / "sync.yml", config))
         assert synced.returncode == 0, synced.stderr + synced.stdout
         (a_start, a_end), (b_start, b_end) = intervals()

@@ -19,7 +19,7 @@ import pytest
 from mirror.state import ROUTER
 from mirror.upstream.blocking import BlockingPool
 from tests.fake_upstream import FakeUpstream, Fault
-from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, fills_settled, start_mirror
+from tests.proxy_helpers import assert_stopping_mid_download_is_prompt, eventually, fills_settled, start_mirror
 
 
 class TinyServer:
@@ -122,6 +122,47 @@ async def test_connections_to_an_upstream_are_capped_and_the_next_request_waits_
     finally:
         pool.close()
     assert pool.open_connections == 0
+
+
+@pytest.mark.parametrize("tiny_server", [False], indirect=True)
+async def test_connections_opened_ahead_carry_the_blob_requests_that_follow(tiny_server: TinyServer) -> None:
+    """A cold pull's blob GETs at distance: their connections are set up while the manifest is on its
+    way, so the GETs that follow it open none of their own (no TCP and TLS round trips after it)."""
+    pool = BlockingPool(user_agent="test", timeout=5, max_connections=4)
+    url = f"http://127.0.0.1:{tiny_server.port}/v2/a/blobs/x"
+    try:
+        assert pool.warm(url, 3) == 3
+        await eventually(lambda: pool.idle_connections == 3, what="three connections opened ahead")
+        # (The server counts a connection when its accept() returns, a moment after ours connected.)
+        await eventually(lambda: tiny_server.connections == 3, what="the server's three accepts")
+        assert pool.warm(url, 3) == 0  # three are idle already: none more
+
+        responses = await asyncio.gather(*(pool.request("GET", url, {}) for _ in range(3)))
+        for response in responses:
+            assert await asyncio.to_thread(response.read1, 1 << 20) == b"hello"
+            assert await asyncio.to_thread(response.read1, 1 << 20) == b""
+            response.release()
+        await asyncio.sleep(0.1)  # a new connection's accept would be counted by now
+        assert tiny_server.connections == 3  # every GET went over a connection opened ahead
+
+        assert pool.warm(url, 10) == 1  # never past max_connections (4, three of them open)
+        await eventually(lambda: pool.idle_connections == 4, what="the fourth connection")
+    finally:
+        pool.close()
+    assert pool.open_connections == 0
+
+
+async def test_a_connection_that_cannot_be_opened_ahead_costs_nothing() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as placeholder:
+        port = placeholder.getsockname()[1]  # closed below: nothing listens there any more
+    pool = BlockingPool(user_agent="test", timeout=5)
+    try:
+        assert pool.warm(f"http://127.0.0.1:{port}/v2/", 2) == 2
+        await eventually(lambda: pool.warm(f"http://127.0.0.1:{port}/v2/", 0) == 0 and not pool._warming,
+                         what="both attempts over")
+        assert pool.open_connections == 0
+    finally:
+        pool.close()
 
 
 async def test_failed_downloads_give_their_connections_back(aiohttp_server, make_registry) -> None:

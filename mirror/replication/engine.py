@@ -3,16 +3,18 @@
 - Schedules: `schedule` (cron, UTC, parsed by cronsim), `interval` (+ a random `jitter`), `on_push` (local
   sources: a tag pushed to the source repository starts the rule at once; pushes during a run start one
   more run after it), and always on demand (`POST /api/replication/<rule>/run`, `mirror sync`).
-- At most `replication_concurrency` (config, default 4) rules run at once; one rule never runs twice at
-  the same time, in this process (a lock) or across processes sharing the data directory (`mirror sync`
-  beside `mirror serve`: a file lock per rule).
+- At most `replication_concurrency` (config, default 4) rules copy at once; planning (a tag list and
+  HEADs) takes no such slot, so a rule with nothing to copy never queues behind rules that are copying
+  (up to PLANNING_RULES plan at once). One rule never runs twice at the same time, in this process (a
+  lock) or across processes sharing the data directory (`mirror sync` beside `mirror serve`: a file lock
+  per rule).
 - A run: plan (tag list + HEADs, see planner.py), then copy what changed. Each image is retried with
   backoff (tenacity) on transient failures; a 429 waits its Retry-After (not counted as an attempt); an
   upstream at its `ratelimit_floor` pauses the rule's GETs (gate.py). The state, the API and the metrics
   say so while it lasts.
-- State per rule is saved when a run starts and ends. A state still `running` at start-up belongs to a run
-  that was interrupted: it is resumed at once, and the copier's HEAD per blob at the destination makes the
-  resumed run skip every blob that had arrived.
+- State per rule is saved when a run starts copying (`running`) and when it ends. A state still
+  `running` at start-up belongs to a run that was interrupted: it is resumed at once, and the copier's
+  HEAD per blob at the destination makes the resumed run skip every blob that had arrived.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_CONCURRENCY = 8  # images of one rule copied at once (an unchanged one costs a HEAD or two)
 BLOB_CONCURRENCY = 8  # blobs of one run in flight at once, all its images together
+PLANNING_RULES = 32  # rules resolving their tags (a tag list, HEADs) at once, copying or not
 RETRY_ATTEMPTS = 3
 MAX_RATE_LIMIT_WAITS = 5  # 429s tolerated per image before it counts as failed
 
@@ -150,7 +153,8 @@ class ReplicationEngine:
         self.recheck = recheck
         self.retry_wait = retry_wait
         self._floors = {u.name: u.ratelimit_floor for u in config.upstreams}
-        self._slots = asyncio.Semaphore(max_concurrent or config.replication_concurrency)
+        self._slots = asyncio.Semaphore(max_concurrent or config.replication_concurrency)  # runs that copy
+        self._plan_slots = asyncio.Semaphore(PLANNING_RULES)
         # One run of a rule at a time: on this node and, with a cluster, on every node (the file lock in
         # `_rule_file_lock` also keeps out a `mirror sync` of another process on this data directory).
         self.coordinator: Coordinator = app.get(COORDINATOR) or LocalCoordinator()
@@ -298,7 +302,8 @@ class ReplicationEngine:
         rule = self.rules[name]
         if dry_run:  # reads only: it needs no lock, and takes none (a lock file is a write too)
             return await self._run(rule, dry_run=True, progress=progress)
-        async with self.coordinator.rule_lock(name), self._rule_file_lock(name), self._slots:
+        # No slot yet: the plan (tag list and HEADs) does not need one, only a copy does (`_copy_slot`).
+        async with self.coordinator.rule_lock(name), self._rule_file_lock(name):
             return await self._run(rule, dry_run=False, progress=progress)
 
     @contextlib.asynccontextmanager
@@ -315,7 +320,7 @@ class ReplicationEngine:
         try:
             yield
         finally:
-            lock.release()
+            await asyncio.to_thread(lock.release)  # a close that flushes: off the event loop, like the acquire
 
     def _gate(self, rule: Rule) -> RateGate | None:
         upstream = rule.source.upstream
@@ -349,11 +354,7 @@ class ReplicationEngine:
         started = time.time()
         if not dry_run:
             state.resumed = state.result == "running"
-            state.result, state.last_run_started = "running", started
-            state.bytes = state.images = state.skipped = state.failed = 0
-            state.errors = []
-            await asyncio.to_thread(partial(save_state_sync, durable=False), self.root, _snapshot(state))
-            self.metrics.replication_running.labels(rule.name).set(1)
+            state.last_run_started = started  # moved to when copying starts, if the run has to wait for a slot
         self._live_bytes[rule.name] = 0
         log.info("replication rule %s: %s%s", rule.name, "dry run" if dry_run else "run",
                  " (resuming an interrupted run)" if state.resumed and not dry_run else "")
@@ -369,8 +370,7 @@ class ReplicationEngine:
             log.warning("replication rule %s failed: %s", rule.name, message)
         finally:
             self._live_bytes.pop(rule.name, None)
-            if not dry_run:
-                self.metrics.replication_running.labels(rule.name).set(0)
+            self.metrics.replication_running.labels(rule.name).set(0)
         if report.result != "failed" and report.failed:
             report.result = "partial" if report.copied or report.unchanged else "failed"
         if dry_run:
@@ -396,6 +396,20 @@ class ReplicationEngine:
                  rule.name, report.result, finished - started, report.copied, report.unchanged, report.failed,
                  report.bytes)
         return report
+
+    @contextlib.asynccontextmanager
+    async def _copy_slot(self, rule: Rule, state: RuleState) -> AsyncIterator[None]:
+        """One of `replication_concurrency` slots, for a run that has something to write; the state says
+        `running` from then on (saved: a run killed from here on is resumed at the next start)."""
+        async with self._slots:
+            state.result, state.last_run_started = "running", time.time()
+            state.bytes = state.images = state.skipped = state.failed = 0
+            state.errors = []
+            # No fsync: a killed process leaves this in the page cache anyway; only a power loss could
+            # drop it, and then the next scheduled run does what the resumed one would have.
+            await asyncio.to_thread(partial(save_state_sync, durable=False), self.root, _snapshot(state))
+            self.metrics.replication_running.labels(rule.name).set(1)
+            yield
 
     async def _run_jobs(
         self, rule: Rule, state: RuleState, report: RunReport, stack: contextlib.AsyncExitStack, *,
@@ -428,11 +442,12 @@ class ReplicationEngine:
                 spec.repository or rule.source.repository)
             targets.append(Target(spec.key, registry, repository))
 
-        plan = await self._with_retries(
-            rule, gate, before_get,
-            lambda: make_plan(rule, source, targets, expected=state.expected,
-                              written={k: list(v) for k, v in state.written.items()}),
-        )
+        async with self._plan_slots:
+            plan = await self._with_retries(
+                rule, gate, before_get,
+                lambda: make_plan(rule, source, targets, expected=state.expected,
+                                  written={k: list(v) for k, v in state.written.items()}),
+            )
         if gate is not None and plan.jobs:
             gate.note_target(rule.source.repository, plan.jobs[0].tag)
         if progress is not None:
@@ -444,6 +459,11 @@ class ReplicationEngine:
                 report.unchanged += 0 if job.stale else 1
             report.pruned = sum(len(tags) for tags in plan.gone.values()) if rule.prune else 0
             return
+        # Only a run with an image to copy or a tag to prune waits for one of `replication_concurrency`
+        # slots: a rule found up to date (HEADs only, and its referrers checked, which costs nothing
+        # unless a signature is new) never queues behind rules that are copying.
+        if plan.to_copy or (rule.prune and plan.gone):
+            await stack.enter_async_context(self._copy_slot(rule, state))
 
         def on_bytes(count: int) -> None:
             report.bytes += count

@@ -64,7 +64,7 @@ from mirror.storage.interface import (
     ReopenableBytes,
     TagMoveCheck,
 )
-from mirror.upstream.client import USER_AGENT, UpstreamClient
+from mirror.upstream.client import KEEPALIVE_SECONDS, USER_AGENT, UpstreamClient
 
 if TYPE_CHECKING:
     from mirror.replication.rules import Destination
@@ -739,7 +739,7 @@ async def open_remote(
     async with aiohttp.ClientSession(
         auto_decompress=False,  # bytes exactly as stored, or digests would not match
         read_bufsize=256 << 10,
-        connector=aiohttp.TCPConnector(limit=32, ssl=tls),
+        connector=aiohttp.TCPConnector(limit=32, ssl=tls, keepalive_timeout=KEEPALIVE_SECONDS),
         headers={"User-Agent": USER_AGENT},
     ) as session:
         client = UpstreamClient(config, session, metrics, tls=tls)

@@ -63,6 +63,12 @@ _LINK = re.compile(r"<([^>]*)>((?:\s*;\s*[^;,]*)*)")
 
 
 USER_AGENT = "mirror/0.1"
+# How long an idle connection to an upstream or a replication destination is kept for reuse. aiohttp's
+# default (15 s) closes them between an image's pull and the next one, or between two replication runs a
+# short interval apart, and every request then pays a new TCP (and TLS) handshake. Below the 60 s after
+# which many load balancers and CDNs close idle connections themselves (one closed by the server first
+# leaves the pool when its FIN arrives; one that races a request is retried like any reset).
+KEEPALIVE_SECONDS = 45.0
 
 
 class _Retryable(Exception):
@@ -191,6 +197,13 @@ class UpstreamClient:
         """Like open(), for a blob whose body is read from threads (mirror.proxy.download): the same auth,
         redirect policy, retries and rate-limit bookkeeping, over blocking connections."""
         return await self._open(method, path, scope, headers, self._send_blocking)
+
+    def warm_blob_connections(self, count: int) -> int:
+        """Blob GETs are about to follow (a manifest is on its way, and its layers will be prefetched):
+        open up to `count` of their connections now, in the background. Returns how many were started."""
+        if self.config.offline:
+            return 0
+        return self.blocking.warm(self.config.url, count)
 
     async def get_json(
         self, path: str, *, scope: str, headers: Mapping[str, str] | None = None, limit: int = JSON_BODY_LIMIT
