@@ -38,6 +38,7 @@ from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.hosting import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CLUSTER_FILLS, CONFIG, COORDINATOR, METRICS, ROUTER
+from mirror.storage.backend import BlobBackend
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
 from mirror.storage.repos import RepoStore
@@ -135,14 +136,6 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
     cache = CacheManager(index, blobs, config.storage, metrics, reconciled=False, coordinator=coordinator)
     await cache.refresh_totals()
     app[CACHE] = cache
-    local = LocalRegistry(
-        blobs,
-        local_repos,
-        uploads,
-        manifest_limit=config.limits.manifest_bytes,
-        allow_delete=config.storage.delete,
-        cache=cache,
-    )
     fills = FillManager(metrics)
     # A cluster node with an address and a secret shares its fills (mirror/proxy/peers.py); any other
     # node downloads for itself, through exactly the single-node path.
@@ -158,6 +151,18 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         await coordinator.start()
         if peers is not None:
             stack.callback(peers.close)
+        backend = await _open_blob_backend(config)
+        if backend is not None:
+            stack.push_async_callback(backend.close)
+        local = LocalRegistry(
+            blobs,
+            local_repos,
+            uploads,
+            manifest_limit=config.limits.manifest_bytes,
+            allow_delete=config.storage.delete,
+            cache=cache,
+            backend=backend,
+        )
         stack.callback(local.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:
@@ -211,6 +216,23 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(fills.close)
         await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
         yield
+
+
+async def _open_blob_backend(config: Config) -> BlobBackend | None:
+    """The S3 bucket pushed blob bytes go to (storage.backend: s3), checked with a HEAD before serving: a node
+    that cannot reach its bucket must not accept pushes. None: the filesystem, as always."""
+    if config.storage.backend != "s3" or config.storage.s3 is None:
+        return None
+    from mirror.storage.s3 import S3BlobBackend, settings_from_config  # aiobotocore: the optional s3 extra
+
+    backend = await S3BlobBackend.open(settings_from_config(config.storage.s3))
+    try:
+        await backend.check()
+    except BaseException:
+        await backend.close()
+        raise
+    log.info("pushed blob bytes go to S3 bucket %s at %s", backend.bucket, backend.settings.endpoint or "AWS")
+    return backend
 
 
 def _expiring_uploads(uploads: UploadStore, config: Config, metrics: Metrics) -> AbstractAsyncContextManager[None]:

@@ -125,12 +125,40 @@ def _check_cluster(config: Config) -> int:
     return 0
 
 
+def _check_storage(config: Config) -> int:
+    """With `storage.backend: s3`, the bucket must answer a HEAD with the configured keys."""
+    s3 = config.storage.s3
+    if config.storage.backend != "s3" or s3 is None:
+        return 0
+    import asyncio
+
+    try:
+        from mirror.storage.s3 import S3BlobBackend, S3Unavailable, settings_from_config
+    except ImportError as exc:  # aiobotocore is the optional `s3` extra
+        print(f"mirror: storage.backend: s3 needs the s3 extra (pip install 'mirror[s3]'): {exc}", file=sys.stderr)
+        return 1
+
+    async def check() -> None:
+        backend = await S3BlobBackend.open(settings_from_config(s3))
+        try:
+            await backend.check()
+        finally:
+            await backend.close()
+
+    try:
+        asyncio.run(check())
+    except S3Unavailable as exc:
+        print(f"mirror: storage.s3: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         config = _load(args.config)
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return _check_cluster(config)
+        return _check_cluster(config) or _check_storage(config)
     if args.command == "serve":
         config = _load(args.config)
         configure_logging(args.log_level or config.log.level, config.log.format)
@@ -138,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         from mirror.app import create_app
         from mirror.auth.tls import serve_options
         from mirror.coordination.interface import CoordinatorUnavailable
+        from mirror.storage.s3 import S3Unavailable  # imports aiobotocore only when a backend opens
 
         app = create_app(config)
         # aiohttp's run_app, but with connections that answer even unparseable requests as a registry.
@@ -159,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         except CoordinatorUnavailable as exc:  # a cluster node must not serve on its own
             print(f"mirror: cluster.redis: {exc}", file=sys.stderr)
+            return 1
+        except S3Unavailable as exc:  # the bucket does not answer (the message names it, never the secret)
+            print(f"mirror: storage.s3: {exc}", file=sys.stderr)
             return 1
         return 0
     if args.command == "healthcheck":

@@ -42,9 +42,28 @@ class Listen:
         return f"{self.host}:{self.port}"
 
 
+STORAGE_BACKENDS = ("fs", "s3")
+
+
+@dataclass(frozen=True, slots=True)
+class S3Config:
+    """`storage.s3`: the bucket blob bytes go to with `storage.backend: s3` (mirror/storage/s3.py)."""
+
+    bucket: str
+    endpoint: str | None = None  # http(s)://host[:port] of an S3-compatible server; None: AWS
+    region: str = "us-east-1"
+    access_key: str | None = None  # None: botocore's own chain (environment, ~/.aws, instance role)
+    secret_key: str | None = field(default=None, repr=False)  # never printed: check-config shows ***
+    path_style: bool = True  # http://endpoint/bucket/key (what S3-compatible servers need); false: virtual-host
+    presign: bool = False  # blob GETs may be answered with a redirect to a presigned URL
+    presign_expires: float = 900.0  # seconds a presigned URL stays valid
+
+
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
     path: Path = Path("./data")
+    backend: str = "fs"  # where blob bytes live: fs (under `path`) or s3 (`s3`)
+    s3: S3Config | None = None
     delete: bool = True  # DELETE of local manifests, tags and blobs
     max_size: int | None = None  # bytes of cached upstream content; None = unbounded
     high_watermark: float = 0.95  # eviction starts above this fraction of max_size
@@ -198,6 +217,8 @@ class Config:
         data["replication"] = [rule.to_dict() for rule in self.replication]
         data["listen"] = str(self.listen)
         data["storage"]["path"] = str(self.storage.path)
+        if self.storage.s3 is not None and self.storage.s3.secret_key:
+            data["storage"]["s3"]["secret_key"] = "***"
         for upstream in data["upstreams"]:
             if upstream["password"]:
                 upstream["password"] = "***"
@@ -452,9 +473,66 @@ def _parse_ca_file(value: Any, key: str) -> Path | None:
     return Path(text)
 
 
+def _storage_backend(value: Any, key: str) -> str:
+    if value not in STORAGE_BACKENDS:
+        raise ConfigError(f"{key}: expected one of {', '.join(STORAGE_BACKENDS)}, got {value!r}")
+    return str(value)
+
+
+# S3's bucket naming rules (the strict ones every provider accepts): 3-63 of a-z, 0-9, '.', '-'.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def _bucket(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: required with storage.backend: s3")
+    if not _BUCKET.fullmatch(value) or ".." in value:
+        raise ConfigError(f"{key}: expected an S3 bucket name (3-63 of a-z, 0-9, '.', '-'), got {value!r}")
+    return value
+
+
+def _region(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9-]{1,32}", value):
+        raise ConfigError(f"{key}: expected a region name like us-east-1, got {value!r}")
+    return value
+
+
+def _parse_presign_expires(value: Any, key: str) -> float:
+    seconds = parse_duration(value, key)
+    # SigV4 presigned URLs live at most 7 days; under a second a client could not follow the redirect.
+    if not 1 <= seconds <= 7 * 86400:
+        raise ConfigError(f"{key}: must be between 1s and 7d")
+    return seconds
+
+
+def _parse_s3(section: _Section) -> S3Config | None:
+    bucket = section.value("bucket", None, _bucket, required=True)
+    endpoint = section.value("endpoint", None, lambda v, k: None if v is None else _parse_upstream_url(v, k))
+    s3 = S3Config(
+        bucket=bucket or "",
+        endpoint=endpoint,
+        region=section.value("region", "us-east-1", _region),
+        access_key=section.string("access_key") or None,
+        secret_key=section.value("secret_key", None, _secret),
+        path_style=section.boolean("path_style", True),
+        presign=section.boolean("presign", False),
+        presign_expires=section.value("presign_expires", 900.0, _parse_presign_expires),
+    )
+    if (s3.access_key is None) != (s3.secret_key is None) and not section.errors.reported(section.path("secret_key")):
+        section.error("secret_key" if s3.secret_key is None else "access_key", "set access_key and secret_key together")
+    return None if bucket is None else s3
+
+
 def _parse_storage(section: _Section) -> StorageConfig:
+    backend = section.value("backend", "fs", _storage_backend)
+    s3 = section.section("s3", _parse_s3, None) if section.get("s3") is not None else None
+    s3_reported = any(m.startswith(section.path("s3")) for m in section.errors.messages)
+    if backend == "s3" and s3 is None and not s3_reported:
+        section.error("s3", "required with storage.backend: s3 (at least bucket)")
     storage = StorageConfig(
         path=Path(section.string("path", "./data") or "./data"),
+        backend=backend,
+        s3=s3,
         delete=section.boolean("delete", True),
         max_size=section.size("max_size", None),
         high_watermark=section.fraction("high_watermark", 0.95),

@@ -155,6 +155,12 @@ class StorageFull(RegistryError):
     code, status, default_message = "UNAVAILABLE", 503, "mirror storage is full"
 
 
+class StorageUnavailable(RegistryError):
+    """The blob backend (an S3 bucket) does not answer or refuses: 503, so clients retry or go elsewhere."""
+
+    code, status, default_message = "UNAVAILABLE", 503, "mirror storage backend is unavailable"
+
+
 class UploadsFull(RegistryError):
     """Open upload sessions together hold `uploads.max_bytes`; room comes back as they finish or expire."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
@@ -16,7 +17,7 @@ from mirror.api.errors import note_client_closed
 from mirror.errors import BlobRangeInvalid, RegistryError
 from mirror.oci.digest import Digest
 from mirror.state import CACHE
-from mirror.storage.interface import BlobFile, BlobStream
+from mirror.storage.interface import BlobFile, BlobInBackend, BlobStream
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,8 @@ async def get_blob(request: web.Request, params: Params) -> web.StreamResponse:
         body = await target.registry.open_blob(target.repo, digest)
         if isinstance(body, BlobFile):
             return await send_blob_file(request, body)
+        if isinstance(body, BlobInBackend):
+            return await serve_from_backend(request, body)
         return await stream_blob(request, body)
 
 
@@ -59,6 +62,63 @@ async def send_blob_file(request: web.Request, body: BlobFile) -> web.StreamResp
         # Only the client's socket is written here (sendfile raises before the transport even knows
         # it is closed): the client left mid-body. Routine, it retries with Range; nothing to log.
         note_client_closed(request)
+    return response
+
+
+async def serve_from_backend(request: web.Request, body: BlobInBackend) -> web.StreamResponse:
+    """A blob in a backend without local files (S3): a redirect to a presigned URL when the backend offers
+    one (the client then fetches from the bucket, Range and all), or its bytes streamed through here."""
+    byte_range = requested_range(request, body.digest, body.size)  # a bad Range is refused here either way
+    url = await body.backend.presigned_url(body.digest)
+    if url is not None:
+        # 307 as distribution's redirect middleware answers: clients follow it for blob GETs, Range included.
+        return web.Response(
+            status=307, headers={"Location": url, "Docker-Content-Digest": str(body.digest), "Content-Length": "0"}
+        )
+    start, end = byte_range or (0, body.size)
+    response = web.StreamResponse(status=206 if byte_range else 200, headers=blob_headers(body.digest))
+    if byte_range:
+        response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{body.size}"
+    response.content_length = end - start
+    pieces = aiter(body.iter_range(start, end))
+    try:
+        return await _send_pieces(request, response, body, pieces, end - start)
+    finally:
+        # Stopped early (client gone, backend failed): the backend's own connection is released now.
+        close = getattr(pieces, "aclose", None)
+        if close is not None:
+            await close()
+
+
+async def _send_pieces(
+    request: web.Request, response: web.StreamResponse, body: BlobInBackend, pieces: AsyncIterator[bytes], length: int
+) -> web.StreamResponse:
+    # The first piece before the headers: a blob deleted meanwhile is still a 404 (a backend error a 500)
+    # rather than a 200 cut short.
+    first = await anext(pieces, b"") if length else b""
+    await response.prepare(request)
+    sent = 0
+    try:
+        if first:
+            await response.write(first)
+            sent += len(first)
+        async for piece in pieces:
+            await response.write(piece)
+            sent += len(piece)
+    except ConnectionError:
+        note_client_closed(request)  # the client left mid-body: routine, it retries with Range
+        return response
+    except Exception as exc:  # noqa: BLE001 - headers are gone: a cut connection is the only honest signal
+        log.warning("aborting %s after %d bytes: the storage backend failed: %s", body.digest, sent, exc)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    if sent != length:
+        log.warning("aborting %s: the storage backend sent %d of %d bytes", body.digest, sent, length)
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
     return response
 
 

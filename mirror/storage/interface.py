@@ -16,6 +16,7 @@ from mirror.oci.digest import Digest
 from mirror.oci.manifest import Descriptor
 
 if TYPE_CHECKING:
+    from mirror.storage.backend import BlobBackend
     from mirror.storage.uploads import Upload
 
 
@@ -47,7 +48,20 @@ class BlobStream(Protocol):
         ...
 
 
-BlobBody = BlobFile | BlobStream
+@dataclass(frozen=True, slots=True)
+class BlobInBackend:
+    """A whole, verified blob in a BlobBackend without local files (S3): streamed from it, or redirected to
+    a presigned URL when the backend offers one."""
+
+    digest: Digest
+    size: int
+    backend: BlobBackend
+
+    def iter_range(self, start: int, end: int) -> AsyncIterator[bytes]:
+        return self.backend.read(self.digest, start, end)
+
+
+BlobBody = BlobFile | BlobStream | BlobInBackend
 
 # Asked by a registry, while it holds the tag, when a manifest PUT would point an existing tag at another
 # manifest: (current target, new manifest). It raises (e.g. Denied) to refuse the move. Because the
@@ -195,6 +209,10 @@ STREAM_PIECE_BYTES = 1 << 20
 
 async def _stream_body(registry: Registry, repo: str, digest: Digest, start: int) -> AsyncIterator[bytes]:
     body = await registry.open_blob(repo, digest)
+    if isinstance(body, BlobInBackend):
+        async for piece in body.iter_range(start, body.size):
+            yield piece
+        return
     if not isinstance(body, BlobFile):
         async for piece in body.iter_range(start, body.size):
             yield piece

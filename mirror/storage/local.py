@@ -22,10 +22,12 @@ from mirror.errors import (
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import validate_tag
+from mirror.storage.backend import BlobBackend, put_stream
 from mirror.storage.blobs import BlobStore
 from mirror.storage.events import PushFeed
 from mirror.storage.interface import (
     BlobFile,
+    BlobInBackend,
     BlobInfo,
     Manifest,
     ManifestInfo,
@@ -83,9 +85,13 @@ class LocalRegistry(Registry):
         manifest_limit: int,
         allow_delete: bool,
         cache: CacheManager,
+        backend: BlobBackend | None = None,
     ) -> None:
         self.cache = cache
         self.blobs = blobs
+        # Where pushed blob bytes live when not in `blobs` (storage.backend: s3). Manifests stay in `blobs`
+        # with the other metadata; without a backend everything is on the filesystem as before.
+        self.backend = backend
         self.repos = repos
         self.uploads = uploads
         self.manifest_limit = manifest_limit
@@ -101,7 +107,14 @@ class LocalRegistry(Registry):
         blob = await self.open_blob(repo, digest)
         return BlobInfo(blob.digest, blob.size)
 
-    async def open_blob(self, repo: str, digest: Digest) -> BlobFile:
+    async def open_blob(self, repo: str, digest: Digest) -> BlobFile | BlobInBackend:
+        if self.backend is not None:
+            if not await asyncio.to_thread(self.repos.has_blob, repo, digest):
+                raise BlobUnknown(detail={"digest": str(digest)})
+            size = await self.backend.stat(digest)
+            if size is None:
+                raise BlobUnknown(detail={"digest": str(digest)})
+            return BlobInBackend(digest, size, self.backend)
         # Content is shared between repositories, but only readable through one that links it.
         linked, stored = await asyncio.to_thread(find_blob_sync, self.repos, self.blobs, repo, digest)
         if not linked or stored is None:
@@ -112,6 +125,12 @@ class LocalRegistry(Registry):
         self, repo: str, digest: Digest, chunks: AsyncIterable[bytes], *, size: int | None = None
     ) -> BlobInfo:
         """Store a streamed blob (the copier's write path) without an upload session."""
+        if self.backend is not None:
+            stored_size = await self.backend.stat(digest)
+            if stored_size is None:
+                stored_size = await put_stream(self.backend, digest, chunks, size=size)
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            return BlobInfo(digest, stored_size)
         # In use from the existence check until held as local: a cached copy found here must not be
         # evicted before it is held (the cache manager skips digests in use).
         with self.cache.in_use(digest):
@@ -121,6 +140,13 @@ class LocalRegistry(Registry):
         return BlobInfo(digest, stored.size)
 
     async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
+        if self.backend is not None:
+            if not await asyncio.to_thread(self.repos.has_blob, source_repo, digest):
+                return False
+            if await self.backend.stat(digest) is None:
+                return False
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            return True
         def mount() -> int | None:
             if not self.repos.has_blob(source_repo, digest):
                 return None
@@ -165,6 +191,12 @@ class LocalRegistry(Registry):
         start: int | None,
         length: int | None,
     ) -> BlobInfo:
+        if self.backend is not None:
+            size = await self.uploads.finish_into(
+                self.backend, repo, upload_id, digest, chunks, start=start, length=length
+            )
+            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            return BlobInfo(digest, size)
         # In use from the existence check in finish() until held as local: a cached copy of the same bytes
         # that finish() reuses must not be evicted in between (the client would get 201 for a lost blob).
         with self.cache.in_use(digest):

@@ -27,6 +27,7 @@ from pathlib import Path
 from mirror.errors import (
     BlobUploadTooLarge,
     BlobUploadUnknown,
+    DigestInvalid,
     RangeNotSatisfiable,
     SizeInvalid,
     StorageFull,
@@ -34,6 +35,7 @@ from mirror.errors import (
     is_disk_full,
 )
 from mirror.oci.digest import Digest
+from mirror.storage.backend import BlobBackend, put_stream
 from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob, hash_file
 from mirror.storage.files import atomic_write
 
@@ -42,6 +44,19 @@ log = logging.getLogger(__name__)
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 # What a client over uploads.max_bytes is told to wait: long enough for other pushes to make progress.
 _RETRY_AFTER_SECONDS = 60
+
+
+_READ_PIECE_BYTES = 4 << 20
+
+
+async def _read_file(path: Path) -> AsyncIterator[bytes]:
+    """A session's data file as a stream, read in threads."""
+    handle = await asyncio.to_thread(open, path, "rb")
+    try:
+        while piece := await asyncio.to_thread(handle.read, _READ_PIECE_BYTES):
+            yield piece
+    finally:
+        await asyncio.to_thread(handle.close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,6 +276,45 @@ class UploadStore:
             finally:
                 # Committed or refused, the session is over: a refused upload must not linger half-verified.
                 await self._remove(upload.id)
+
+    async def finish_into(
+        self,
+        backend: BlobBackend,
+        repository: str,
+        upload_id: str,
+        digest: Digest,
+        chunks: AsyncIterable[bytes] | None = None,
+        *,
+        start: int | None = None,
+        length: int | None = None,
+    ) -> int:
+        """finish() for blob bytes that live in a BlobBackend (S3) rather than the blob store: the session's
+        bytes are verified, then streamed into the backend, published there only once whole. Returns the size.
+
+        A wrong digest ends the session, as in finish(). A backend that fails (S3 unreachable) keeps it: the
+        client's retry of the PUT then finds every byte it sent still here."""
+        upload = await self.get(repository, upload_id)
+        async with self._lock(upload_id):
+            upload = await self.get(repository, upload_id)
+            if chunks is not None:
+                upload = await self._append_locked(upload, chunks, start=start, length=length)
+            data_path = self.root / upload.id / "data"
+            state = self._hash_states.get(upload.id)
+            if digest.algorithm == "sha256" and state is not None and state.size == upload.size:
+                actual_hex = state.hasher.copy().hexdigest()
+            else:
+                actual_hex, _ = await asyncio.to_thread(hash_file, data_path, digest.algorithm)
+            if actual_hex != digest.hex:
+                await self._remove(upload.id)
+                raise DigestInvalid(
+                    f"content digest {digest.algorithm}:{actual_hex} does not match {digest}",
+                    detail={"expected": str(digest), "actual": f"{digest.algorithm}:{actual_hex}"},
+                )
+            size = await backend.stat(digest)
+            if size is None:
+                size = await put_stream(backend, digest, _read_file(data_path), size=upload.size)
+            await self._remove(upload.id)
+            return size
 
     async def cancel(self, repository: str, upload_id: str) -> None:
         upload = await self.get(repository, upload_id)

@@ -28,6 +28,7 @@ from .images import BuiltImage, build_busybox_image, build_multiarch_image
 from .mirror_proc import MirrorProcess
 from .procs import free_port, require_tool
 from .redis_server import RedisServer
+from .rgw import RadosGateway
 from .token_server import Creds, TokenServer
 
 
@@ -58,6 +59,16 @@ def redis_server() -> Iterator[RedisServer]:
         yield server.start()
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def rgw() -> Iterator[RadosGateway]:
+    """One real S3 server (Ceph RGW, ~13 s to start) per test session; tests keep apart by bucket."""
+    gateway = RadosGateway()
+    try:
+        yield gateway.start()
+    finally:
+        gateway.stop()
 
 
 @pytest.fixture(scope="session")
