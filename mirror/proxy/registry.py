@@ -639,7 +639,10 @@ class ProxyRegistry(Registry):
         else:
             # Another node resolved the tag to a digest this node has not served for the tag: the manifest
             # by digest (from this node's cache, else the upstream: immutable and verified), then the tag.
-            manifest = await self._manifest_by_digest(repo, digest)
+            try:
+                manifest = await self._manifest_by_digest(repo, digest)
+            except ManifestUnknown:
+                return None  # gone by digest since (or not in this repository): ask about the tag itself
             await asyncio.to_thread(self._set_tag_sync, repo, tag, digest, validated_at)
         self._count("tag", "shared")
         self.cache.note_access(manifest.digest)
