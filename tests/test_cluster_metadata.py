@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import redis.asyncio as aioredis
 
 from tests.fake_upstream import OCI_MANIFEST, FakeUpstream, upstream_config
 from tests.support.redis_server import RedisServer
@@ -26,6 +27,16 @@ def tag_resolutions(fake: FakeUpstream) -> int:
     return sum(1 for method, path, authorization in fake.authorizations
                if method in ("GET", "HEAD") and path == f"/v2/{REPO}/manifests/latest"
                and authorization is not None and authorization.removeprefix("Bearer ") in fake.tokens)
+
+
+async def redis_get_calls(url: str) -> int:
+    """How many GETs (what a shared tag or token lookup is) this Redis has answered so far."""
+    client = aioredis.from_url(url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return int(stats.get("cmdstat_get", {}).get("calls", 0))
 
 
 async def get_manifest(session: aiohttp.ClientSession, url: str, reference: str = "latest") -> tuple[int, bytes]:
@@ -62,6 +73,12 @@ async def test_a_tag_resolved_on_one_node_is_trusted_by_the_other_until_its_ttl_
             assert time.time() - resolved_at < TAG_TTL, "too slow to test within the TTL"
             assert tag_resolutions(fake) == 1
             assert len(fake.token_requests) == 1
+            # Now in both nodes' memory: served without a Redis round trip (nor an upstream one).
+            redis_gets = await redis_get_calls(cluster.redis_url)
+            for node in (a, b, b):
+                assert await get_manifest(session, node.url) == (200, body)
+            assert await redis_get_calls(cluster.redis_url) == redis_gets
+            assert tag_resolutions(fake) == 1
             # Once the TTL A resolved it for is over, B asks the upstream itself (and shares its answer).
             await asyncio.sleep(max(0.0, resolved_at + TAG_TTL + 0.5 - time.time()))
             assert await get_manifest(session, b.url) == (200, body)
