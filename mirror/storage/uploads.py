@@ -258,15 +258,9 @@ class UploadStore:
         """Append the final body (if any), verify everything against `digest`, move it into the blob store."""
         upload = await self.get(repository, upload_id)
         async with self._lock(upload_id):
-            upload = await self.get(repository, upload_id)
-            if chunks is not None:
-                upload = await self._append_locked(upload, chunks, start=start, length=length)
-            data_path = self.root / upload.id / "data"
-            state = self._hash_states.get(upload.id)
-            if digest.algorithm == "sha256" and state is not None and state.size == upload.size:
-                actual_hex = state.hasher.copy().hexdigest()
-            else:
-                actual_hex, _ = await asyncio.to_thread(hash_file, data_path, digest.algorithm)
+            upload, data_path, actual_hex = await self._last_chunk_and_digest_locked(
+                repository, upload_id, digest, chunks, start=start, length=length
+            )
             try:
                 # reuse, not stat: refreshes the blob's age so a concurrent `mirror gc` spares it
                 existing = await self.blobs.reuse(digest)
@@ -276,6 +270,28 @@ class UploadStore:
             finally:
                 # Committed or refused, the session is over: a refused upload must not linger half-verified.
                 await self._remove(upload.id)
+
+    async def _last_chunk_and_digest_locked(
+        self,
+        repository: str,
+        upload_id: str,
+        digest: Digest,
+        chunks: AsyncIterable[bytes] | None,
+        *,
+        start: int | None,
+        length: int | None,
+    ) -> tuple[Upload, Path, str]:
+        """Under the session's lock: append the final body, then the hex digest of all its bytes (from the
+        running hash when it covers them, else read back from the file)."""
+        upload = await self.get(repository, upload_id)
+        if chunks is not None:
+            upload = await self._append_locked(upload, chunks, start=start, length=length)
+        data_path = self.root / upload.id / "data"
+        state = self._hash_states.get(upload.id)
+        if digest.algorithm == "sha256" and state is not None and state.size == upload.size:
+            return upload, data_path, state.hasher.copy().hexdigest()
+        actual_hex, _ = await asyncio.to_thread(hash_file, data_path, digest.algorithm)
+        return upload, data_path, actual_hex
 
     async def finish_into(
         self,
@@ -295,15 +311,9 @@ class UploadStore:
         client's retry of the PUT then finds every byte it sent still here."""
         upload = await self.get(repository, upload_id)
         async with self._lock(upload_id):
-            upload = await self.get(repository, upload_id)
-            if chunks is not None:
-                upload = await self._append_locked(upload, chunks, start=start, length=length)
-            data_path = self.root / upload.id / "data"
-            state = self._hash_states.get(upload.id)
-            if digest.algorithm == "sha256" and state is not None and state.size == upload.size:
-                actual_hex = state.hasher.copy().hexdigest()
-            else:
-                actual_hex, _ = await asyncio.to_thread(hash_file, data_path, digest.algorithm)
+            upload, data_path, actual_hex = await self._last_chunk_and_digest_locked(
+                repository, upload_id, digest, chunks, start=start, length=length
+            )
             if actual_hex != digest.hex:
                 await self._remove(upload.id)
                 raise DigestInvalid(
