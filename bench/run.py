@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -406,6 +407,16 @@ def write_plot(results: list[Result], path: Path) -> bool:
     return True
 
 
+def _run_steps(steps: list[tuple[str, Callable[[], list[Result]]]], skip: list[str]) -> list[Result]:
+    """Each scenario not skipped, in order, with a line saying which runs now (they take minutes)."""
+    results: list[Result] = []
+    for number, step in steps:
+        if number not in skip:
+            print(f"scenario {number} ...", flush=True)
+            results.extend(step())
+    return results
+
+
 def run_loopback(args: argparse.Namespace, work: Path) -> list[Result]:
     """Scenarios 1-6: the upstream on plain HTTP on loopback, 0.1 ms away."""
     upstream = DistributionRegistry.open().start()
@@ -415,7 +426,6 @@ def run_loopback(args: argparse.Namespace, work: Path) -> list[Result]:
         image = seed_big_image(upstream.url, work, args.blob_mb)
         box = seed_runnable_image(upstream.host, work) if "5" not in args.skip else ""
         servers = [MirrorServer(upstream.url, prefetch=not args.no_prefetch), PeerServer(upstream.url)]
-        results: list[Result] = []
         steps = [
             ("1", lambda: warm_blob(servers, image, args.seconds, args.rounds)),
             ("2", lambda: cold_many(servers, upstream, image, args.clients)),
@@ -423,11 +433,7 @@ def run_loopback(args: argparse.Namespace, work: Path) -> list[Result]:
             ("4", lambda: manifests(servers, image, args.seconds, args.rounds)),
             ("5", lambda: docker_pull(servers, box, rounds=args.rounds)),
         ]
-        for number, step in steps:
-            if number not in args.skip:
-                print(f"scenario {number} ...", flush=True)
-                results.extend(step())
-        return results
+        return _run_steps(steps, args.skip)
     finally:
         for server in servers:
             server.stop()
@@ -461,12 +467,7 @@ def run_at_distance(args: argparse.Namespace, work: Path, profile: Profile) -> l
             ("10", lambda: pull_requests(servers, "library/benchbox", "10", max(args.rounds, 5),
                                          label=f"10 Docker's requests, 10 layers {label}", profile=profile.name)),
         ]
-        results: list[Result] = []
-        for number, step in steps:
-            if number not in args.skip:
-                print(f"scenario {number} ...", flush=True)
-                results.extend(step())
-        return results
+        return _run_steps(steps, args.skip)
     finally:
         for server in servers:
             server.stop()
