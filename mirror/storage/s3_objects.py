@@ -70,7 +70,7 @@ class S3Objects:
             with _s3_call(action, self.bucket):
                 await self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
-    async def list(self, prefix: str, *, action: str = "list metadata") -> AsyncIterator[ObjectEntry]:
+    async def entries(self, prefix: str, *, action: str = "list metadata") -> AsyncIterator[ObjectEntry]:
         """Every object under `prefix` (paged), in key order."""
         paginator = self.client.get_paginator("list_objects_v2")
         with _s3_call(action, self.bucket):
