@@ -321,6 +321,53 @@ async def test_rule_runs_one_at_a_time(nodes: tuple[Coordinator, Coordinator]) -
         await other_rule.__aexit__(None, None, None)
 
 
+# -- named locks (tag moves of local repositories) -----------------------------------------------
+async def test_named_lock_admits_one_holder_across_nodes(nodes: tuple[Coordinator, Coordinator]) -> None:
+    a, b = nodes
+    inside: list[str] = []
+    overlaps: list[list[str]] = []
+
+    async def move(coordinator: Coordinator, name: str) -> None:
+        async with coordinator.lock("tag:team/app:latest"):
+            inside.append(name)
+            if len(inside) > 1:
+                overlaps.append(list(inside))
+            await asyncio.sleep(0.05)
+            inside.remove(name)
+
+    await asyncio.wait_for(asyncio.gather(*(move(node, f"{i}") for i, node in enumerate((a, b, a, b, a)))), 10.0)
+    assert overlaps == []
+    # Another name is not held up, and an error inside releases the lock.
+    async with a.lock("tag:team/app:latest"):
+        other = b.lock("tag:team/app:v2")
+        await asyncio.wait_for(other.__aenter__(), 2.0)
+        await other.__aexit__(None, None, None)
+    with pytest.raises(RuntimeError):
+        async with b.lock("tag:team/app:latest"):
+            raise RuntimeError("refused")
+    after_error = a.lock("tag:team/app:latest")
+    await asyncio.wait_for(after_error.__aenter__(), 2.0)
+    await after_error.__aexit__(None, None, None)
+
+
+async def test_named_lock_of_a_dead_holder_is_freed_by_its_lease(redis_server: RedisServer) -> None:
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    dead, alive = redis_node(redis_server, prefix, "dead"), redis_node(redis_server, prefix, "alive")
+    await dead.start()
+    await alive.start()
+    try:
+        # A node that took the lock and died: its lease is in Redis with nobody renewing it.
+        taken = await dead._acquire("lock:tag:team/app:latest", 0.5)
+        assert isinstance(taken, Lease)
+        started = time.monotonic()
+        async with alive.lock("tag:team/app:latest"):
+            waited = time.monotonic() - started
+        assert 0.2 < waited < 5.0
+    finally:
+        await dead.close()
+        await alive.close()
+
+
 # -- two nodes on one Redis ----------------------------------------------------------------------
 async def test_two_nodes_contend_for_one_fill_and_the_survivor_takes_over(redis_server: RedisServer) -> None:
     prefix = f"t{uuid.uuid4().hex[:12]}"

@@ -200,6 +200,12 @@ class Coordinator(Protocol):
 
     def rule_running_here(self, rule: str) -> bool: ...
 
+    # -- short critical sections: one holder cluster-wide -------------------------------------------
+    def lock(self, name: str) -> AbstractAsyncContextManager[None]:
+        """Held for a short read-judge-write (a tag move of a local repository); waits while any node holds
+        `name`. A holder that dies frees it within a few seconds (a short lease, renewed while held)."""
+        ...
+
 
 def fill_key(upstream: str, digest: str) -> str:
     return f"fill:{upstream}:{digest}"

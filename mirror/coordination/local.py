@@ -27,6 +27,7 @@ from mirror.coordination.interface import (
     RateBudget,
     fill_key,
 )
+from mirror.coordination.keyed_locks import KeyedLocks
 from mirror.coordination.wakeups import Wakeups
 from mirror.ttlmap import TtlMap
 
@@ -60,6 +61,7 @@ class LocalCoordinator:
         self._tokens = TtlMap()
         self._budgets: dict[str, RateBudget] = {}
         self._rule_locks: dict[str, asyncio.Lock] = {}
+        self._named_locks = KeyedLocks()
 
     async def start(self) -> None:
         return None
@@ -272,3 +274,6 @@ class LocalCoordinator:
     def rule_running_here(self, rule: str) -> bool:
         lock = self._rule_locks.get(rule)
         return lock is not None and lock.locked()
+
+    def lock(self, name: str) -> AbstractAsyncContextManager[None]:
+        return self._named_locks.hold(name)

@@ -44,6 +44,7 @@ from mirror.coordination.interface import (
     keep_alive,
     rule_key,
 )
+from mirror.coordination.keyed_locks import KeyedLocks
 from mirror.coordination.local import default_node_name
 from mirror.coordination.wakeups import Wakeups
 
@@ -54,6 +55,11 @@ log = logging.getLogger(__name__)
 PROGRESS_RETENTION = 60.0
 DEFAULT_IN_USE_TTL = 120.0
 RULE_POLL_SECONDS = 0.5
+# Named locks guard a read-judge-write of a few requests: a short lease (a dead holder frees it soon),
+# renewed while held, and a quick poll that backs off to a tenth of a second.
+NAMED_LOCK_TTL = 10.0
+NAMED_LOCK_FIRST_POLL = 0.005
+NAMED_LOCK_MAX_POLL = 0.1
 
 _ACQUIRE = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {1} end
@@ -206,6 +212,7 @@ class RedisCoordinator:
         self._marks_changed = asyncio.Event()
         self._marks_lock = asyncio.Lock()
         self._rule_locks: dict[str, asyncio.Lock] = {}
+        self._named_locks = KeyedLocks()
         self._tasks: list[asyncio.Task[None]] = []
 
     def _k(self, *parts: str) -> str:
@@ -520,6 +527,26 @@ class RedisCoordinator:
     def rule_running_here(self, rule: str) -> bool:
         lock = self._rule_locks.get(rule)
         return lock is not None and lock.locked()
+
+    def lock(self, name: str) -> AbstractAsyncContextManager[None]:
+        return self._named_lock(name)
+
+    @contextlib.asynccontextmanager
+    async def _named_lock(self, name: str) -> AsyncIterator[None]:
+        async with self._named_locks.hold(name):  # this node's waiters queue here, without asking Redis
+            poll = NAMED_LOCK_FIRST_POLL
+            try:
+                while isinstance(lease := await self._acquire(f"lock:{name}", NAMED_LOCK_TTL), Held):
+                    await asyncio.sleep(poll)
+                    poll = min(poll * 2, NAMED_LOCK_MAX_POLL)
+            except (RedisError, OSError) as exc:
+                raise CoordinatorUnavailable(f"Redis at {self.display_url} does not answer: {exc}") from exc
+            try:
+                async with keep_alive(self, lease, NAMED_LOCK_TTL / 3):
+                    yield
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await self.release(lease)
 
 
 async def check_redis(url: str, timeout: float = 2.0, *, display: str | None = None) -> None:
