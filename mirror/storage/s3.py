@@ -269,6 +269,98 @@ class S3BlobBackend:
         return keys
 
 
+class MultipartUpload:
+    """One key's multipart upload, started by its first part: at most `parts_in_flight` parts uploading while
+    the caller fills the next one, the key visible only once `complete` succeeds, nothing left after `abort`.
+
+    The caller cuts the parts (S3 wants each but the last to be at least 5 MiB); this only sends them."""
+
+    def __init__(self, client: Any, bucket: str, key: str, *, part_size: int, parts_in_flight: int) -> None:
+        self._client = client
+        self._bucket = bucket
+        self.key = key
+        self._part_size = part_size  # only to say why a blob of too many parts is refused
+        self._parts_in_flight = parts_in_flight
+        self._upload_id: str | None = None
+        self._parts: list[dict[str, Any]] = []
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._failure: BaseException | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether S3 holds an unfinished upload of ours (a part was sent, no complete or abort yet)."""
+        return self._upload_id is not None
+
+    async def send(self, part: bytes) -> None:
+        """Queue the next part; waits while `parts_in_flight` are still uploading."""
+        if self._upload_id is None:
+            answer = await self._client.create_multipart_upload(Bucket=self._bucket, Key=self.key)
+            self._upload_id = str(answer["UploadId"])
+        if len(self._parts) >= MAX_PARTS:
+            raise SizeInvalid(f"blob is larger than {MAX_PARTS} parts of {self._part_size} bytes")
+        number = len(self._parts) + 1
+        entry: dict[str, Any] = {"PartNumber": number}
+        self._parts.append(entry)
+        while len(self._in_flight) >= self._parts_in_flight:
+            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
+            self.raise_if_failed()
+        task = asyncio.create_task(self._upload_part(number, part, entry))
+        self._in_flight.add(task)
+        task.add_done_callback(self._part_done)
+
+    async def _upload_part(self, number: int, part: bytes, entry: dict[str, Any]) -> None:
+        answer = await self._client.upload_part(
+            Bucket=self._bucket, Key=self.key, UploadId=self._upload_id, PartNumber=number, Body=part
+        )
+        entry["ETag"] = answer["ETag"]
+
+    def _part_done(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            self._failure = task.exception()
+
+    def raise_if_failed(self) -> None:
+        """Raise what made a part fail since the last look, if one did."""
+        if self._failure is not None:
+            raise self._failure
+
+    async def complete(self, last: bytes = b"") -> None:
+        """Send `last` (when not empty) as the final part, wait for the others and complete: the key appears
+        whole. On failure the upload is still open; the caller aborts it."""
+        if last:
+            entry: dict[str, Any] = {"PartNumber": len(self._parts) + 1}
+            self._parts.append(entry)
+            await self._upload_part(entry["PartNumber"], last, entry)
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+        self.raise_if_failed()
+        await self._client.complete_multipart_upload(
+            Bucket=self._bucket, Key=self.key, UploadId=self._upload_id, MultipartUpload={"Parts": self._parts},
+        )
+        self._upload_id = None  # completed: nothing left to abort
+
+    async def cancel_parts(self) -> None:
+        """Stop the parts still uploading (the first half of an abort)."""
+        for task in list(self._in_flight):
+            task.cancel()
+        if self._in_flight:
+            await asyncio.wait(set(self._in_flight))
+
+    async def abort_upload(self) -> None:
+        """Abort the upload in S3, which drops its parts (the second half of an abort; callers shield it)."""
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is not None:
+            try:
+                await self._client.abort_multipart_upload(Bucket=self._bucket, Key=self.key, UploadId=upload_id)
+            except Exception:  # noqa: BLE001 - already failing; a leftover is logged, not raised over the cause
+                log.warning("could not abort multipart upload %s of %s", upload_id, self.key, exc_info=True)
+
+    async def abort(self) -> None:
+        await self.cancel_parts()
+        # Shielded: an abort on a cancelled request must still reach S3, or the parts stay (and are billed).
+        await asyncio.shield(self.abort_upload())
+
+
 class S3BlobSink:
     """One blob on its way into the bucket (see the module docstring for how it stays invisible)."""
 
@@ -284,10 +376,10 @@ class S3BlobSink:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._size = 0
-        self._upload_id: str | None = None
-        self._parts: list[dict[str, Any]] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
-        self._failure: BaseException | None = None
+        self._multipart = MultipartUpload(
+            backend.client, backend.bucket, self._key, part_size=backend.part_size,
+            parts_in_flight=backend.parts_in_flight,
+        )
         self._finished = False
         self._committed = False
 
@@ -299,7 +391,7 @@ class S3BlobSink:
         if self._finished:
             raise RuntimeError("write after commit or abort")
         with _s3_call("store a blob", self._bucket):
-            self._raise_if_failed()  # a part that failed while this chunk was on its way
+            self._multipart.raise_if_failed()  # a part that failed while this chunk was on its way
         if not chunk:
             return
         self._buffer.append(chunk)
@@ -320,40 +412,7 @@ class S3BlobSink:
     async def _send_part(self, part: bytes) -> None:
         # Hashed in order before it is handed on; hashlib releases the GIL, so the loop keeps going.
         await asyncio.to_thread(self._hasher.update, part)
-        if self._upload_id is None:
-            answer = await self._client.create_multipart_upload(Bucket=self._bucket, Key=self._key)
-            self._upload_id = str(answer["UploadId"])
-        if len(self._parts) >= MAX_PARTS:
-            raise SizeInvalid(f"blob is larger than {MAX_PARTS} parts of {self._backend.part_size} bytes")
-        number = len(self._parts) + 1
-        entry: dict[str, Any] = {"PartNumber": number}
-        self._parts.append(entry)
-        while len(self._in_flight) >= self._backend.parts_in_flight:
-            await asyncio.wait(self._in_flight, return_when=asyncio.FIRST_COMPLETED)
-            self._raise_if_failed()
-        task = asyncio.create_task(self._upload_part(number, part, entry))
-        self._in_flight.add(task)
-        task.add_done_callback(self._part_done)
-
-    async def _upload_part(self, number: int, part: bytes, entry: dict[str, Any]) -> None:
-        answer = await self._client.upload_part(
-            Bucket=self._bucket, Key=self._key, UploadId=self._upload_id, PartNumber=number, Body=part
-        )
-        entry["ETag"] = answer["ETag"]
-
-    def _part_done(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.discard(task)
-        if not task.cancelled() and task.exception() is not None and self._failure is None:
-            self._failure = task.exception()
-
-    def _raise_if_failed(self) -> None:
-        if self._failure is not None:
-            raise self._failure
-
-    async def _drain(self) -> None:
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight))
-        self._raise_if_failed()
+        await self._multipart.send(part)
 
     async def commit(self, digest: Digest, *, size: int | None = None) -> int:
         if self._finished:
@@ -373,20 +432,11 @@ class S3BlobSink:
                     detail={"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"},
                 )
             final = blob_key(digest)
-            if self._upload_id is None:
+            if not self._multipart.started:
                 # Small: one PUT of verified bytes, straight to the final key.
                 await self._client.put_object(Bucket=self._bucket, Key=final, Body=rest)
             else:
-                if rest:
-                    entry: dict[str, Any] = {"PartNumber": len(self._parts) + 1}
-                    self._parts.append(entry)
-                    await self._upload_part(entry["PartNumber"], rest, entry)
-                await self._drain()
-                await self._client.complete_multipart_upload(
-                    Bucket=self._bucket, Key=self._key, UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
-                self._upload_id = None  # completed: nothing left to abort
+                await self._multipart.complete(rest)
                 if self._key != final:
                     await _copy(self._client, self._bucket, self._key, final, self._size)
                     await self._client.delete_object(Bucket=self._bucket, Key=self._key)
@@ -404,20 +454,12 @@ class S3BlobSink:
             return
         self._finished = True
         self._buffer, self._buffered = [], 0
-        for task in list(self._in_flight):
-            task.cancel()
-        if self._in_flight:
-            await asyncio.wait(set(self._in_flight))
+        await self._multipart.cancel_parts()
         # Shielded: an abort on a cancelled request must still reach S3, or the parts stay (and are billed).
         await asyncio.shield(self._cleanup())
 
     async def _cleanup(self) -> None:
-        upload_id, self._upload_id = self._upload_id, None
-        if upload_id is not None:
-            try:
-                await self._client.abort_multipart_upload(Bucket=self._bucket, Key=self._key, UploadId=upload_id)
-            except Exception:  # noqa: BLE001 - already failing; a leftover is logged, not raised over the cause
-                log.warning("could not abort multipart upload %s of %s", upload_id, self._key, exc_info=True)
+        await self._multipart.abort_upload()
         if self._key.startswith(TEMP_PREFIX):
             with contextlib.suppress(Exception):
                 await self._client.delete_object(Bucket=self._bucket, Key=self._key)
