@@ -40,3 +40,11 @@ def read_text_or_none(path: Path) -> str | None:
         return path.read_text()
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+def read_bytes_or_none(path: Path) -> bytes | None:
+    """The file's bytes (for a parser that judges them itself: a torn or foreign file is its call)."""
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None

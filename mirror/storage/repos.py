@@ -26,7 +26,7 @@ from mirror.errors import DigestInvalid
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor
 from mirror.oci.names import is_valid_name, is_valid_tag, validate_tag
-from mirror.storage.files import atomic_write, read_text_or_none
+from mirror.storage.files import atomic_write, read_bytes_or_none
 
 if TYPE_CHECKING:
     from mirror.storage.blobs import BlobStore, StoredBlob
@@ -48,6 +48,43 @@ class ManifestLink:
 class TagLink:
     digest: Digest
     validated_at: float  # when the tag was written or last confirmed against its upstream
+
+
+# The link formats, shared with the S3 metadata store (mirror/storage/s3_meta.py) so both read and write the
+# same bytes.
+def encode_manifest_link(link: ManifestLink) -> bytes:
+    data: dict[str, object] = {"mediaType": link.media_type, "size": link.size}
+    if link.references_linked:
+        data["referencesLinked"] = True
+    return json.dumps(data).encode()
+
+
+def decode_manifest_link(digest: Digest, text: str | bytes) -> ManifestLink | None:
+    """The link, or None when the text is not one (torn, foreign)."""
+    try:
+        data = json.loads(text)
+        return ManifestLink(digest, str(data["mediaType"]), int(data["size"]), data.get("referencesLinked") is True)
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def encode_referrer(referrer: Descriptor) -> bytes:
+    return json.dumps(referrer.to_json()).encode()
+
+
+def decode_referrer(text: str | bytes) -> Descriptor | None:
+    """The referrer's descriptor, or None when the text is not one (torn, foreign)."""
+    try:
+        raw = json.loads(text)
+        return Descriptor(
+            media_type=raw["mediaType"],
+            digest=Digest.parse(raw["digest"]),
+            size=int(raw["size"]),
+            artifact_type=raw.get("artifactType"),
+            annotations=raw.get("annotations"),
+        )
+    except (ValueError, KeyError, TypeError, DigestInvalid):
+        return None
 
 
 class RepoStore:
@@ -88,20 +125,12 @@ class RepoStore:
     # -- manifests ---------------------------------------------------------------------------------
     def link_manifest(self, name: str, link: ManifestLink) -> None:
         path = self._repo(name) / "_manifests" / link.digest.algorithm / link.digest.hex
-        data: dict[str, object] = {"mediaType": link.media_type, "size": link.size}
-        if link.references_linked:
-            data["referencesLinked"] = True
-        atomic_write(path, json.dumps(data).encode())
+        atomic_write(path, encode_manifest_link(link))
 
     def manifest_link(self, name: str, digest: Digest) -> ManifestLink | None:
-        text = read_text_or_none(self._repo(name) / "_manifests" / digest.algorithm / digest.hex)
-        if text is None:
-            return None
-        try:
-            data = json.loads(text)
-            return ManifestLink(digest, str(data["mediaType"]), int(data["size"]), data.get("referencesLinked") is True)
-        except (ValueError, KeyError, TypeError):
-            return None  # a torn or foreign file reads as absent; the writer is atomic, so this is damage
+        text = read_bytes_or_none(self._repo(name) / "_manifests" / digest.algorithm / digest.hex)
+        # A torn or foreign file reads as absent; the writer is atomic, so this is damage.
+        return None if text is None else decode_manifest_link(digest, text)
 
     def resolve(self, name: str, reference: str) -> ManifestLink | None:
         """The manifest a reference names in this repository: a digest it links, or a tag's target."""
@@ -127,14 +156,14 @@ class RepoStore:
     def tag(self, name: str, tag: str) -> TagLink | None:
         path = self._repo(name) / "_tags" / tag
         try:
-            text = path.read_text()
+            data = path.read_bytes()
             mtime = path.stat().st_mtime
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
-            return TagLink(Digest.parse(text.strip()), mtime)
-        except DigestInvalid:
-            return None
+            return TagLink(Digest.parse(data.decode().strip()), mtime)
+        except (UnicodeDecodeError, DigestInvalid):
+            return None  # a foreign file reads as absent, as a torn manifest link does
 
     def touch_tag(self, name: str, tag: str, at: float | None = None) -> None:
         """Record that the tag was confirmed against its upstream just now (or at `at`, wall clock)."""
@@ -167,7 +196,7 @@ class RepoStore:
             self._repo(name) / "_referrers" / subject.algorithm / subject.hex
             / f"{referrer.digest.algorithm}-{referrer.digest.hex}"
         )
-        atomic_write(path, json.dumps(referrer.to_json()).encode())
+        atomic_write(path, encode_referrer(referrer))
 
     def remove_referrer(self, name: str, subject: Digest, referrer: Digest) -> None:
         directory = self._repo(name) / "_referrers" / subject.algorithm / subject.hex
@@ -182,22 +211,10 @@ class RepoStore:
             return []
         found: list[Descriptor] = []
         for entry in entries:
-            text = read_text_or_none(directory / entry)
-            if text is None:
-                continue
-            try:
-                raw = json.loads(text)
-                found.append(
-                    Descriptor(
-                        media_type=raw["mediaType"],
-                        digest=Digest.parse(raw["digest"]),
-                        size=int(raw["size"]),
-                        artifact_type=raw.get("artifactType"),
-                        annotations=raw.get("annotations"),
-                    )
-                )
-            except (ValueError, KeyError, TypeError, DigestInvalid):
-                continue
+            text = read_bytes_or_none(directory / entry)
+            descriptor = None if text is None else decode_referrer(text)
+            if descriptor is not None:
+                found.append(descriptor)
         return found
 
     # -- repositories ------------------------------------------------------------------------------

@@ -6,11 +6,15 @@ blob backend does; a missing key is an answer (None / False), not an error.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+from mirror.errors import StorageUnavailable
 from mirror.storage.s3 import _is_missing, _s3_call, _unavailable
+
+log = logging.getLogger(__name__)
 
 # DeleteObjects takes at most this many keys per request.
 _DELETE_BATCH = 1000
@@ -65,10 +69,20 @@ class S3Objects:
         return True
 
     async def delete_many(self, keys: list[str], *, action: str = "delete metadata") -> None:
+        """Remove every key (absent ones are no error)."""
         for first in range(0, len(keys), _DELETE_BATCH):
             batch = [{"Key": key} for key in keys[first:first + _DELETE_BATCH]]
             with _s3_call(action, self.bucket):
-                await self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                answer = await self.client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                )
+            # DeleteObjects answers 200 even when some keys could not be deleted: those come back as Errors,
+            # and a caller relying on them being gone (a tag, a referrer) must hear about it.
+            failed = answer.get("Errors") or ()
+            if failed:
+                code = str(failed[0].get("Code") or "unknown error")
+                log.warning("S3 %s in bucket %s failed for %d keys: %s", action, self.bucket, len(failed), code)
+                raise StorageUnavailable(f"storage backend failed to {action}: {code}", detail={"bucket": self.bucket})
 
     async def entries(self, prefix: str, *, action: str = "list metadata") -> AsyncIterator[ObjectEntry]:
         """Every object under `prefix` (paged), in key order."""
