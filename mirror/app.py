@@ -11,6 +11,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -38,12 +39,15 @@ from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.hosting import replication_context
 from mirror.routing import Router, Upstream
 from mirror.state import CACHE, CLUSTER_FILLS, CONFIG, COORDINATOR, METRICS, ROUTER
-from mirror.storage.backend import BlobBackend
 from mirror.storage.blobs import BlobStore
 from mirror.storage.local import LocalRegistry
+from mirror.storage.metadata import FsMetadataStore, MetadataStore, UploadSessions
 from mirror.storage.repos import RepoStore
 from mirror.storage.uploads import UploadStore
 from mirror.upstream.client import KEEPALIVE_SECONDS, USER_AGENT, UpstreamClient, tls_context
+
+if TYPE_CHECKING:
+    from mirror.storage.s3 import S3BlobBackend  # aiobotocore: the optional s3 extra
 
 log = logging.getLogger(__name__)
 
@@ -154,13 +158,16 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         backend = await _open_blob_backend(config)
         if backend is not None:
             stack.push_async_callback(backend.close)
+        meta, sessions = _local_metadata(local_repos, uploads, backend, config)
+        stack.push_async_callback(meta.close)
         local = LocalRegistry(
             blobs,
-            local_repos,
-            uploads,
+            meta,
+            sessions,
             manifest_limit=config.limits.manifest_bytes,
             allow_delete=config.storage.delete,
             cache=cache,
+            coordinator=coordinator,
             backend=backend,
         )
         stack.callback(local.close)
@@ -214,13 +221,28 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
         stack.callback(index.close)
         await stack.enter_async_context(cache.running(local_repos))
         stack.push_async_callback(fills.close)
-        await stack.enter_async_context(_expiring_uploads(uploads, config, metrics))
+        await stack.enter_async_context(_expiring_uploads(sessions, config, metrics))
         yield
 
 
-async def _open_blob_backend(config: Config) -> BlobBackend | None:
-    """The S3 bucket pushed blob bytes go to (storage.backend: s3), checked with a HEAD before serving: a node
-    that cannot reach its bucket must not accept pushes. None: the filesystem, as always."""
+def _local_metadata(
+    repos: RepoStore, uploads: UploadStore, backend: S3BlobBackend | None, config: Config
+) -> tuple[MetadataStore, UploadSessions]:
+    """Where local repositories keep links, tags and upload sessions: the files under storage.path, or
+    (storage.backend: s3) the bucket, which every node on it then shares."""
+    if backend is None:
+        return FsMetadataStore(repos), uploads
+    from mirror.storage.s3_meta import S3MetadataStore
+    from mirror.storage.s3_objects import S3Objects
+    from mirror.storage.s3_uploads import S3UploadSessions
+
+    objects = S3Objects(backend.client, backend.bucket)
+    return S3MetadataStore(objects), S3UploadSessions(objects, backend, max_bytes=config.uploads.max_bytes)
+
+
+async def _open_blob_backend(config: Config) -> S3BlobBackend | None:
+    """The S3 bucket local repositories live in (storage.backend: s3), checked with a HEAD before serving: a
+    node that cannot reach its bucket must not accept pushes. None: the filesystem, as always."""
     if config.storage.backend != "s3" or config.storage.s3 is None:
         return None
     from mirror.storage.s3 import S3BlobBackend, settings_from_config  # aiobotocore: the optional s3 extra
@@ -231,11 +253,13 @@ async def _open_blob_backend(config: Config) -> BlobBackend | None:
     except BaseException:
         await backend.close()
         raise
-    log.info("pushed blob bytes go to S3 bucket %s at %s", backend.bucket, backend.settings.endpoint or "AWS")
+    log.info("local repositories live in S3 bucket %s at %s", backend.bucket, backend.settings.endpoint or "AWS")
     return backend
 
 
-def _expiring_uploads(uploads: UploadStore, config: Config, metrics: Metrics) -> AbstractAsyncContextManager[None]:
+def _expiring_uploads(
+    uploads: UploadSessions, config: Config, metrics: Metrics
+) -> AbstractAsyncContextManager[None]:
     """Abandoned push sessions are removed after `uploads.expire` while the server runs, not at its next start."""
     metrics.uploads_open_bytes.set_function(lambda: uploads.open_bytes)
 

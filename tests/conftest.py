@@ -17,19 +17,35 @@ pytest_plugins = ["tests.support.fixtures"]
 ClientFactory = Callable[..., Awaitable[TestClient]]
 
 
-# MIRROR_TEST_STORAGE=s3 runs every in-process registry on S3 (a bucket of its own on the session's real
-# Ceph RGW) instead of the filesystem: the behaviour suites then prove the S3 backend too.
+# The behaviour suites run twice, on the filesystem and on S3 (a bucket of their own on the session's real
+# Ceph RGW): every test in these modules that builds a registry gets a [fs] and an [s3] variant.
+# MIRROR_TEST_STORAGE=s3 puts every other in-process registry on S3 too (a manual run).
 STORAGE_ENV = "MIRROR_TEST_STORAGE"
+BOTH_STORAGES = {"test_registry_api", "test_bad_input", "test_conformance"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "storage_kind" in metafunc.fixturenames and metafunc.module.__name__.rsplit(".", 1)[-1] in BOTH_STORAGES:
+        # Module scope: the conformance module's one live server per storage, not one per test.
+        metafunc.parametrize("storage_kind", ["fs", "s3"], scope="module")
+
+
+@pytest.fixture(scope="module")
+def storage_kind() -> str:
+    """Where local repositories live in this test: fs (the default) or s3."""
+    return "s3" if os.environ.get(STORAGE_ENV) == "s3" else "fs"
 
 
 @pytest.fixture
-def make_registry(aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest) -> ClientFactory:
+def make_registry(
+    aiohttp_client: Any, tmp_path: Path, request: pytest.FixtureRequest, storage_kind: str
+) -> ClientFactory:
     """An in-process mirror on a random port; keyword arguments are config keys."""
 
     async def factory(**config: Any) -> TestClient:
         storage = config.setdefault("storage", {})
         storage.setdefault("path", str(tmp_path / "data"))
-        if os.environ.get(STORAGE_ENV) == "s3" and "backend" not in storage:
+        if storage_kind == "s3" and "backend" not in storage:
             from tests.support.rgw import new_bucket
 
             storage["backend"] = "s3"

@@ -120,3 +120,27 @@ def files_under(root: Path) -> set[str]:
     if not root.exists():
         return set()
     return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+
+
+async def stored_bytes(client: TestClient, *, sessions: bool = False) -> set[str]:
+    """Every blob (and temp file or object) an in-process registry holds, wherever it keeps them: the files
+    under storage.path's blobs/ and tmp/, or the bucket's blobs/ and temp keys; with `sessions`, its upload
+    sessions too. What a refused push must leave unchanged."""
+    from mirror.state import CONFIG
+
+    storage = client.server.app[CONFIG].storage
+    if storage.backend != "s3" or storage.s3 is None:
+        folders = ["blobs", "tmp", *(["uploads"] if sessions else [])]
+        return {f"{folder}/{name}" for folder in folders for name in files_under(storage.path / folder)}
+    from aiobotocore.session import get_session
+
+    s3 = storage.s3
+    prefixes = ("blobs/", "_uploads/", *(("sessions/",) if sessions else ()))
+    async with get_session().create_client(
+        "s3", endpoint_url=s3.endpoint, region_name=s3.region, aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+    ) as s3_client:
+        keys: set[str] = set()
+        async for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=s3.bucket):
+            keys |= {entry["Key"] for entry in page.get("Contents", ()) if entry["Key"].startswith(prefixes)}
+        return keys

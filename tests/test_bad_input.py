@@ -25,11 +25,11 @@ from tests.registry_helpers import (
     ClientFactory,
     digest_of,
     error_codes,
-    files_under,
     image_manifest,
     push_blob,
     push_image,
     put_manifest,
+    stored_bytes,
 )
 
 ZERO = "sha256:" + "0" * 64
@@ -281,7 +281,7 @@ async def test_wrong_digest_or_length_commits_nothing(registry: TestClient, tmp_
     assert status.status == 204
     assert status.headers["Range"] == "0-4"  # the refused bytes are not part of the upload
     assert (await registry.get(f"/v2/team/app/blobs/{digest_of(data)}")).status == 404
-    assert files_under(tmp_path / "data" / "blobs") == set()
+    assert await stored_bytes(registry) == set()
 
     # The session is still good for the right bytes.
     response = await registry.put(
@@ -296,8 +296,7 @@ async def test_wrong_digest_on_final_put(registry: TestClient, tmp_path: Path) -
     response = await registry.put(location, params={"digest": digest_of(b"expected")}, data=b"delivered")
     assert response.status == 400
     assert await error_codes(response) == ["DIGEST_INVALID"]
-    assert files_under(tmp_path / "data" / "blobs") == set()
-    assert files_under(tmp_path / "data" / "tmp") == set()
+    assert await stored_bytes(registry, sessions=True) == set()  # the refused session is gone too
 
 
 # -- PATCH out of order, bad Content-Range ------------------------------------------------------------------

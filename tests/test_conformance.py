@@ -7,6 +7,7 @@ is a private registry (no upstreams); every test works in its own repository.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import io
@@ -24,6 +25,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -80,11 +82,18 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 20.0
 
 
 @pytest.fixture(scope="module")
-def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+def live_server(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest, storage_kind: str
+) -> Iterator[LiveServer]:
     workdir = tmp_path_factory.mktemp("conformance")
     port = free_port()
     config = workdir / "mirror.yml"
-    config.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{port}", "storage": {"path": str(workdir / "data")}}))
+    storage: dict[str, Any] = {"path": str(workdir / "data")}
+    if storage_kind == "s3":  # the same checks against a registry living in a bucket
+        from tests.support.rgw import new_bucket
+
+        storage.update(backend="s3", s3=asyncio.run(new_bucket(request.getfixturevalue("rgw"))))
+    config.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{port}", "storage": storage}))
     stderr_path = workdir / "stderr.log"
     with open(stderr_path, "wb") as stderr, open(workdir / "stdout.log", "wb") as stdout:
         process = subprocess.Popen(

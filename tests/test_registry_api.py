@@ -21,12 +21,12 @@ from tests.registry_helpers import (
     descriptor,
     digest_of,
     error_codes,
-    files_under,
     image_manifest,
     index_manifest,
     push_blob,
     push_image,
     put_manifest,
+    stored_bytes,
 )
 
 MISSING = digest_of(b"never pushed")
@@ -327,8 +327,7 @@ async def test_upload_of_another_repository_is_unknown(registry: TestClient) -> 
     await expect_error(await registry.get(f"/v2/team/b/blobs/{digest_of(b'mine')}"), 404, "BLOB_UNKNOWN")
 
 
-async def test_digest_mismatch_commits_nothing(registry: TestClient, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
+async def test_digest_mismatch_commits_nothing(registry: TestClient) -> None:
     data = b"the real bytes"
     claimed = digest_of(b"other bytes")
     location = await start(registry)
@@ -336,15 +335,12 @@ async def test_digest_mismatch_commits_nothing(registry: TestClient, tmp_path: P
     await expect_error(await registry.put(location, params={"digest": claimed}), 400, "DIGEST_INVALID")
     for digest in (claimed, digest_of(data)):
         await expect_error(await registry.get(f"/v2/team/app/blobs/{digest}"), 404, "BLOB_UNKNOWN")
-    assert files_under(data_dir / "blobs") == set()
-    assert files_under(data_dir / "tmp") == set()
+    assert await stored_bytes(registry, sessions=True) == set()
     # Monolithic pushes fail the same way.
     response = await registry.post("/v2/team/app/blobs/uploads/", params={"digest": claimed}, data=data)
     await expect_error(response, 400, "DIGEST_INVALID")
     await expect_error(await registry.get(f"/v2/team/app/blobs/{claimed}"), 404, "BLOB_UNKNOWN")
-    assert files_under(data_dir / "blobs") == set()
-    assert files_under(data_dir / "tmp") == set()
-    assert files_under(data_dir / "uploads") == set()
+    assert await stored_bytes(registry, sessions=True) == set()
 
 
 async def test_finishing_without_a_digest_is_400(registry: TestClient) -> None:
@@ -914,13 +910,17 @@ async def test_every_response_carries_the_api_version(registry: TestClient) -> N
 
 # -- large manifests never hold other clients -------------------------------------------------------------
 @pytest.mark.slow
-async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: ClientFactory) -> None:
+async def test_large_manifest_pushes_do_not_stall_other_clients(
+    make_registry: ClientFactory, storage_kind: str
+) -> None:
     """Eight 25,000-layer manifests (about 4 MB each) pushed at once: validating them used to hold the event
     loop for about half a second each, so `GET /v2/` waited for seconds (all eight, back to back). It must
     answer as usual meanwhile. The bound is generous and scales with the machine: three times the time one
     such manifest takes to parse right now (at least 1.5 s); validating the eight on the loop, as before,
     holds a client for about eight parses. What remains is the interpreter's full garbage
-    collections over the parsed manifests, which hold every thread, well under one parse."""
+    collections over the parsed manifests, which hold every thread, well under one parse. On S3 the floor
+    is 2.5 s: the pushes' S3 requests are handled on the loop, each waiting for the GIL behind the parse
+    thread (seen: 1.7 s on a loaded machine), still well under the eight parses of the old design."""
     import asyncio
     import time
 
@@ -934,7 +934,7 @@ async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: C
     assert len(body) > 3_500_000
     started = time.perf_counter()
     parse_manifest(body, OCI_MANIFEST)
-    bound = max(1.5, 3 * (time.perf_counter() - started))
+    bound = max(1.5 if storage_kind == "fs" else 2.5, 3 * (time.perf_counter() - started))
 
     async def push(tag: str) -> int:
         response = await put_manifest(client, "team/big", tag, body, OCI_MANIFEST)
@@ -953,7 +953,9 @@ async def test_large_manifest_pushes_do_not_stall_other_clients(make_registry: C
 
 
 # -- abandoned and oversized uploads ---------------------------------------------------------------------
-async def test_abandoned_uploads_expire_while_the_server_runs(make_registry: ClientFactory, tmp_path: Path) -> None:
+async def test_abandoned_uploads_expire_while_the_server_runs(
+    make_registry: ClientFactory, tmp_path: Path, storage_kind: str
+) -> None:
     import asyncio
 
     from tests.proxy_helpers import metric_value, metrics_text
@@ -963,7 +965,8 @@ async def test_abandoned_uploads_expire_while_the_server_runs(make_registry: Cli
     assert (await client.patch(abandoned, data=b"x" * 50_000)).status == 202
     active = (await client.post("/v2/team/app/blobs/uploads/")).headers["Location"]
     sessions = tmp_path / "data" / "uploads"
-    assert len(list(sessions.iterdir())) == 2
+    on_disk = storage_kind == "fs"  # on S3 the sessions are objects in the bucket
+    assert not on_disk or len(list(sessions.iterdir())) == 2
     received = b""
     for _ in range(12):  # 2.4 s: the active session keeps receiving bytes, the other gets nothing
         await asyncio.sleep(0.2)
@@ -972,7 +975,8 @@ async def test_abandoned_uploads_expire_while_the_server_runs(make_registry: Cli
         assert response.status == 202, await response.text()
         received += chunk
     await expect_error(await client.get(abandoned), 404, "BLOB_UPLOAD_UNKNOWN")
-    assert [p.name for p in sessions.iterdir()] == [active.rsplit("/", 1)[1]]  # files freed, the other kept
+    if on_disk:
+        assert [p.name for p in sessions.iterdir()] == [active.rsplit("/", 1)[1]]  # files freed, the other kept
     text = await metrics_text(client)
     assert metric_value(text, "mirror_uploads_expired_total") == 1
     assert metric_value(text, "mirror_uploads_open_bytes") == len(received)
@@ -998,10 +1002,10 @@ async def test_open_uploads_have_a_byte_bound_of_their_own(make_registry: Client
 
     # One upload larger than the whole bound can never fit: 413, and no session is left of it.
     huge = b"c" * (2 << 20)
-    before = {p.name for p in (tmp_path / "data" / "uploads").iterdir()}
+    before = await stored_bytes(client, sessions=True)
     response = await client.post("/v2/team/app/blobs/uploads/", params={"digest": digest_of(huge)}, data=huge)
     await expect_error(response, 413, "BLOB_UPLOAD_INVALID")
-    assert {p.name for p in (tmp_path / "data" / "uploads").iterdir()} == before
+    assert await stored_bytes(client, sessions=True) == before
     assert metric_value(await metrics_text(client), "mirror_uploads_open_bytes") == len(first_bytes)
 
     # Once the first finishes, the room is back.

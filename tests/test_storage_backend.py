@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import tracemalloc
 import uuid
@@ -458,8 +459,13 @@ class S3Registry:
     async def keys(self) -> list[str]:
         return await Store("s3", self.backend).all_keys()
 
+    async def blob_keys(self) -> list[str]:
+        return [key for key in await self.keys() if key.startswith("blobs/")]
+
     async def leftovers(self) -> list[str]:
-        return await Store("s3", self.backend).leftovers()
+        """What a finished push must not leave: temp objects, sessions, unfinished multipart uploads
+        (repository links and tags under `repositories/` are what a push is for)."""
+        return [key for key in await Store("s3", self.backend).leftovers() if not key.startswith("repositories/")]
 
 
 @pytest.fixture
@@ -503,9 +509,10 @@ async def test_pushed_blobs_live_in_the_bucket_and_pull_back(s3_registry: S3Regi
     for blob in (b"layer one", b"layer two"):
         assert f"blobs/sha256/{digest_of(blob)[7:]}" in keys
     assert f"blobs/sha256/{big_digest.hex}" in keys
-    # On the filesystem: the manifest (metadata), and no layer bytes.
-    on_disk = files_under(s3_registry.root / "blobs")
-    assert on_disk == {f"sha256/{manifest_digest[7:9]}/{manifest_digest[7:]}"}
+    # The manifest and its tag are in the bucket too (what lets every node on it serve the image); nothing
+    # of it on the node's disk.
+    assert f"blobs/sha256/{manifest_digest[7:]}" in keys and "repositories/team/app/_tags/v1" in keys
+    assert files_under(s3_registry.root / "blobs") == set()
     assert await s3_registry.leftovers() == []
 
     got = await client.get(f"/v2/team/app/blobs/{big_digest}")
@@ -530,7 +537,7 @@ async def test_a_wrong_digest_on_s3_is_refused_and_leaves_nothing(s3_registry: S
     assert await error_codes(finished) == ["DIGEST_INVALID"]
     monolithic = await client.post("/v2/team/app/blobs/uploads/", params={"digest": str(claimed)}, data=b"x" * 1000)
     assert monolithic.status == 400
-    assert await s3_registry.keys() == []
+    assert await s3_registry.blob_keys() == []
     assert await s3_registry.leftovers() == []
     assert (await client.get(f"/v2/team/app/blobs/{claimed}")).status == 404
 
@@ -546,21 +553,29 @@ async def test_a_blob_gone_from_the_bucket_is_blob_unknown(s3_registry: S3Regist
             assert await error_codes(response) == ["BLOB_UNKNOWN"]
 
 
+def deny_blob_writes(bucket: str) -> str:
+    """A bucket policy refusing every write under blobs/: the bucket fails the way a full or read-only one
+    does, while the sessions beside it stay readable."""
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Principal": "*", "Action": ["s3:PutObject"], "Resource": [f"arn:aws:s3:::{bucket}/blobs/*"],
+    }]})
+
+
 async def test_a_bucket_that_fails_is_503_and_the_push_can_be_finished_later(s3_registry: S3Registry) -> None:
     client, backend = s3_registry.client, s3_registry.backend
     started = await client.post("/v2/team/app/blobs/uploads/")
     data = os.urandom(200_000)
     patched = await client.patch(started.headers["Location"], data=data)
     assert patched.status == 202
-    await backend.client.delete_bucket(Bucket=backend.bucket)  # the bucket goes away (empty: nothing pushed yet)
+    await backend.client.put_bucket_policy(Bucket=backend.bucket, Policy=deny_blob_writes(backend.bucket))
     digest = digest_of(data)
     refused = await client.put(patched.headers["Location"], params={"digest": digest})
     assert refused.status == 503
     assert await error_codes(refused) == ["UNAVAILABLE"]
     monolithic = await client.post("/v2/team/app/blobs/uploads/", params={"digest": digest_of(b"m")}, data=b"m")
     assert monolithic.status == 503 and await error_codes(monolithic) == ["UNAVAILABLE"]
-    # The session kept every byte: once the bucket is back, the same PUT finishes the push.
-    await backend.client.create_bucket(Bucket=backend.bucket)
+    # The session kept every byte: once the bucket takes writes again, the same PUT finishes the push.
+    await backend.client.delete_bucket_policy(Bucket=backend.bucket)
     finished = await client.put(patched.headers["Location"], params={"digest": digest})
     assert finished.status == 201, await finished.text()
     assert await (await client.get(f"/v2/team/app/blobs/{digest}")).read() == data
@@ -575,7 +590,7 @@ async def test_a_mount_on_s3_links_without_copying(s3_registry: S3Registry) -> N
     assert await (await client.get(f"/v2/team/app/blobs/{digest}")).read() == b"shared layer"
     elsewhere = await client.post("/v2/team/app/blobs/uploads/", params={"mount": digest, "from": "team/none"})
     assert elsewhere.status == 202  # not readable from there: an ordinary upload starts instead
-    assert await s3_registry.keys() == [f"blobs/sha256/{digest[7:]}"]
+    assert await s3_registry.blob_keys() == [f"blobs/sha256/{digest[7:]}"]  # one copy of the bytes
 
 
 async def test_blob_gets_redirect_to_a_presigned_url_when_enabled(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 from mirror.cache.index import LOCAL
 from mirror.cache.manager import CacheManager
+from mirror.coordination.interface import Coordinator, CoordinatorUnavailable
 from mirror.errors import (
     BlobUnknown,
     DigestInvalid,
@@ -17,6 +17,7 @@ from mirror.errors import (
     ManifestTooLarge,
     ManifestUnknown,
     NameUnknown,
+    StorageUnavailable,
     Unsupported,
 )
 from mirror.oci.digest import Digest, looks_like_digest
@@ -35,39 +36,12 @@ from mirror.storage.interface import (
     Registry,
     TagMoveCheck,
 )
-from mirror.storage.repos import ManifestLink, RepoStore, find_blob_sync
+from mirror.storage.metadata import FsMetadataStore, MetadataStore, UploadSessions
+from mirror.storage.repos import ManifestLink, find_blob_sync
 from mirror.storage.uploads import Upload, UploadStore
 
 # Manifests larger than this are parsed and hashed in a thread (a few hundred layers and up).
 _PARSE_ON_LOOP_BYTES = 64 << 10
-_REFERENCES_ON_DEFAULT_EXECUTOR = 500
-_T = TypeVar("_T")
-
-
-class _TagLocks:
-    """One lock per (repository, tag), kept only while someone holds or waits for it.
-
-    The tag a manifest PUT moves is read, judged (immutable? may this caller overwrite?) and written under
-    it, so of two concurrent PUTs the second sees what the first wrote. It covers this process, which is
-    all that writes a local repository's files: cluster nodes keep their own storage."""
-
-    def __init__(self) -> None:
-        self._locks: dict[tuple[str, str], tuple[asyncio.Lock, int]] = {}
-
-    @contextlib.asynccontextmanager
-    async def hold(self, repo: str, tag: str) -> AsyncIterator[None]:
-        key = (repo, tag)
-        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
-        self._locks[key] = (lock, users + 1)
-        try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
 
 
 def _same_manifest(current: Digest, new: Digest, body: bytes) -> bool:
@@ -76,31 +50,57 @@ def _same_manifest(current: Digest, new: Digest, body: bytes) -> bool:
 
 
 class LocalRegistry(Registry):
+    """Two layouts, one behaviour:
+    - the filesystem (no `backend`): blobs and manifests in `blobs`, shared with the pull-through cache (a
+      pushed blob the cache already holds is not stored twice; the cache manager holds it as LOCAL), links
+      in `FsMetadataStore`, sessions in `UploadStore`;
+    - a shared bucket (`backend`, storage.backend: s3): blob and manifest bytes in the backend, links and
+      sessions in S3 stores beside them, so every node on the bucket serves, and finishes, the same pushes.
+    Tag moves are serialised by the coordinator's lock: in-process, or cluster-wide through Redis."""
+
     def __init__(
         self,
         blobs: BlobStore,
-        repos: RepoStore,
-        uploads: UploadStore,
+        meta: MetadataStore,
+        uploads: UploadSessions,
         *,
         manifest_limit: int,
         allow_delete: bool,
         cache: CacheManager,
+        coordinator: Coordinator,
         backend: BlobBackend | None = None,
     ) -> None:
         self.cache = cache
         self.blobs = blobs
-        # Where pushed blob bytes live when not in `blobs` (storage.backend: s3). Manifests stay in `blobs`
-        # with the other metadata; without a backend everything is on the filesystem as before.
         self.backend = backend
-        self.repos = repos
+        self.meta = meta
+        # The filesystem layout answers a blob GET's two questions (linked? stored?) in one thread hop.
+        self._fs_repos = meta.repos if isinstance(meta, FsMetadataStore) else None
         self.uploads = uploads
+        self.coordinator = coordinator
         self.manifest_limit = manifest_limit
         self.allow_delete = allow_delete
         # One thread: the work is pure Python and holds the GIL, so a second one would not finish it sooner,
         # only make the event loop wait longer each time it needs the GIL back.
         self._manifest_checks = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest-check")
         self.pushes = PushFeed()  # tag pushes, for on_push replication rules
-        self._tag_locks = _TagLocks()
+
+    @contextlib.asynccontextmanager
+    async def _tag_lock(self, repo: str, tag: str) -> AsyncIterator[None]:
+        """The tag a manifest PUT moves is read, judged (immutable? may this caller overwrite?) and written
+        under this lock, so of two concurrent PUTs, on this node or another, the second sees the first's."""
+        try:
+            lock = self.coordinator.lock(f"tag:{repo}:{tag}")
+            await lock.__aenter__()
+        except CoordinatorUnavailable as exc:
+            raise StorageUnavailable("cluster coordination does not answer; retry the push") from exc
+        try:
+            yield
+        except BaseException as exc:
+            if not await lock.__aexit__(type(exc), exc, exc.__traceback__):
+                raise
+        else:
+            await lock.__aexit__(None, None, None)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
@@ -109,14 +109,15 @@ class LocalRegistry(Registry):
 
     async def open_blob(self, repo: str, digest: Digest) -> BlobFile | BlobInBackend:
         if self.backend is not None:
-            if not await asyncio.to_thread(self.repos.has_blob, repo, digest):
+            if not await self.meta.has_blob(repo, digest):
                 raise BlobUnknown(detail={"digest": str(digest)})
             size = await self.backend.stat(digest)
             if size is None:
                 raise BlobUnknown(detail={"digest": str(digest)})
             return BlobInBackend(digest, size, self.backend)
+        assert self._fs_repos is not None, "the filesystem layout keeps its links in files"
         # Content is shared between repositories, but only readable through one that links it.
-        linked, stored = await asyncio.to_thread(find_blob_sync, self.repos, self.blobs, repo, digest)
+        linked, stored = await asyncio.to_thread(find_blob_sync, self._fs_repos, self.blobs, repo, digest)
         if not linked or stored is None:
             raise BlobUnknown(detail={"digest": str(digest)})
         return BlobFile(stored.digest, stored.size, stored.path)
@@ -129,31 +130,34 @@ class LocalRegistry(Registry):
             stored_size = await self.backend.stat(digest)
             if stored_size is None:
                 stored_size = await put_stream(self.backend, digest, chunks, size=size)
-            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.meta.link_blob(repo, digest)
             return BlobInfo(digest, stored_size)
         # In use from the existence check until held as local: a cached copy found here must not be
         # evicted before it is held (the cache manager skips digests in use).
         with self.cache.in_use(digest):
             stored = await self.blobs.put_stream(digest, chunks, size=size)
-            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.meta.link_blob(repo, digest)
             await self.cache.hold(digest, stored.size, LOCAL)
         return BlobInfo(digest, stored.size)
 
     async def mount_blob(self, repo: str, source_repo: str, digest: Digest) -> bool:
         if self.backend is not None:
-            if not await asyncio.to_thread(self.repos.has_blob, source_repo, digest):
+            if not await self.meta.has_blob(source_repo, digest):
                 return False
             if await self.backend.stat(digest) is None:
                 return False
-            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.meta.link_blob(repo, digest)
             return True
+        repos = self._fs_repos
+        assert repos is not None, "the filesystem layout keeps its links in files"
+
         def mount() -> int | None:
-            if not self.repos.has_blob(source_repo, digest):
+            if not repos.has_blob(source_repo, digest):
                 return None
             stored = self.blobs.reuse_sync(digest)  # refreshes its age for a concurrent `mirror gc`
             if stored is None:
                 return None
-            self.repos.link_blob(repo, digest)
+            repos.link_blob(repo, digest)
             return stored.size
 
         with self.cache.in_use(digest):  # not evicted between the check and the hold
@@ -166,7 +170,7 @@ class LocalRegistry(Registry):
     async def delete_blob(self, repo: str, digest: Digest) -> None:
         self._check_delete()
         # Only the link goes; the bytes stay for other repositories until `mirror gc` finds them unused.
-        if not await asyncio.to_thread(self.repos.unlink_blob, repo, digest):
+        if not await self.meta.unlink_blob(repo, digest):
             raise BlobUnknown(detail={"digest": str(digest)})
 
     # -- uploads -----------------------------------------------------------------------------------
@@ -195,13 +199,14 @@ class LocalRegistry(Registry):
             size = await self.uploads.finish_into(
                 self.backend, repo, upload_id, digest, chunks, start=start, length=length
             )
-            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.meta.link_blob(repo, digest)
             return BlobInfo(digest, size)
+        assert isinstance(self.uploads, UploadStore), "the filesystem layout keeps its sessions in files"
         # In use from the existence check in finish() until held as local: a cached copy of the same bytes
         # that finish() reuses must not be evicted in between (the client would get 201 for a lost blob).
         with self.cache.in_use(digest):
             stored = await self.uploads.finish(repo, upload_id, digest, chunks, start=start, length=length)
-            await asyncio.to_thread(self.repos.link_blob, repo, digest)
+            await self.meta.link_blob(repo, digest)
             await self.cache.hold(digest, stored.size, LOCAL)
         return BlobInfo(digest, stored.size)
 
@@ -210,7 +215,7 @@ class LocalRegistry(Registry):
 
     # -- manifests ---------------------------------------------------------------------------------
     async def _resolve(self, repo: str, reference: str) -> ManifestLink:
-        link = await asyncio.to_thread(self.repos.resolve, repo, reference)
+        link = await self.meta.resolve(repo, reference)
         if link is None:
             raise ManifestUnknown(detail={"reference": reference})
         return link
@@ -221,10 +226,24 @@ class LocalRegistry(Registry):
 
     async def get_manifest(self, repo: str, reference: str) -> Manifest:
         link = await self._resolve(repo, reference)
-        body = await self.blobs.read_bytes(link.digest)
+        body = await self._manifest_body(link.digest)
         if body is None:
             raise ManifestUnknown(detail={"reference": reference})
         return Manifest(link.digest, link.media_type, body)
+
+    async def _manifest_body(self, digest: Digest) -> bytes | None:
+        if self.backend is None:
+            return await self.blobs.read_bytes(digest)
+        try:
+            return b"".join([piece async for piece in self.backend.read(digest)])  # bounded by manifest_limit
+        except BlobUnknown:
+            return None
+
+    async def _store_manifest_body(self, body: bytes, digest: Digest) -> None:
+        if self.backend is None:
+            await self.blobs.put_bytes(body, digest)
+        elif await self.backend.stat(digest) is None:
+            await put_stream(self.backend, digest, _one_piece(body), size=len(body))
 
     async def put_manifest(
         self, repo: str, reference: str, body: bytes, content_type: str | None,
@@ -244,49 +263,44 @@ class LocalRegistry(Registry):
         else:
             tag = validate_tag(reference)
 
-        def missing_references() -> list[str]:
-            # Foreign (non-distributable) layers are not among `parsed.blobs`: clients never push them.
-            missing = [str(d.digest) for d in parsed.blobs if not self.repos.has_blob(repo, d.digest)]
-            missing += [str(d.digest) for d in parsed.manifests if self.repos.manifest_link(repo, d.digest) is None]
-            return missing
-
-        missing = await self._off_loop(missing_references, len(parsed.blobs) + len(parsed.manifests))
+        # Foreign (non-distributable) layers are not among `parsed.blobs`: clients never push them.
+        missing = [
+            str(d) for d in await self.meta.missing(
+                # Each digest once: a manifest may list one layer many times, and on S3 each is a request.
+                repo, list(dict.fromkeys(d.digest for d in parsed.blobs)),
+                list(dict.fromkeys(d.digest for d in parsed.manifests)),
+            )
+        ]
         if missing:
             raise ManifestBlobUnknown(
                 f"manifest references {len(missing)} blob(s) not in {repo}", detail={"digests": missing[:20]}
             )
 
-        def link() -> None:
-            self.repos.link_manifest(repo, ManifestLink(digest, parsed.media_type, len(body)))
-            if parsed.subject is not None:
-                self.repos.add_referrer(
-                    repo,
-                    parsed.subject.digest,
-                    Descriptor(
-                        parsed.media_type,
-                        digest,
-                        len(body),
-                        artifact_type=parsed.artifact_type,
-                        annotations=parsed.annotations or None,
-                    ),
-                )
-            if tag is not None:
-                self.repos.set_tag(repo, tag, digest)
+        referrer = None
+        if parsed.subject is not None:
+            referrer = Descriptor(
+                parsed.media_type, digest, len(body),
+                artifact_type=parsed.artifact_type, annotations=parsed.annotations or None,
+            )
 
         async def store() -> None:
-            await self.blobs.put_bytes(body, digest)
-            await asyncio.to_thread(link)
+            await self._store_manifest_body(body, digest)
+            await self.meta.store_manifest(
+                repo, ManifestLink(digest, parsed.media_type, len(body)),
+                referrer_of=parsed.subject.digest if parsed.subject else None, referrer=referrer, tag=tag,
+            )
 
         if tag is None:
             await store()
         else:
-            async with self._tag_locks.hold(repo, tag):
+            async with self._tag_lock(repo, tag):
                 if on_tag_move is not None:
-                    current = await asyncio.to_thread(self.repos.tag, repo, tag)
+                    current = await self.meta.tag(repo, tag)
                     if current is not None and not _same_manifest(current.digest, digest, body):
                         on_tag_move(current.digest, digest)  # raises to refuse; nothing is stored then
                 await store()
-        await self.cache.hold(digest, len(body), LOCAL)
+        if self.backend is None:
+            await self.cache.hold(digest, len(body), LOCAL)
         if tag is not None:
             self.pushes.publish(repo, tag)
         return PutManifestResult(digest, parsed.subject.digest if parsed.subject else None)
@@ -307,13 +321,6 @@ class LocalRegistry(Registry):
             return check()  # a typical manifest (a few KiB) parses in well under a millisecond
         return await asyncio.get_running_loop().run_in_executor(self._manifest_checks, check)
 
-    async def _off_loop(self, work: Callable[[], _T], references: int) -> _T:
-        """Blocking work over a manifest's references: on the default executor for a typical manifest, on the
-        manifest executor for one with thousands (seconds of Python that would hold every hit's thread)."""
-        if references <= _REFERENCES_ON_DEFAULT_EXECUTOR:
-            return await asyncio.to_thread(work)
-        return await asyncio.get_running_loop().run_in_executor(self._manifest_checks, work)
-
     def close(self) -> None:
         self._manifest_checks.shutdown(wait=False, cancel_futures=True)
 
@@ -321,14 +328,14 @@ class LocalRegistry(Registry):
         self._check_delete()
         if not looks_like_digest(reference):
             tag = validate_tag(reference)
-            async with self._tag_locks.hold(repo, tag):
-                deleted = await asyncio.to_thread(self.repos.delete_tag, repo, tag)
+            async with self._tag_lock(repo, tag):
+                deleted = await self.meta.delete_tag(repo, tag)
             if not deleted:
                 raise ManifestUnknown(detail={"reference": reference})
             return
         digest = Digest.parse(reference)
         link = await self._resolve(repo, reference)
-        body = await self.blobs.read_bytes(digest)
+        body = await self._manifest_body(digest)
         subject = None
         if body is not None:
             try:
@@ -336,14 +343,7 @@ class LocalRegistry(Registry):
             except Exception:  # noqa: BLE001 - a stored manifest that no longer parses still gets deleted
                 subject = None
 
-        def unlink() -> None:
-            for tag in self.repos.tags_pointing_to(repo, digest):
-                self.repos.delete_tag(repo, tag)
-            if subject is not None:
-                self.repos.remove_referrer(repo, subject.digest, digest)
-            self.repos.unlink_manifest(repo, digest)
-
-        await asyncio.to_thread(unlink)
+        await self.meta.unlink_manifest(repo, digest, subject=subject.digest if subject is not None else None)
 
     def _check_delete(self) -> None:
         if not self.allow_delete:
@@ -351,16 +351,17 @@ class LocalRegistry(Registry):
 
     # -- discovery ---------------------------------------------------------------------------------
     async def list_tags(self, repo: str) -> list[str]:
-        def tags() -> list[str] | None:
-            return self.repos.tags(repo) if self.repos.exists(repo) else None
-
-        found = await asyncio.to_thread(tags)
+        found = await self.meta.tags(repo)
         if found is None:
             raise NameUnknown(detail={"name": repo})
         return found
 
     async def referrers(self, repo: str, subject: Digest) -> list[Descriptor]:
-        return await asyncio.to_thread(self.repos.referrers, repo, subject)
+        return await self.meta.referrers(repo, subject)
 
     async def list_repositories(self) -> list[str]:
-        return await asyncio.to_thread(self.repos.repositories)
+        return await self.meta.repositories()
+
+
+async def _one_piece(body: bytes) -> AsyncIterator[bytes]:
+    yield body

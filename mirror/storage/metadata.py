@@ -18,7 +18,9 @@ What every implementation keeps:
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from mirror.oci.digest import Digest
@@ -105,12 +107,29 @@ class UploadSessions(Protocol):
 
     async def cancel(self, repository: str, upload_id: str) -> None: ...
 
+    @property
+    def open_bytes(self) -> int:
+        """Bytes the open sessions hold (what uploads.max_bytes bounds), as far as this node knows."""
+        ...
+
+    def expiring(
+        self, idle_seconds: float, on_expired: Callable[[int, int], None]
+    ) -> AbstractAsyncContextManager[None]:
+        """While open, sessions idle for `idle_seconds` are removed; `on_expired(sessions, bytes)` is told."""
+        ...
+
+
+# A manifest with more references than this is checked on a thread of the store's own: thousands of file
+# lookups take seconds, which would otherwise hold a default-executor thread that blob hits need.
+_REFERENCES_ON_DEFAULT_EXECUTOR = 500
+
 
 class FsMetadataStore:
     """A MetadataStore over `RepoStore`'s files: each operation is one thread hop."""
 
     def __init__(self, repos: RepoStore) -> None:
         self.repos = repos
+        self._bulk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="manifest-references")
 
     async def has_blob(self, repo: str, digest: Digest) -> bool:
         return await asyncio.to_thread(self.repos.has_blob, repo, digest)
@@ -127,7 +146,9 @@ class FsMetadataStore:
             absent += [digest for digest in manifests if self.repos.manifest_link(repo, digest) is None]
             return absent
 
-        return await asyncio.to_thread(check)
+        if len(blobs) + len(manifests) <= _REFERENCES_ON_DEFAULT_EXECUTOR:
+            return await asyncio.to_thread(check)
+        return await asyncio.get_running_loop().run_in_executor(self._bulk, check)
 
     async def manifest_link(self, repo: str, digest: Digest) -> ManifestLink | None:
         return await asyncio.to_thread(self.repos.manifest_link, repo, digest)
@@ -177,4 +198,4 @@ class FsMetadataStore:
         return await asyncio.to_thread(self.repos.repositories)
 
     async def close(self) -> None:
-        return None
+        self._bulk.shutdown(wait=False, cancel_futures=True)

@@ -117,7 +117,7 @@ osd max object name len = 256
 osd max object namespace len = 64
 
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:{self.port}
+rgw frontends = beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1
 rgw data = {root}/rgw
 ms mon client mode = crc secure
 rgw dns name = 127.0.0.1
