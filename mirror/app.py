@@ -44,6 +44,7 @@ from mirror.storage.local import LocalRegistry
 from mirror.storage.metadata import FsMetadataStore, MetadataStore, UploadSessions
 from mirror.storage.repos import RepoStore
 from mirror.storage.uploads import UploadStore
+from mirror.upstream.blocking import BlockingPool
 from mirror.upstream.client import KEEPALIVE_SECONDS, USER_AGENT, UpstreamClient, tls_context
 
 if TYPE_CHECKING:
@@ -171,6 +172,12 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             backend=backend,
         )
         stack.callback(local.close)
+        shared_pool = None
+        if backend is not None and config.upstreams:
+            # The pull-through cache's shared tier (mirror/proxy/shared_cache.py): blobs other nodes filled
+            # are read from the bucket through this pool, as fills read an upstream's body.
+            shared_pool = BlockingPool(user_agent=USER_AGENT, timeout=30.0)
+            stack.callback(shared_pool.close)
         upstreams: dict[str, Upstream] = {}
         for upstream_config in config.upstreams:
             # One session per upstream: its own connection pool and limits. Bytes are passed through
@@ -194,6 +201,12 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             client = UpstreamClient(upstream_config, session, metrics, tls=tls, shared=shared)
             stack.callback(client.close)
             cache_repos = await asyncio.to_thread(RepoStore, config.storage.path / "cache" / upstream_config.name)
+            shared_tier = None
+            if backend is not None and shared_pool is not None:
+                from mirror.proxy.shared_cache import SharedCache
+
+                shared_tier = SharedCache(upstream_config.name, backend, shared_pool)
+                stack.push_async_callback(shared_tier.close)
             proxy = ProxyRegistry(
                 client,
                 blobs,
@@ -209,6 +222,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
                 ),
                 peers=peers,
                 shared_tags=shared,
+                shared=shared_tier,
             )
             proxy.on_fill = app[PULL_STATS].record_fill
             stack.push_async_callback(proxy.close)

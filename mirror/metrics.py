@@ -110,6 +110,14 @@ class Metrics:
             "mirror_cluster_peer_bytes", "Blob bytes of an upstream's fills streamed from another cluster node "
             "(the one downloading it) instead of from the upstream.", ["upstream"], registry=r,
         )
+        self.shared_cache_bytes = Counter(
+            "mirror_shared_cache_bytes", "Blob bytes of an upstream's fills read from the shared bucket (another "
+            "node filled them before) instead of from the upstream.", ["upstream"], registry=r,
+        )
+        self.shared_cache_manifests = Counter(
+            "mirror_shared_cache_manifests", "Manifests of an upstream read from the shared bucket instead of "
+            "from the upstream.", ["upstream"], registry=r,
+        )
         self.upstream_errors = Counter(
             "mirror_upstream_errors", "Upstream failures (connection, timeout, 5xx, 429, verification).",
             ["upstream", "reason"], registry=r,

@@ -57,6 +57,7 @@ from mirror.upstream.client import UpstreamClient
 
 if TYPE_CHECKING:
     from mirror.coordination.interface import Coordinator
+    from mirror.proxy.shared_cache import SharedCache
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class ProxyRegistry(Registry):
         read_only_message: str,
         peers: ClusterFills | None = None,
         shared_tags: Coordinator | None = None,
+        shared: SharedCache | None = None,
     ) -> None:
         self.client = client
         self.name = client.name
@@ -133,6 +135,9 @@ class ProxyRegistry(Registry):
         # Set on a cluster node: a tag one node resolved from the upstream is trusted by every node for
         # what is left of its `tag_ttl` (the coordinator keeps it that long), behind this node's memo.
         self.shared_tags = shared_tags
+        # Set with storage.backend: s3: the bucket every node shares, looked at before the upstream
+        # (mirror/proxy/shared_cache.py); what this node fetches is published there.
+        self.shared = shared
         # Told of every finished download (the status page's "recent fills"); the app sets it.
         self.on_fill: Callable[[FillRecord], None] | None = None
         self._manifest_flights: SingleFlight[Manifest] = SingleFlight()
@@ -198,8 +203,10 @@ class ProxyRegistry(Registry):
                 self._count("blob", "hit")
                 self.cache.note_access(digest)
                 return BlobFile(digest, stored.size, stored.path)
-            # The bytes are here (or arriving) for another repository: ask the upstream about this one.
-            if await self._upstream_has_blob(repo, digest) is None:
+            # The bytes are here (or arriving) for another repository: ask the shared tier (another node
+            # recorded the upstream's word for this one), else the upstream, about this one.
+            vouched = self.shared is not None and await self.shared.blob_size(repo, digest) is not None
+            if not vouched and await self._upstream_has_blob(repo, digest) is None:
                 raise BlobUnknown(detail={"digest": str(digest)})
             confirmed = True  # look again: during the HEAD a fill may have finished or committed
         await fill.wait_ready()
@@ -213,6 +220,8 @@ class ProxyRegistry(Registry):
         if running is not None and (linked or running.readable_by(repo)):
             await running.wait_ready()
             return BlobInfo(digest, running.size)
+        if self.shared is not None and (shared_size := await self.shared.blob_size(repo, digest)) is not None:
+            return BlobInfo(digest, shared_size)
         size = await self._upstream_has_blob(repo, digest)
         if size is None or size < 0:
             raise BlobUnknown(detail={"digest": str(digest)})
@@ -247,6 +256,14 @@ class ProxyRegistry(Registry):
             fill.begin(stored.size, read_fd)
             await fill.commit(stored.path)
             return
+        if self.shared is not None:
+            shared = await self.shared.open_blob(repo, digest)
+            if shared is not None:
+                try:
+                    await self._fill_from(fill, shared, repo, digest, expected, None, from_shared=True)
+                finally:
+                    shared.release()
+                return
         if self.peers is not None:
             await self._download_in_cluster(fill, repo, digest, expected, linked=linked)
             return
@@ -287,7 +304,7 @@ class ProxyRegistry(Registry):
 
     async def _fill_from(
         self, fill: Fill, response: BlockingResponse, repo: str, digest: Digest, expected: int | None,
-        source: ClusterSource | None,
+        source: ClusterSource | None, *, from_shared: bool = False,
     ) -> None:
         """Judge the first response of a fill and stream it into the store (see _download)."""
         if response.status in (401, 403, 404):
@@ -311,11 +328,12 @@ class ProxyRegistry(Registry):
         else:
             keep = await self.cache.should_keep(digest, size)
         async with self.cache.incoming(size or 0 if keep else 0):
-            await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep, source=source)
+            await self._stream_to_store(fill, response, repo, digest, size=size, keep=keep, source=source,
+                                        from_shared=from_shared)
 
     async def _stream_to_store(
         self, fill: Fill, response: BlockingResponse, repo: str, digest: Digest, *, size: int | None,
-        keep: bool = True, source: ClusterSource | None = None,
+        keep: bool = True, source: ClusterSource | None = None, from_shared: bool = False,
     ) -> None:
         """Receive the body (exactly `size` bytes when known) into a temp file while readers follow it;
         verify, then commit it (or, with `keep` false, only let the readers finish). With a cluster
@@ -331,7 +349,9 @@ class ProxyRegistry(Registry):
             if size:
                 await self._reserve(size, fill)
                 fill.begin(size, read_fd)
-            upstream_bytes = self.metrics.upstream_bytes.labels(self.name)
+            upstream_bytes = (self.metrics.shared_cache_bytes if from_shared else self.metrics.upstream_bytes).labels(
+                self.name
+            )
 
             def advance(size: int) -> None:  # bytes are on disk: readers may move on
                 upstream_bytes.inc(size - fill.written)
@@ -378,6 +398,8 @@ class ProxyRegistry(Registry):
             await self._link_new_repositories(fill, digest, linked)
             await fill.commit(stored.path)
             self._fill_finished(repo, digest, received, started, "ok")
+            if self.shared is not None and not from_shared:
+                self.shared.publish_blob(repo, digest, stored.path, received)
             elapsed = time.perf_counter() - started
             log.info("filled %s from %s/%s: %d bytes in %.2f s (%.0f MB/s)", digest, self.name, repo, received,
                      elapsed, received / elapsed / 1e6 if elapsed else 0.0)
@@ -585,6 +607,8 @@ class ProxyRegistry(Registry):
             manifest, validated_at = await self._tag_flights.run(key, lambda: self._resolve_tag(repo, tag, cached))
         except _UPSTREAM_DOWN:
             if cached is None:
+                cached = await self._shared_tier_tag(repo, tag)
+            if cached is None:
                 raise
             log.info("serving stale %s/%s:%s (upstream unavailable)", self.name, repo, tag)
             self._count("tag", "stale")
@@ -593,6 +617,22 @@ class ProxyRegistry(Registry):
             self._memo.discard(key)
             raise
         self._memo.put(key, manifest, validated_at)
+        return manifest
+
+    async def _shared_tier_tag(self, repo: str, tag: str) -> Manifest | None:
+        """With the upstream unreachable and nothing on this node: the manifest another node last fetched
+        for the tag, from the shared tier (served stale, as a local copy would be)."""
+        if self.shared is None:
+            return None
+        digest = await self.shared.tag(repo, tag)
+        if digest is None:
+            return None
+        try:
+            manifest = await self._manifest_by_digest(repo, digest)
+        except (ManifestUnknown, *_UPSTREAM_DOWN):
+            return None
+        # Dated long ago: the next request with the upstream back revalidates it at once.
+        await asyncio.to_thread(self._set_tag_sync, repo, tag, digest, 0.0)
         return manifest
 
     async def _resolve_tag(self, repo: str, tag: str, cached: Manifest | None) -> tuple[Manifest, float]:
@@ -668,6 +708,18 @@ class ProxyRegistry(Registry):
         return manifest
 
     async def _fetch_manifest(self, repo: str, reference: str, *, expected: Digest | None) -> Manifest:
+        if expected is not None and self.shared is not None:
+            found = await self.shared.manifest(repo, expected, self.manifest_limit)
+            if found is not None:
+                media_type, body = found
+                try:
+                    parsed = parse_manifest(body, media_type)
+                except RegistryError:
+                    parsed = None  # not what its link says: fetched from the upstream below
+                if parsed is not None:
+                    self.metrics.shared_cache_manifests.labels(self.name).inc()
+                    self._start_prefetch(repo, parsed)
+                    return await self._keep_manifest(repo, expected, parsed, body)
         if self.client.config.prefetch:
             # The manifest's layers will be prefetched: their connections' set-up (TCP and TLS, two round
             # trips to a distant upstream) overlaps the manifest's own round trips instead of following them.
@@ -721,6 +773,14 @@ class ProxyRegistry(Registry):
         # follows the manifest at once, finds its fill running. The prefetch reads the descriptors, not
         # the stored copy; a manifest that then fails to store costs nothing but those fills.
         self._start_prefetch(repo, parsed)
+        manifest = await self._keep_manifest(repo, digest, parsed, body)
+        if self.shared is not None:
+            self.shared.publish_manifest(repo, digest, parsed.media_type, body, [d.digest for d in parsed.blobs],
+                                         None if expected is not None else reference)
+        return manifest
+
+    async def _keep_manifest(self, repo: str, digest: Digest, parsed: ParsedManifest, body: bytes) -> Manifest:
+        """Store and link a verified manifest this upstream serves for `repo` (fetched, or from the shared tier)."""
         # In use while stored: eviction must not remove an identical body put_bytes found, before it is held.
         with self.cache.in_use(digest):
             await self.blobs.put_bytes(body, digest)

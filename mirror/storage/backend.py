@@ -15,6 +15,7 @@ The guarantees every implementation keeps (tests/test_storage_backend.py runs th
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from pathlib import Path
 from typing import Protocol
@@ -96,3 +97,16 @@ async def put_stream(
     except BaseException:
         await sink.abort()
         raise
+
+
+_FILE_PIECE_BYTES = 4 << 20
+
+
+async def file_chunks(path: Path) -> AsyncIterator[bytes]:
+    """A local file as a stream (read in threads): what goes into a sink from disk."""
+    handle = await asyncio.to_thread(open, path, "rb")
+    try:
+        while piece := await asyncio.to_thread(handle.read, _FILE_PIECE_BYTES):
+            yield piece
+    finally:
+        await asyncio.to_thread(handle.close)

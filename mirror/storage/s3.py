@@ -232,9 +232,13 @@ class S3BlobBackend:
     async def presigned_url(self, digest: Digest, *, expires: float | None = None) -> str | None:
         if not self.settings.presign:
             return None
-        seconds = int(self.settings.presign_expires if expires is None else expires)
+        return await self.signed_url(digest, expires=self.settings.presign_expires if expires is None else expires)
+
+    async def signed_url(self, digest: Digest, *, expires: float) -> str:
+        """A GET URL for the blob, whatever `presign` says: what this node itself fetches a shared blob by
+        (through its blocking pool, so the fill machinery streams it like an upstream's body)."""
         url = await self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": blob_key(digest)}, ExpiresIn=seconds
+            "get_object", Params={"Bucket": self.bucket, "Key": blob_key(digest)}, ExpiresIn=int(expires)
         )
         return str(url)
 

@@ -35,7 +35,7 @@ from mirror.errors import (
     is_disk_full,
 )
 from mirror.oci.digest import Digest
-from mirror.storage.backend import BlobBackend, put_stream
+from mirror.storage.backend import BlobBackend, file_chunks, put_stream
 from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob, hash_file
 from mirror.storage.files import atomic_write
 
@@ -44,19 +44,6 @@ log = logging.getLogger(__name__)
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 # What a client over uploads.max_bytes is told to wait: long enough for other pushes to make progress.
 _RETRY_AFTER_SECONDS = 60
-
-
-_READ_PIECE_BYTES = 4 << 20
-
-
-async def _read_file(path: Path) -> AsyncIterator[bytes]:
-    """A session's data file as a stream, read in threads."""
-    handle = await asyncio.to_thread(open, path, "rb")
-    try:
-        while piece := await asyncio.to_thread(handle.read, _READ_PIECE_BYTES):
-            yield piece
-    finally:
-        await asyncio.to_thread(handle.close)
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,7 +309,7 @@ class UploadStore:
                 )
             size = await backend.stat(digest)
             if size is None:
-                size = await put_stream(backend, digest, _read_file(data_path), size=upload.size)
+                size = await put_stream(backend, digest, file_chunks(data_path), size=upload.size)
             await self._remove(upload.id)
             return size
 
