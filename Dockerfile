@@ -12,12 +12,13 @@ RUN apt-get update \
  && mkdir -p /var/lib/mirror/data /etc/mirror \
  && chown -R mirror:mirror /var/lib/mirror
 
-# The build context: the project, and optionally wheels/ made by `pip wheel` on the host.
+# The build context: the project, and optionally wheels/ made by `pip wheel` on the host. The s3 extra is in:
+# a node of a cluster on one bucket runs this same image.
 COPY . /src
 RUN if ls /src/wheels/*.whl >/dev/null 2>&1; then \
-        /opt/mirror/bin/pip install --no-cache-dir --no-index --find-links /src/wheels mirror; \
+        /opt/mirror/bin/pip install --no-cache-dir --no-index --find-links /src/wheels 'mirror[s3]'; \
     else \
-        /opt/mirror/bin/pip install --no-cache-dir /src; \
+        /opt/mirror/bin/pip install --no-cache-dir '/src[s3]'; \
     fi \
  && rm -rf /src
 

@@ -205,7 +205,10 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             if backend is not None and shared_pool is not None:
                 from mirror.proxy.shared_cache import SharedCache
 
-                shared_tier = SharedCache(upstream_config.name, backend, shared_pool)
+                shared_tier = SharedCache(
+                    upstream_config.name, backend, shared_pool, coordinator, metrics,
+                    max_bytes=config.storage.s3.cache_max_size if config.storage.s3 else None,
+                )
                 stack.push_async_callback(shared_tier.close)
             proxy = ProxyRegistry(
                 client,

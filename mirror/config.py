@@ -57,6 +57,9 @@ class S3Config:
     path_style: bool = True  # http://endpoint/bucket/key (what S3-compatible servers need); false: virtual-host
     presign: bool = False  # blob GETs may be answered with a redirect to a presigned URL
     presign_expires: float = 900.0  # seconds a presigned URL stays valid
+    # Bytes the pull-through cache's shared tier may hold in the bucket, for the whole cluster (one LRU in
+    # the coordinator: Redis with cluster.redis); None = unbounded.
+    cache_max_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -517,6 +520,7 @@ def _parse_s3(section: _Section) -> S3Config | None:
         path_style=section.boolean("path_style", True),
         presign=section.boolean("presign", False),
         presign_expires=section.value("presign_expires", 900.0, _parse_presign_expires),
+        cache_max_size=section.size("cache_max_size", None),
     )
     if (s3.access_key is None) != (s3.secret_key is None) and not section.errors.reported(section.path("secret_key")):
         section.error("secret_key" if s3.secret_key is None else "access_key", "set access_key and secret_key together")

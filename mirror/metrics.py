@@ -118,6 +118,10 @@ class Metrics:
             "mirror_shared_cache_manifests", "Manifests of an upstream read from the shared bucket instead of "
             "from the upstream.", ["upstream"], registry=r,
         )
+        self.shared_cache_evictions = Counter(
+            "mirror_shared_cache_evictions", "Objects deleted from the shared tier in the bucket to keep it "
+            "within storage.s3.cache_max_size (cluster-wide).", registry=r,
+        )
         self.upstream_errors = Counter(
             "mirror_upstream_errors", "Upstream failures (connection, timeout, 5xx, 429, verification).",
             ["upstream", "reason"], registry=r,

@@ -9,22 +9,30 @@ A already fetched (no Docker Hub pull spent twice).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
+from tests.fake_upstream import OCI_MANIFEST, FakeUpstream, upstream_config
+from tests.registry_helpers import digest_of
 from tests.support import skopeo
 from tests.support.fixtures import ImageFactory, MirrorFactory, RegistryFactory
 from tests.support.mirror_proc import MirrorProcess
+from tests.support.procs import free_port
+from tests.support.redis_server import RedisServer
 from tests.support.rgw import RadosGateway, new_bucket
 from tests.support.token_server import TokenServer
 from tests.test_real_pull_through import metric_samples, registry_requests, upstream_requests
 from tests.test_real_registry import assert_round_trip
 
-pytestmark = [pytest.mark.real, pytest.mark.needs_tools("skopeo", "docker-registry")]
+pytestmark = [pytest.mark.real]
 
 
 def node(mirror_factory: MirrorFactory, tmp_path: Path, label: str, s3: dict[str, Any], url: str) -> MirrorProcess:
@@ -57,7 +65,7 @@ def wait_published(s3: dict[str, Any], repo: str, digests: set[str], timeout: fl
     deadline = time.monotonic() + timeout
     while True:
         present = asyncio.run(keys())
-        missing = {d for d in digests if f"blobs/sha256/{d[7:]}" not in present}
+        missing = {d for d in digests if f"cache/blobs/sha256/{d[7:]}" not in present}
         missing |= {d for d in digests if not any(key.startswith(f"cache/docker.io/{repo}/_")
                                                     and key.endswith(d[7:]) for key in present)}
         if not missing:
@@ -66,6 +74,7 @@ def wait_published(s3: dict[str, Any], repo: str, digests: set[str], timeout: fl
         time.sleep(0.2)
 
 
+@pytest.mark.needs_tools("skopeo", "docker-registry")
 def test_an_image_pulled_through_one_node_pulls_through_another_with_the_upstream_stopped(
     token_server: TokenServer, registry_factory: RegistryFactory, mirror_factory: MirrorFactory,
     image_factory: ImageFactory, rgw: RadosGateway, unique_repo: Callable[..., str], tmp_path: Path,
@@ -100,3 +109,98 @@ def test_an_image_pulled_through_one_node_pulls_through_another_with_the_upstrea
     assert_round_trip(image, pulled, c, repo, "1")
     assert metric_total(c, "mirror_shared_cache_manifests_total") >= 1 + len(image.manifests)
     assert sum(count for (_method, status), count in upstream_requests(c).items() if status == "200") == 0
+
+
+# -- one bound for the cluster ----------------------------------------------------------------------
+BLOB = 1 << 20
+BOUND = int(3.5 * BLOB)  # room for three of the blobs below (and the small manifests and configs)
+
+
+async def tier_objects(s3: dict[str, Any]) -> dict[str, int]:
+    """Every object of the shared tier's bytes in the bucket, with its size."""
+    from aiobotocore.session import get_session
+
+    async with get_session().create_client(
+        "s3", endpoint_url=s3["endpoint"], region_name=s3["region"], aws_access_key_id=s3["access_key"],
+        aws_secret_access_key=s3["secret_key"],
+    ) as client:
+        found: dict[str, int] = {}
+        async for page in client.get_paginator("list_objects_v2").paginate(Bucket=s3["bucket"], Prefix="cache/blobs/"):
+            found |= {entry["Key"]: int(entry["Size"]) for entry in page.get("Contents", ())}
+        return found
+
+
+def test_the_shared_tier_keeps_one_bound_for_the_whole_cluster(
+    rgw: RadosGateway, redis_server: RedisServer, mirror_factory: MirrorFactory, tmp_path: Path,
+) -> None:
+    """Two nodes on one bucket and one Redis fill six 1 MiB blobs between them, alternately: the tier in the
+    bucket never settles above storage.s3.cache_max_size (3.5 MiB), keeps the most recently used blobs, and
+    what it evicted is gone from the bucket (not only from the index). Pushed blobs are never touched."""
+
+    async def scenario() -> None:
+        fake = FakeUpstream()
+        runner = web.AppRunner(fake.app())
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            await fill_through_two_nodes(fake, f"http://127.0.0.1:{port}")
+        finally:
+            await runner.cleanup()
+
+    async def fill_through_two_nodes(fake: FakeUpstream, url: str) -> None:
+        layers = [bytes([index]) * BLOB for index in range(6)]
+        _, manifest = fake.add_image("library/big", "1", layers)
+        s3 = await new_bucket(rgw)
+        cluster = {"redis": redis_server.url, "prefix": f"t{uuid.uuid4().hex[:12]}"}
+        nodes = [
+            await asyncio.to_thread(mirror_factory, {
+                "storage": {"path": str(tmp_path / f"bound{index}"), "backend": "s3",
+                            "s3": {**s3, "cache_max_size": BOUND}},
+                "upstreams": [upstream_config(url)], "cluster": cluster,
+                "local": {"repositories": ["team/**"]},
+            })
+            for index in range(2)
+        ]
+        async with aiohttp.ClientSession() as session:
+            pushed = os.urandom(BLOB)
+            async with session.post(f"{nodes[0].url}/v2/team/app/blobs/uploads/",
+                                    params={"digest": digest_of(pushed)}, data=pushed) as response:
+                assert response.status == 201
+            for node in nodes:
+                async with session.get(f"{node.url}/v2/library/big/manifests/1",
+                                       headers={"Accept": OCI_MANIFEST}) as response:
+                    assert response.status == 200 and await response.read() == manifest
+            for index, layer in enumerate(layers):
+                node = nodes[index % 2]
+                async with session.get(f"{node.url}/v2/library/big/blobs/{digest_of(layer)}") as response:
+                    assert response.status == 200 and await response.read() == layer
+                await wait_for_tier(s3, digest_of(layer))
+            objects = await tier_objects(s3)
+            assert sum(objects.values()) <= BOUND, objects
+            # The three most recent blobs are kept; the older ones are gone from the bucket itself.
+            kept = {key.rsplit("/", 1)[1] for key in objects}
+            assert {digest_of(layer)[7:] for layer in layers[-3:]} <= kept
+            assert not {digest_of(layer)[7:] for layer in layers[:2]} & kept
+            assert sum([await metric(session, node, "mirror_shared_cache_evictions_total") for node in nodes]) >= 3
+            # The pushed blob (a local repository's, under blobs/) is untouched by the tier's eviction.
+            async with session.get(f"{nodes[1].url}/v2/team/app/blobs/{digest_of(pushed)}") as response:
+                assert response.status == 200 and await response.read() == pushed
+
+    async def wait_for_tier(s3: dict[str, Any], digest: str, timeout: float = 30.0) -> None:
+        """Until the blob is published and the tier is back within its bound (publishing and eviction run
+        in the background after the client was served)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            objects = await tier_objects(s3)
+            if f"cache/blobs/sha256/{digest[7:]}" in objects and sum(objects.values()) <= BOUND:
+                return
+            assert time.monotonic() < deadline, f"tier not settled: {objects}"
+            await asyncio.sleep(0.1)
+
+    async def metric(session: aiohttp.ClientSession, node: MirrorProcess, name: str) -> float:
+        async with session.get(f"{node.url}/metrics") as response:
+            text = await response.text()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+
+    asyncio.run(scenario())

@@ -2,8 +2,9 @@
 
 Each node keeps its own disk cache in front (sendfile, bounded by its own `storage.max_size` LRU: the hot
 tier). With `storage.backend: s3` the bucket behind it holds a copy of every blob and manifest a node filled
-(content-addressed, under `blobs/` beside the local repositories' blobs), and links per upstream repository
-under `cache/<upstream>/` (the S3MetadataStore layout): which repository the upstream vouched them for, the
+(content-addressed, under `cache/blobs/`, apart from the local repositories' `blobs/` so that evicting
+from it never touches a pushed blob), and links per upstream repository under `cache/<upstream>/` (the
+S3MetadataStore layout): which repository the upstream vouched them for, the
 same permission the node's own links record. A node that misses looks there before the upstream:
 - a manifest by digest: read from the bucket, verified against its digest, then stored and linked on the
   node as if fetched (an upstream GET, and a Docker Hub pull, saved);
@@ -14,8 +15,12 @@ same permission the node's own links record. A node that misses looks there befo
   kept on its disk.
 
 Publishing runs in the background after the node's own commit, a few at a time, best effort: a publish that
-fails costs the other nodes an upstream fetch, nothing else (and is logged). The bucket's copy is not
-bounded by any node's `max_size`: bound it with a lifecycle rule on `blobs/` and `cache/` if it must be.
+fails costs the other nodes an upstream fetch, nothing else (and is logged).
+
+The tier's bytes have one cluster-wide bound, `storage.s3.cache_max_size`: every object published or read is
+an entry of the coordinator's LRU (a Redis sorted set with `cluster.redis`: one for all nodes), and after a
+publish the node that takes the eviction lock deletes the least recently used objects beyond the bound. Their
+links stay (a few bytes each): a link whose bytes are gone reads as a miss, and the upstream is asked again.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
+from mirror.coordination.interface import Coordinator
 from mirror.errors import BlobUnknown
+from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.storage.backend import file_chunks, put_stream
 from mirror.storage.repos import ManifestLink
@@ -44,15 +52,23 @@ PUBLISH_CONCURRENCY = 4
 PUBLISH_BACKLOG = 1000
 SIGNED_URL_SECONDS = 300.0
 CLOSE_GRACE_SECONDS = 5.0
+BLOB_PREFIX = "cache/blobs/"
+EVICTION_LOCK = "shared-cache-eviction"
 
 
 class SharedCache:
     """One upstream's shared tier in the bucket; app-owned, one per upstream, closed with the app."""
 
-    def __init__(self, upstream: str, backend: S3BlobBackend, pool: BlockingPool) -> None:
+    def __init__(
+        self, upstream: str, backend: S3BlobBackend, pool: BlockingPool, coordinator: Coordinator,
+        metrics: Metrics, *, max_bytes: int | None,
+    ) -> None:
         self.upstream = upstream
-        self.backend = backend
+        self.backend = backend.view(BLOB_PREFIX)
         self.pool = pool
+        self.coordinator = coordinator
+        self.metrics = metrics
+        self.max_bytes = max_bytes
         self.meta = S3MetadataStore(S3Objects(backend.client, backend.bucket), prefix=f"cache/{upstream}/")
         self._slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -70,6 +86,7 @@ class SharedCache:
             log.warning("shared cache %s: cannot read blob %s: %s", self.upstream, digest, exc)
             return None
         if response.status == 200:
+            await self._used(digest, response.content_length or 0)
             return response
         response.release()
         return None
@@ -98,6 +115,7 @@ class SharedCache:
         if Digest.of(body, digest.algorithm) != digest:
             log.warning("shared cache %s: manifest %s in the bucket does not match its digest", self.upstream, digest)
             return None
+        await self._used(digest, len(body))
         return link.media_type, body
 
     async def tag(self, repo: str, tag: str) -> Digest | None:
@@ -151,6 +169,8 @@ class SharedCache:
             except FileNotFoundError:
                 return  # evicted from this node before its turn came
         await self.meta.link_blob(repo, digest)
+        await self._used(digest, size)
+        await self._evict()
 
     async def _publish_manifest(
         self, repo: str, digest: Digest, media_type: str, body: bytes, blobs: list[Digest], tag: str | None
@@ -162,6 +182,33 @@ class SharedCache:
             await self.meta.link_blob(repo, blob)
         link = ManifestLink(digest, media_type, len(body), references_linked=True)
         await self.meta.store_manifest(repo, link, referrer_of=None, referrer=None, tag=tag)
+        await self._used(digest, len(body))
+        await self._evict()
+
+    # -- the cluster-wide bound --------------------------------------------------------------------
+    async def _used(self, digest: Digest, size: int) -> None:
+        """Record a publish or a read of the object: its place in the cluster's LRU."""
+        if self.max_bytes is None:
+            return
+        try:
+            await self.coordinator.touch(_lru_key(digest), size, time.time())
+        except Exception as exc:  # noqa: BLE001 - a missed touch only makes the object look older
+            log.warning("shared cache %s: cannot record use of %s: %s", self.upstream, digest, exc)
+
+    async def _evict(self) -> None:
+        """Delete the least recently used objects beyond the bound, on one node at a time."""
+        if self.max_bytes is None or await self.coordinator.lru_bytes() <= self.max_bytes:
+            return
+        async with self.coordinator.lock(EVICTION_LOCK):
+            victims = await self.coordinator.over_bound(self.max_bytes)
+            for entry in victims:
+                digest = Digest.parse(entry.key.removeprefix("shared:"))
+                await self.backend.delete(digest)
+            if victims:
+                await self.coordinator.remove([entry.key for entry in victims])
+                self.metrics.shared_cache_evictions.inc(len(victims))
+                log.info("shared cache: evicted %d objects (%d bytes) beyond cache_max_size %d", len(victims),
+                         sum(entry.size for entry in victims), self.max_bytes)
 
     async def drain(self) -> None:
         """Wait for the publishes queued so far (tests, and a graceful stop)."""
@@ -181,3 +228,7 @@ class SharedCache:
 
 async def _one_piece(body: bytes) -> Any:
     yield body
+
+
+def _lru_key(digest: Digest) -> str:
+    return f"shared:{digest}"

@@ -123,15 +123,12 @@ def _s3_call(action: str, bucket: str) -> Iterator[None]:
         raise translated from exc
 
 
-def blob_key(digest: Digest) -> str:
-    return f"{BLOB_PREFIX}{digest.algorithm}/{digest.hex}"
-
-
 class S3BlobBackend:
     """A BlobBackend (mirror/storage/backend.py) over one bucket. Open with `await S3BlobBackend.open(...)`."""
 
     def __init__(
-        self, settings: S3Settings, client: Any, stack: AsyncExitStack, *, part_size: int, parts_in_flight: int
+        self, settings: S3Settings, client: Any, stack: AsyncExitStack, *, part_size: int, parts_in_flight: int,
+        blob_prefix: str = BLOB_PREFIX,
     ) -> None:
         self.settings = settings
         self.bucket = settings.bucket
@@ -139,6 +136,16 @@ class S3BlobBackend:
         self._stack = stack
         self.part_size = part_size
         self.parts_in_flight = parts_in_flight
+        self.blob_prefix = blob_prefix
+
+    def key(self, digest: Digest) -> str:
+        return f"{self.blob_prefix}{digest.algorithm}/{digest.hex}"
+
+    def view(self, blob_prefix: str) -> S3BlobBackend:
+        """The same bucket and client with blobs under another prefix (the pull-through cache's shared tier
+        keeps its own, so evicting from it can never touch a pushed blob). Closing a view closes nothing."""
+        return S3BlobBackend(self.settings, self.client, AsyncExitStack(), part_size=self.part_size,
+                             parts_in_flight=self.parts_in_flight, blob_prefix=blob_prefix)
 
     @classmethod
     async def open(
@@ -198,7 +205,7 @@ class S3BlobBackend:
     # -- reads -------------------------------------------------------------------------------------
     async def stat(self, digest: Digest) -> int | None:
         try:
-            answer = await self.client.head_object(Bucket=self.bucket, Key=blob_key(digest))
+            answer = await self.client.head_object(Bucket=self.bucket, Key=self.key(digest))
         except Exception as exc:
             if _is_missing(exc):
                 return None
@@ -210,7 +217,7 @@ class S3BlobBackend:
             if await self.stat(digest) is None:
                 raise BlobUnknown(detail={"digest": str(digest)})
             return
-        request: dict[str, Any] = {"Bucket": self.bucket, "Key": blob_key(digest)}
+        request: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(digest)}
         if start or end is not None:
             request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
         try:
@@ -238,16 +245,16 @@ class S3BlobBackend:
         """A GET URL for the blob, whatever `presign` says: what this node itself fetches a shared blob by
         (through its blocking pool, so the fill machinery streams it like an upstream's body)."""
         url = await self.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket, "Key": blob_key(digest)}, ExpiresIn=int(expires)
+            "get_object", Params={"Bucket": self.bucket, "Key": self.key(digest)}, ExpiresIn=int(expires)
         )
         return str(url)
 
     async def list(self) -> AsyncIterator[Digest]:
         paginator = self.client.get_paginator("list_objects_v2")
         with _s3_call("list blobs", self.bucket):
-            async for page in paginator.paginate(Bucket=self.bucket, Prefix=BLOB_PREFIX):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=self.blob_prefix):
                 for entry in page.get("Contents", ()):
-                    algorithm, _, hex_part = entry["Key"][len(BLOB_PREFIX):].partition("/")
+                    algorithm, _, hex_part = entry["Key"][len(self.blob_prefix):].partition("/")
                     try:
                         yield Digest.parse(f"{algorithm}:{hex_part}")
                     except DigestInvalid:
@@ -261,7 +268,7 @@ class S3BlobBackend:
         if await self.stat(digest) is None:
             return False
         with _s3_call("delete a blob", self.bucket):
-            await self.client.delete_object(Bucket=self.bucket, Key=blob_key(digest))
+            await self.client.delete_object(Bucket=self.bucket, Key=self.key(digest))
         return True
 
     async def pending_multipart_uploads(self) -> tuple[str, ...]:
@@ -376,7 +383,7 @@ class S3BlobSink:
         self._bucket = backend.bucket
         self._hasher = hashlib.new(algorithm)
         self._expected = expected
-        self._key = blob_key(expected) if expected is not None else f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        self._key = backend.key(expected) if expected is not None else f"{TEMP_PREFIX}{uuid.uuid4().hex}"
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._size = 0
@@ -435,7 +442,7 @@ class S3BlobSink:
                     f"content digest {digest.algorithm}:{actual} does not match {digest}",
                     detail={"expected": str(digest), "actual": f"{digest.algorithm}:{actual}"},
                 )
-            final = blob_key(digest)
+            final = self._backend.key(digest)
             if not self._multipart.started:
                 # Small: one PUT of verified bytes, straight to the final key.
                 await self._client.put_object(Bucket=self._bucket, Key=final, Body=rest)
