@@ -85,10 +85,14 @@ def _wrk(
             "p50": latency.get("50", 0.0), "p99": latency.get("99", 0.0)}
 
 
-def _curl(url: str, ca_file: Path | None = None) -> dict[str, float]:
+def _curl(url: str, ca_file: Path | None = None, *, follow: bool = False) -> dict[str, float]:
+    """One GET by a curl process of its own; `follow`: redirects too (distribution on S3 answers blob GETs
+    with a 307 to the bucket, which Docker follows)."""
     fmt = "%{http_code} %{size_download} %{time_starttransfer} %{time_total} %{speed_download}"
     trust = ["--cacert", str(ca_file)] if ca_file else []
-    out = subprocess.run(["curl", "-s", *trust, "-o", "/dev/null", "-w", fmt, url], capture_output=True, text=True,
+    redirects = ["-L"] if follow else []
+    out = subprocess.run(["curl", "-s", *trust, *redirects, "-o", "/dev/null", "-w", fmt, url],
+                         capture_output=True, text=True,
                          timeout=600, check=True).stdout.split()
     return {"status": float(out[0]), "size": float(out[1]), "ttfb": float(out[2]), "total": float(out[3]),
             "speed": float(out[4])}

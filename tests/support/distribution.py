@@ -59,6 +59,7 @@ class DistributionRegistry:
         port: int | None = None,
         delete_enabled: bool = True,
         htpasswd_creds: Creds = (HTPASSWD_USER, HTPASSWD_PASSWORD),
+        s3: dict[str, Any] | None = None,
     ) -> None:
         if mode == "token" and token_server is None:
             raise ValueError("token mode needs a TokenServer")
@@ -75,6 +76,9 @@ class DistributionRegistry:
         self.port = port or 0
         self.delete_enabled = delete_enabled
         self.htpasswd_creds = htpasswd_creds
+        # A `storage.s3` section as the mirror's config takes it (tests/support/rgw.py: new_bucket): the
+        # registry's storage is then that bucket (distribution's s3 driver) instead of the filesystem.
+        self.s3 = s3
         self.proc: ManagedProcess | None = None
 
     @classmethod
@@ -126,6 +130,12 @@ class DistributionRegistry:
 
     def config(self) -> dict[str, Any]:
         storage: dict[str, Any] = {"filesystem": {"rootdirectory": str(self.data_dir)}}
+        if self.s3 is not None:
+            storage = {"s3": {
+                "accesskey": self.s3["access_key"], "secretkey": self.s3["secret_key"],
+                "region": self.s3.get("region", "us-east-1"), "regionendpoint": self.s3["endpoint"],
+                "bucket": self.s3["bucket"], "secure": self.s3["endpoint"].startswith("https"), "v4auth": True,
+            }}
         if self.delete_enabled:
             storage["delete"] = {"enabled": True}
         cfg: dict[str, Any] = {
@@ -161,6 +171,10 @@ class DistributionRegistry:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # Drop REGISTRY_* from the environment: distribution reads them as config overrides.
         env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
+        if self.s3 is not None:
+            # The AWS SDK in distribution refuses to start with a custom CA bundle it cannot attach to its
+            # transport; the test bucket is plain HTTP on loopback anyway.
+            env.pop("AWS_CA_BUNDLE", None)
         for attempt in range(5):
             if self._fixed_port is None:
                 self.port = free_port()
