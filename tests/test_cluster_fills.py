@@ -75,7 +75,7 @@ def node_config(
 @contextlib.asynccontextmanager
 async def three_nodes(
     tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str], count: int = 3,
-    lease_ttl: float = LEASE_TTL, **extra: Any,
+    lease_ttl: float = LEASE_TTL, s3: dict[str, Any] | None = None, **extra: Any,
 ) -> AsyncIterator[Cluster]:
     fake, url = upstream
     prefix = f"t{uuid.uuid4().hex[:12]}"
@@ -84,6 +84,8 @@ async def three_nodes(
     for index in range(count):
         port = free_port()
         config = {**node_config(tmp_path, index, port, url, cluster), **extra}
+        if s3 is not None:  # every node on one bucket (storage.backend: s3), each with its own disk cache
+            config["storage"] = {**config["storage"], "backend": "s3", "s3": s3}
         nodes.append(MirrorProcess(config, workdir=tmp_path / f"node{index}", ready_timeout=60.0))
     try:
         await asyncio.gather(*(node.astart() for node in nodes))
@@ -150,20 +152,29 @@ async def metrics_of(session: aiohttp.ClientSession, node: MirrorProcess) -> str
         return await response.text()
 
 
-async def test_thirty_clients_on_three_nodes_make_one_upstream_get_and_stream_while_it_runs(
-    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str]
+@pytest.mark.parametrize("storage", ["disks", "bucket"])
+async def test_sixty_clients_on_three_nodes_make_one_upstream_get_and_stream_while_it_runs(
+    tmp_path: Path, redis_server: RedisServer, upstream: tuple[FakeUpstream, str], storage: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """Each node on its own disk, or all three on one bucket of a real RGW (then the blob is also
+    published to the bucket's shared tier once filled)."""
     fake, _url = upstream
     blob = os.urandom(BLOB_BYTES)
     digest = fake.add_blob(blob)
     fake.blob_delay = 0.02  # 320 pieces: the download takes 6 s or more
-    async with three_nodes(tmp_path, redis_server, upstream) as cluster:
+    s3 = None
+    if storage == "bucket":
+        from tests.support.rgw import new_bucket
+
+        s3 = await new_bucket(request.getfixturevalue("rgw"))
+    async with three_nodes(tmp_path, redis_server, upstream, s3=s3) as cluster:
         timeout = aiohttp.ClientTimeout(total=180)
         async with aiohttp.ClientSession(timeout=timeout) as session:
             pulls = await asyncio.gather(
-                *(pull(session, cluster.nodes, i % 3, digest, len(blob)) for i in range(30))
+                *(pull(session, cluster.nodes, i % 3, digest, len(blob)) for i in range(60))
             )
-            assert [p.body_sha for p in pulls] == [digest] * 30
+            assert [p.body_sha for p in pulls] == [digest] * 60
             assert all(p.attempts == 1 for p in pulls), [p.nodes_used for p in pulls]
             assert fake.count("GET", f"/blobs/{digest}") == 1
             finished = fake.blob_finished_at[digest]
@@ -177,6 +188,25 @@ async def test_thirty_clients_on_three_nodes_make_one_upstream_get_and_stream_wh
             again = await asyncio.gather(*(pull(session, cluster.nodes, i, digest, len(blob)) for i in range(3)))
             assert [p.body_sha for p in again] == [digest] * 3
             assert fake.count("GET", f"/blobs/{digest}") == 1
+            if s3 is not None:
+                await published(s3, digest)  # the owner's copy went to the bucket once, for later nodes
+
+
+async def published(s3: dict[str, Any], digest: str, timeout: float = 30.0) -> None:
+    from aiobotocore.session import get_session
+
+    key = f"cache/blobs/sha256/{digest[7:]}"
+    async with get_session().create_client(
+        "s3", endpoint_url=s3["endpoint"], region_name=s3["region"], aws_access_key_id=s3["access_key"],
+        aws_secret_access_key=s3["secret_key"],
+    ) as client:
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            answer = await client.list_objects_v2(Bucket=s3["bucket"], Prefix=key)
+            if answer.get("KeyCount", 0) == 1:
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"{key} never published"
+            await asyncio.sleep(0.2)
 
 
 async def owner_of(cluster: Cluster, digest: str) -> str:
