@@ -18,10 +18,11 @@ ClientFactory = Callable[..., Awaitable[TestClient]]
 
 
 # The behaviour suites run twice, on the filesystem and on S3 (a bucket of their own on the session's real
-# Ceph RGW): every test in these modules that builds a registry gets a [fs] and an [s3] variant.
+# Ceph RGW): every test in these modules that builds a registry gets a [fs] and an [s3] variant. On S3 the
+# pull-through faults run with the shared tier in the bucket behind the node's disk cache.
 # MIRROR_TEST_STORAGE=s3 puts every other in-process registry on S3 too (a manual run).
 STORAGE_ENV = "MIRROR_TEST_STORAGE"
-BOTH_STORAGES = {"test_registry_api", "test_bad_input", "test_conformance"}
+BOTH_STORAGES = {"test_registry_api", "test_bad_input", "test_conformance", "test_proxy_faults"}
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
