@@ -13,7 +13,8 @@ from mirror.errors import BlobUploadInvalid, DigestInvalid, RegistryError, SizeI
 from mirror.oci.digest import Digest
 from mirror.oci.names import validate_name
 from mirror.state import ROUTER
-from mirror.storage.uploads import Upload, range_header
+from mirror.storage.upload_bytes import range_header
+from mirror.storage.uploads import Upload
 
 # Offsets are bounded in length: int() raises ValueError (a 500) on > 4300 digits, and no upload is 10^19 bytes.
 _CONTENT_RANGE = re.compile(r"(?:bytes[ =])?(\d{1,19})-(\d{1,19})(?:/(?:\d{1,19}|\*))?")

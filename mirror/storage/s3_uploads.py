@@ -40,7 +40,6 @@ bounds that same count, so it bounds what one node lets its clients hold, not th
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -48,15 +47,13 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterable, AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 from mirror.errors import (
-    BlobUploadTooLarge,
     BlobUploadUnknown,
     DigestInvalid,
-    RangeNotSatisfiable,
     SizeInvalid,
-    UploadsFull,
 )
 from mirror.oci.digest import Digest
 from mirror.storage.backend import BlobBackend, put_stream
@@ -71,7 +68,8 @@ from mirror.storage.s3 import (
     _unavailable,
 )
 from mirror.storage.s3_objects import S3Objects
-from mirror.storage.uploads import Upload, range_header
+from mirror.storage.upload_bytes import UploadBytes, expiring_sessions
+from mirror.storage.uploads import Upload
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +77,6 @@ SESSIONS_PREFIX = "sessions/"
 _INFO = "info.json"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 _OFFSET = re.compile(r"[0-9]{16}")
-# What a client over uploads.max_bytes is told to wait: long enough for other pushes to make progress.
-_RETRY_AFTER_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,47 +129,21 @@ class S3UploadSessions:
         self.client = backend.client
         self.bucket = backend.bucket
         self.max_bytes = max_bytes
+        self.bytes = UploadBytes(max_bytes)
         self._locks: dict[str, asyncio.Lock] = {}
         # A session's repository never changes: read once per node, not on every request.
         self._repositories: dict[str, str] = {}
-        # Bytes of the sessions this node handled, and their sum: what `max_bytes` bounds (per node).
-        self._sizes: dict[str, int] = {}
-        self.open_bytes = 0
 
     # -- bookkeeping -------------------------------------------------------------------------------
-    def _set_size(self, upload_id: str, size: int | None) -> None:
-        """Record what a session holds now (None: it is gone, as far as this node knows)."""
-        previous = self._sizes.pop(upload_id, 0)
-        if size is not None:
-            self._sizes[upload_id] = size
-        self.open_bytes += (size or 0) - previous
+    @property
+    def open_bytes(self) -> int:
+        """Bytes the open sessions hold together (the `mirror_uploads_open_bytes` gauge)."""
+        return self.bytes.total
 
     def _forget(self, upload_id: str) -> None:
-        self._set_size(upload_id, None)
+        self.bytes.record(upload_id, None)
         self._repositories.pop(upload_id, None)
         self._locks.pop(upload_id, None)
-
-    def _reserve(self, upload_id: str, more: int) -> None:
-        """Count `more` bytes of a chunk against max_bytes before they are written."""
-        if self.max_bytes is None:
-            return
-        size = self._sizes.get(upload_id, 0) + more
-        if size > self.max_bytes:
-            raise BlobUploadTooLarge(
-                f"this upload would hold more than uploads.max_bytes ({self.max_bytes} bytes) on its own"
-            )
-        if self.open_bytes + more > self.max_bytes:
-            raise UploadsFull(
-                f"unfinished uploads already hold {self.open_bytes} bytes of the {self.max_bytes} allowed "
-                "(uploads.max_bytes); retry once others have finished",
-                headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
-            )
-        self._set_size(upload_id, size)
-
-    async def _within_bound(self, upload_id: str, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            self._reserve(upload_id, len(chunk))
-            yield chunk
 
     def _prefix(self, upload_id: str) -> str:
         if not _UPLOAD_ID.fullmatch(upload_id):
@@ -192,7 +162,7 @@ class S3UploadSessions:
         info = json.dumps({"repository": repository, "created": time.time()}).encode()
         await self.objects.put(f"{self._prefix(upload_id)}{_INFO}", info, action="start an upload")
         self._repositories[upload_id] = repository
-        self._set_size(upload_id, 0)
+        self.bytes.record(upload_id, 0)
         return Upload(upload_id, repository, 0)
 
     async def get(self, repository: str, upload_id: str) -> Upload:
@@ -245,23 +215,14 @@ class S3UploadSessions:
         self, session: _Session, chunks: AsyncIterable[bytes], *, start: int | None, length: int | None
     ) -> _Session:
         upload = session.upload
-        if start is not None and start != upload.size:
-            raise RangeNotSatisfiable(
-                f"upload has {upload.size} bytes; a chunk must start there, not at {start}",
-                headers=range_header(upload.size),
-            )
-        self._set_size(upload.id, upload.size)  # what the bucket holds now, whatever was counted before
-        if self.max_bytes is not None and length is not None and upload.size + length > self.max_bytes:
-            raise BlobUploadTooLarge(
-                f"this upload would hold {upload.size + length} bytes, more than uploads.max_bytes "
-                f"({self.max_bytes})"
-            )
+        # What the bucket holds now, whatever was counted before; a chunk that cannot fit is refused up front.
+        self.bytes.admit(upload.id, upload.size, start=start, length=length)
         prefix = self._prefix(upload.id)
         key = f"{prefix}{upload.size:016d}"
         try:
-            received = await self._put_chunk(key, self._within_bound(upload.id, chunks), length)
+            received = await self._put_chunk(key, self.bytes.within(upload.id, chunks), length)
         except BaseException:
-            self._set_size(upload.id, upload.size)  # refused whole: the session is what it was
+            self.bytes.record(upload.id, upload.size)  # refused whole: the session is what it was
             raise
         if not received:
             return session
@@ -271,7 +232,7 @@ class S3UploadSessions:
             self._forget(upload.id)
             raise BlobUploadUnknown("unknown upload id", detail={"id": upload.id})
         size = upload.size + received
-        self._set_size(upload.id, size)
+        self.bytes.record(upload.id, size)
         chunk = _Chunk(upload.size, key, received)
         return _Session(Upload(upload.id, upload.repository, size), (*session.chunks, chunk))
 
@@ -450,7 +411,7 @@ class S3UploadSessions:
         one with a chunk whose parts are still arriving through another node; the others are removed under
         their lock, so a request arriving here meanwhile finds the session gone (404) rather than half of it."""
         cutoff = time.time() - idle_seconds
-        known = set(self._sizes) | set(self._repositories) | set(self._locks)
+        known = self.bytes.ids() | set(self._repositories) | set(self._locks)
         sessions = await self._activity(SESSIONS_PREFIX)
         for upload_id in known - sessions.keys():
             lock = self._locks.get(upload_id)
@@ -474,31 +435,11 @@ class S3UploadSessions:
                 freed += current.size
         return removed, freed
 
-    @contextlib.asynccontextmanager
-    async def expiring(
+    def expiring(
         self, idle_seconds: float, on_expired: Callable[[int, int], None]
-    ) -> AsyncIterator[None]:
+    ) -> AbstractAsyncContextManager[None]:
         """While open, a task of the app's removes sessions idle for `idle_seconds` (uploads.expire)."""
-        task = asyncio.create_task(self._expire_forever(idle_seconds, on_expired), name="upload-expiry")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _expire_forever(self, idle_seconds: float, on_expired: Callable[[int, int], None]) -> None:
-        # Checked a few times per expiry period (at most every 5 minutes): a session lives at most a
-        # quarter longer than uploads.expire. Every node runs this over the same bucket; two passes that
-        # meet on one session both delete it, which is harmless.
-        interval = min(max(idle_seconds / 4, 0.05), 300.0)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                removed, freed = await self.expire(idle_seconds)
-            except Exception:  # noqa: BLE001 - a failed pass (S3 unreachable) must not end expiry for good
-                log.exception("expiring idle upload sessions failed; retrying in %.0f s", interval)
-                continue
-            if removed:
-                on_expired(removed, freed)
+        # Every node runs this over the same bucket; two passes that meet on one session both delete it,
+        # which is harmless.
+        return expiring_sessions(self.expire, idle_seconds, on_expired)
 

@@ -20,7 +20,8 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,6 @@ from mirror.errors import (
     BlobUploadTooLarge,
     BlobUploadUnknown,
     DigestInvalid,
-    RangeNotSatisfiable,
     SizeInvalid,
     StorageFull,
     UploadsFull,
@@ -38,12 +38,11 @@ from mirror.oci.digest import Digest
 from mirror.storage.backend import BlobBackend, file_chunks, put_stream
 from mirror.storage.blobs import BlobStore, BlobWriter, StoredBlob, hash_file
 from mirror.storage.files import atomic_write
+from mirror.storage.upload_bytes import UploadBytes, expiring_sessions
 
 log = logging.getLogger(__name__)
 
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
-# What a client over uploads.max_bytes is told to wait: long enough for other pushes to make progress.
-_RETRY_AFTER_SECONDS = 60
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,43 +65,17 @@ class UploadStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self.blobs = blobs
         self.max_bytes = max_bytes
+        self.bytes = UploadBytes(max_bytes)
         self._hash_states: dict[str, _HashState] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # Bytes each open session holds on disk, and their sum: what uploads.max_bytes bounds.
-        self._sizes: dict[str, int] = {}
-        self.open_bytes = 0
         for entry in self.root.iterdir():
             with contextlib.suppress(OSError):
-                self._set_size(entry.name, (entry / "data").stat().st_size)
+                self.bytes.record(entry.name, (entry / "data").stat().st_size)
 
-    def _set_size(self, upload_id: str, size: int | None) -> None:
-        """Record what a session holds now (None: it is gone)."""
-        previous = self._sizes.pop(upload_id, 0)
-        if size is not None:
-            self._sizes[upload_id] = size
-        self.open_bytes += (size or 0) - previous
-
-    def _reserve(self, upload_id: str, more: int) -> None:
-        """Count `more` bytes of a chunk against uploads.max_bytes before they are written."""
-        if self.max_bytes is None:
-            return
-        size = self._sizes.get(upload_id, 0) + more
-        if size > self.max_bytes:
-            raise BlobUploadTooLarge(
-                f"this upload would hold more than uploads.max_bytes ({self.max_bytes} bytes) on its own"
-            )
-        if self.open_bytes + more > self.max_bytes:
-            raise UploadsFull(
-                f"unfinished uploads already hold {self.open_bytes} bytes of the {self.max_bytes} allowed "
-                "(uploads.max_bytes); retry once others have finished",
-                headers={"Retry-After": str(_RETRY_AFTER_SECONDS)},
-            )
-        self._set_size(upload_id, size)
-
-    async def _within_bound(self, upload_id: str, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            self._reserve(upload_id, len(chunk))
-            yield chunk
+    @property
+    def open_bytes(self) -> int:
+        """Bytes the open sessions hold together (the `mirror_uploads_open_bytes` gauge)."""
+        return self.bytes.total
 
     def _dir(self, upload_id: str) -> Path:
         if not _UPLOAD_ID.fullmatch(upload_id):
@@ -132,7 +105,7 @@ class UploadStore:
 
         await asyncio.to_thread(create_sync)
         self._hash_states[upload_id] = _HashState(0, hashlib.sha256())
-        self._set_size(upload_id, 0)
+        self.bytes.record(upload_id, 0)
         return Upload(upload_id, repository, 0)
 
     async def get(self, repository: str, upload_id: str) -> Upload:
@@ -185,35 +158,26 @@ class UploadStore:
     async def _append_locked(
         self, upload: Upload, chunks: AsyncIterable[bytes], *, start: int | None, length: int | None
     ) -> Upload:
-        if start is not None and start != upload.size:
-            raise RangeNotSatisfiable(
-                f"upload has {upload.size} bytes; a chunk must start there, not at {start}",
-                headers=range_header(upload.size),
-            )
-        self._set_size(upload.id, upload.size)  # what is on disk now, whatever was counted before
-        if self.max_bytes is not None and length is not None and upload.size + length > self.max_bytes:
-            raise BlobUploadTooLarge(
-                f"this upload would hold {upload.size + length} bytes, more than uploads.max_bytes "
-                f"({self.max_bytes})"
-            )
+        # What the disk holds now, whatever was counted before; a chunk that cannot fit is refused up front.
+        self.bytes.admit(upload.id, upload.size, start=start, length=length)
         state = await self._hash_state(upload)
         writer = await BlobWriter.open(
             self.root / upload.id / "data", "sha256", append_to=upload.size, hasher=state.hasher
         )
         try:
             try:
-                async for chunk in self._within_bound(upload.id, chunks):
+                async for chunk in self.bytes.within(upload.id, chunks):
                     await writer.write(chunk)
             finally:
                 await writer.close()
                 state.size = writer.size
-                self._set_size(upload.id, writer.size)
+                self.bytes.record(upload.id, writer.size)
         except (BlobUploadTooLarge, UploadsFull):
             # Refused whole, as a chunk of the wrong length is: the session is what it was before this
             # request, and the client can send the same chunk again once there is room.
             await asyncio.to_thread(_truncate, self.root / upload.id / "data", upload.size)
             self._hash_states.pop(upload.id, None)
-            self._set_size(upload.id, upload.size)
+            self.bytes.record(upload.id, upload.size)
             raise
         except OSError as exc:
             # A full disk is a clean 503 (the client can ask the status and resume once there is room), not
@@ -228,7 +192,7 @@ class UploadStore:
             # what it was and the client can resend (the running hash is rebuilt from the file next time).
             await asyncio.to_thread(_truncate, self.root / upload.id / "data", upload.size)
             self._hash_states.pop(upload.id, None)
-            self._set_size(upload.id, upload.size)
+            self.bytes.record(upload.id, upload.size)
             raise SizeInvalid(f"chunk declared {length} bytes but {received} arrived")
         return Upload(upload.id, upload.repository, writer.size)
 
@@ -321,7 +285,7 @@ class UploadStore:
     async def _remove(self, upload_id: str) -> None:
         self._hash_states.pop(upload_id, None)
         self._locks.pop(upload_id, None)
-        self._set_size(upload_id, None)
+        self.bytes.record(upload_id, None)
         await asyncio.to_thread(shutil.rmtree, self.root / upload_id, True)
 
     async def expire(self, idle_seconds: float) -> tuple[int, int]:
@@ -339,7 +303,7 @@ class UploadStore:
             async with self._lock(upload_id):
                 if upload_id not in await asyncio.to_thread(self._idle_sync, cutoff, upload_id):
                     continue  # a request wrote to it while we waited
-                freed += self._sizes.get(upload_id, 0)
+                freed += self.bytes.of(upload_id)
                 removed += 1
                 await self._remove(upload_id)
         return removed, freed
@@ -359,32 +323,11 @@ class UploadStore:
                 idle.append(entry.name)
         return idle
 
-    @contextlib.asynccontextmanager
-    async def expiring(
+    def expiring(
         self, idle_seconds: float, on_expired: Callable[[int, int], None]
-    ) -> AsyncIterator[None]:
+    ) -> AbstractAsyncContextManager[None]:
         """While open, a task of the app's removes sessions idle for `idle_seconds` (uploads.expire)."""
-        task = asyncio.create_task(self._expire_forever(idle_seconds, on_expired), name="upload-expiry")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    async def _expire_forever(self, idle_seconds: float, on_expired: Callable[[int, int], None]) -> None:
-        # Checked a few times per expiry period (at most every 5 minutes): a session lives at most a
-        # quarter longer than uploads.expire.
-        interval = min(max(idle_seconds / 4, 0.05), 300.0)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                removed, freed = await self.expire(idle_seconds)
-            except Exception:  # noqa: BLE001 - a failed pass (a disk error) must not end expiry for good
-                log.exception("expiring idle upload sessions failed; retrying in %.0f s", interval)
-                continue
-            if removed:
-                on_expired(removed, freed)
+        return expiring_sessions(self.expire, idle_seconds, on_expired)
 
     def remove_stale_sync(self, grace_seconds: float) -> int:
         """Blocking: delete sessions untouched for longer than the grace period (start-up recovery)."""
@@ -398,7 +341,7 @@ class UploadStore:
                 continue
             if mtime < cutoff:
                 shutil.rmtree(entry, ignore_errors=True)
-                self._set_size(entry.name, None)
+                self.bytes.record(entry.name, None)
                 removed += 1
         return removed
 
@@ -408,8 +351,3 @@ def _truncate(path: Path, size: int) -> None:
     """Blocking: cut a session's data file back to `size` bytes."""
     with open(path, "r+b") as handle:
         handle.truncate(size)
-
-
-def range_header(size: int) -> dict[str, str]:
-    """The `Range` of bytes received, as the distribution API reports it (`0-0` when empty)."""
-    return {"Range": f"0-{max(size - 1, 0)}"}
