@@ -170,6 +170,7 @@ async def _storage(app: web.Application) -> AsyncIterator[None]:
             cache=cache,
             coordinator=coordinator,
             backend=backend,
+            disk_tier=not (config.storage.s3 is not None and config.storage.s3.presign),
         )
         stack.callback(local.close)
         shared_pool = None

@@ -582,6 +582,37 @@ async def test_a_bucket_that_fails_is_503_and_the_push_can_be_finished_later(s3_
     assert await s3_registry.leftovers() == []
 
 
+def deny_blob_reads(bucket: str) -> str:
+    return json.dumps({"Version": "2012-10-17", "Statement": [{
+        "Effect": "Deny", "Principal": "*", "Action": ["s3:GetObject"], "Resource": [f"arn:aws:s3:::{bucket}/blobs/*"],
+    }]})
+
+
+async def test_a_pushed_blob_read_from_the_bucket_is_then_served_from_the_nodes_disk(
+    s3_registry: S3Registry,
+) -> None:
+    """The disk tier: the first GET streams from the bucket and copies the blob to the node's disk (in the
+    background); later GETs are served from there, even with the bucket refusing reads."""
+    client, backend = s3_registry.client, s3_registry.backend
+    data = os.urandom(300_000)
+    digest = await push_blob(client, "team/app", data)
+    assert await (await client.get(f"/v2/team/app/blobs/{digest}")).read() == data
+    on_disk = s3_registry.root / "blobs" / "sha256" / digest[7:9] / digest[7:]
+    for _ in range(100):
+        if on_disk.exists():
+            break
+        await asyncio.sleep(0.05)
+    assert on_disk.read_bytes() == data
+    await backend.client.put_bucket_policy(Bucket=backend.bucket, Policy=deny_blob_reads(backend.bucket))
+    try:
+        got = await client.get(f"/v2/team/app/blobs/{digest}", headers={"Range": "bytes=10-19"})
+        assert got.status == 206 and await got.read() == data[10:20]
+        # Only through a repository that links it, as before.
+        assert (await client.get(f"/v2/team/other/blobs/{digest}")).status == 404
+    finally:
+        await backend.client.delete_bucket_policy(Bucket=backend.bucket)
+
+
 async def test_a_mount_on_s3_links_without_copying(s3_registry: S3Registry) -> None:
     client = s3_registry.client
     digest = await push_blob(client, "team/base", b"shared layer")

@@ -257,13 +257,14 @@ class ProxyRegistry(Registry):
             await fill.commit(stored.path)
             return
         if self.shared is not None:
-            shared = await self.shared.open_blob(repo, digest)
-            if shared is not None:
-                try:
-                    await self._fill_from(fill, shared, repo, digest, expected, None, from_shared=True)
-                finally:
-                    shared.release()
-                return
+            with self.shared.reading(digest):
+                shared = await self.shared.open_blob(repo, digest)
+                if shared is not None:
+                    try:
+                        await self._fill_from(fill, shared, repo, digest, expected, None, from_shared=True)
+                    finally:
+                        shared.release()
+                    return
         if self.peers is not None:
             await self._download_in_cluster(fill, repo, digest, expected, linked=linked)
             return

@@ -19,8 +19,9 @@ fails costs the other nodes an upstream fetch, nothing else (and is logged).
 
 The tier's bytes have one cluster-wide bound, `storage.s3.cache_max_size`: every object published or read is
 an entry of the coordinator's LRU (a Redis sorted set with `cluster.redis`: one for all nodes), and after a
-publish the node that takes the eviction lock deletes the least recently used objects beyond the bound. Their
-links stay (a few bytes each): a link whose bytes are gone reads as a miss, and the upstream is asked again.
+publish the node that takes the eviction lock deletes the least recently used objects beyond the bound,
+passing over those a node is reading now (in-use marks). Their links stay (a few bytes each): a link whose
+bytes are gone reads as a miss, and the upstream is asked again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,16 @@ class SharedCache:
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- reads -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def reading(self, digest: Digest) -> Iterator[None]:
+        """Held while this node streams the object from the bucket: eviction on any node passes it over."""
+        key = _lru_key(digest)
+        self.coordinator.mark_in_use(key)
+        try:
+            yield
+        finally:
+            self.coordinator.unmark_in_use(key)
+
     async def open_blob(self, repo: str, digest: Digest) -> BlockingResponse | None:
         """The blob's whole body from the bucket, when the tier has it for `repo`; None otherwise (or when
         the bucket fails: the upstream is asked instead)."""
@@ -200,7 +211,10 @@ class SharedCache:
         if self.max_bytes is None or await self.coordinator.lru_bytes() <= self.max_bytes:
             return
         async with self.coordinator.lock(EVICTION_LOCK):
-            victims = await self.coordinator.over_bound(self.max_bytes)
+            # An object some node is reading stays (and in the index) until a later pass: the bound may be
+            # exceeded by what is being read right now, never by what is idle.
+            victims = [entry for entry in await self.coordinator.over_bound(self.max_bytes)
+                       if not await self.coordinator.is_in_use(entry.key)]
             for entry in victims:
                 digest = Digest.parse(entry.key.removeprefix("shared:"))
                 await self.backend.delete(digest)

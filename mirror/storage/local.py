@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
-from mirror.cache.index import LOCAL
+from mirror.cache.index import CACHED, LOCAL
 from mirror.cache.manager import CacheManager
 from mirror.coordination.interface import Coordinator, CoordinatorUnavailable
 from mirror.errors import (
@@ -40,6 +41,10 @@ from mirror.storage.metadata import FsMetadataStore, MetadataStore, UploadSessio
 from mirror.storage.repos import ManifestLink, find_blob_sync
 from mirror.storage.uploads import Upload, UploadStore
 
+log = logging.getLogger(__name__)
+
+# Copies from the backend to the disk tier running at once (each streams one blob into the blob store).
+_WARMING_AT_ONCE = 4
 # Manifests larger than this are parsed and hashed in a thread (a few hundred layers and up).
 _PARSE_ON_LOOP_BYTES = 64 << 10
 
@@ -55,7 +60,9 @@ class LocalRegistry(Registry):
       pushed blob the cache already holds is not stored twice; the cache manager holds it as LOCAL), links
       in `FsMetadataStore`, sessions in `UploadStore`;
     - a shared bucket (`backend`, storage.backend: s3): blob and manifest bytes in the backend, links and
-      sessions in S3 stores beside them, so every node on the bucket serves, and finishes, the same pushes.
+      sessions in S3 stores beside them, so every node on the bucket serves, and finishes, the same pushes;
+      blobs read from the bucket are copied to this node's `blobs` (the disk tier, held as cached and so
+      bounded by storage.max_size) and served from there with sendfile.
     Tag moves are serialised by the coordinator's lock: in-process, or cluster-wide through Redis."""
 
     def __init__(
@@ -69,6 +76,7 @@ class LocalRegistry(Registry):
         cache: CacheManager,
         coordinator: Coordinator,
         backend: BlobBackend | None = None,
+        disk_tier: bool = True,
     ) -> None:
         self.cache = cache
         self.blobs = blobs
@@ -78,6 +86,11 @@ class LocalRegistry(Registry):
         self._fs_repos = meta.repos if isinstance(meta, FsMetadataStore) else None
         self.uploads = uploads
         self.coordinator = coordinator
+        # With a backend: blobs read from it are copied to this node's disk (the blob store, held as cached:
+        # bounded and evicted by the same LRU as the pull-through cache) and served from there with
+        # sendfile next time. Off with presigned redirects: then the node never serves the bytes itself.
+        self.disk_tier = disk_tier and backend is not None
+        self._warming: dict[Digest, asyncio.Task[None]] = {}
         self.manifest_limit = manifest_limit
         self.allow_delete = allow_delete
         # One thread: the work is pure Python and holds the GIL, so a second one would not finish it sooner,
@@ -111,9 +124,14 @@ class LocalRegistry(Registry):
         if self.backend is not None:
             if not await self.meta.has_blob(repo, digest):
                 raise BlobUnknown(detail={"digest": str(digest)})
+            if self.disk_tier and (hot := await self.blobs.stat(digest)) is not None:
+                self.cache.note_access(digest)
+                return BlobFile(digest, hot.size, hot.path)
             size = await self.backend.stat(digest)
             if size is None:
                 raise BlobUnknown(detail={"digest": str(digest)})
+            if self.disk_tier:
+                self._warm(digest, size)
             return BlobInBackend(digest, size, self.backend)
         assert self._fs_repos is not None, "the filesystem layout keeps its links in files"
         # Content is shared between repositories, but only readable through one that links it.
@@ -321,7 +339,28 @@ class LocalRegistry(Registry):
             return check()  # a typical manifest (a few KiB) parses in well under a millisecond
         return await asyncio.get_running_loop().run_in_executor(self._manifest_checks, check)
 
+    def _warm(self, digest: Digest, size: int) -> None:
+        """Copy a blob read from the backend to this node's disk, in the background, once at a time."""
+        if digest in self._warming or len(self._warming) >= _WARMING_AT_ONCE:
+            return  # already on its way, or enough copies running: a later read starts it
+        task = asyncio.create_task(self._copy_to_disk(digest, size), name=f"disk-tier {digest}")
+        self._warming[digest] = task
+        task.add_done_callback(lambda _: self._warming.pop(digest, None))
+
+    async def _copy_to_disk(self, digest: Digest, size: int) -> None:
+        assert self.backend is not None
+        try:
+            if not await self.cache.should_keep(digest, size):
+                return  # larger than the whole bound: always streamed from the backend
+            with self.cache.in_use(digest):
+                stored = await self.blobs.put_stream(digest, self.backend.read(digest), size=size)
+                await self.cache.hold(digest, stored.size, CACHED)
+        except Exception as exc:  # noqa: BLE001 - the disk tier is a saving: the backend still serves it
+            log.warning("could not copy %s from the storage backend to local disk: %s", digest, exc)
+
     def close(self) -> None:
+        for task in list(self._warming.values()):
+            task.cancel()
         self._manifest_checks.shutdown(wait=False, cancel_futures=True)
 
     async def delete_manifest(self, repo: str, reference: str) -> None:
