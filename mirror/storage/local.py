@@ -102,18 +102,12 @@ class LocalRegistry(Registry):
     async def _tag_lock(self, repo: str, tag: str) -> AsyncIterator[None]:
         """The tag a manifest PUT moves is read, judged (immutable? may this caller overwrite?) and written
         under this lock, so of two concurrent PUTs, on this node or another, the second sees the first's."""
-        try:
-            lock = self.coordinator.lock(f"tag:{repo}:{tag}")
-            await lock.__aenter__()
-        except CoordinatorUnavailable as exc:
-            raise StorageUnavailable("cluster coordination does not answer; retry the push") from exc
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.coordinator.lock(f"tag:{repo}:{tag}"))
+            except CoordinatorUnavailable as exc:
+                raise StorageUnavailable("cluster coordination does not answer; retry the push") from exc
             yield
-        except BaseException as exc:
-            if not await lock.__aexit__(type(exc), exc, exc.__traceback__):
-                raise
-        else:
-            await lock.__aexit__(None, None, None)
 
     # -- blobs -------------------------------------------------------------------------------------
     async def stat_blob(self, repo: str, digest: Digest) -> BlobInfo:
