@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,22 @@ def test_skopeo_round_trip_with_blob_bytes_in_s3(
     repo = unique_repo("team/app")
 
     skopeo.copy(image.ref, f"docker://{mirror.host}/{repo}:1.0")
-    pulled = tmp_path / "pulled"
-    skopeo.copy(f"docker://{mirror.host}/{repo}:1.0", f"oci:{pulled}:1.0")
-    assert_round_trip(image, pulled, mirror, repo, "1.0")
-    check_headers(mirror, repo, image)
-
     blobs = {digest for manifest in image.manifests for digest in manifest.blob_digests}
     manifests = {image.digest, *(m.digest for m in image.manifests)}
     # Every config, layer and manifest is in the bucket (what lets other nodes on it serve the image) ...
     assert blobs | manifests <= bucket_digests(s3)
-    assert files_on_disk(data) == set()  # ... and none of it on the node's disk
+    assert files_on_disk(data) == set()  # ... and none of the push on the node's disk
+
+    pulled = tmp_path / "pulled"
+    skopeo.copy(f"docker://{mirror.host}/{repo}:1.0", f"oci:{pulled}:1.0")
+    assert_round_trip(image, pulled, mirror, repo, "1.0")
+    check_headers(mirror, repo, image)
+    # What the pull read from the bucket is then copied to the node's disk (the disk tier), blobs only.
+    deadline = time.monotonic() + 30
+    while files_on_disk(data) != blobs:
+        assert files_on_disk(data) <= blobs
+        assert time.monotonic() < deadline, f"disk tier holds {files_on_disk(data)}, not every blob pulled"
+        time.sleep(0.1)
 
 
 @pytest.mark.real
