@@ -372,7 +372,7 @@ def test_storage_config_names_each_bad_key() -> None:
     with pytest.raises(ConfigError) as caught:
         load_config_data({"storage": {"backend": "s3", "s3": {
             "bucket": "Not_A_Bucket", "endpoint": "ftp://example", "region": "US East", "access_key": "AK",
-            "secret_key": 12345, "presign_expires": "30d", "colour": "blue",
+            "secret_key": 12345, "presign_expires": "30d", "colour": "blue", "cache_max_size": "lots",
         }}})
     errors = caught.value.errors
     assert "storage.s3.bucket: expected an S3 bucket name (3-63 of a-z, 0-9, '.', '-'), got 'Not_A_Bucket'" in errors
@@ -381,6 +381,7 @@ def test_storage_config_names_each_bad_key() -> None:
     assert "storage.s3.secret_key: expected a string, got a int (value not shown)" in errors
     assert "storage.s3.presign_expires: must be between 1s and 7d" in errors
     assert "storage.s3.colour: unknown key" in errors
+    assert any(e.startswith("storage.s3.cache_max_size: ") for e in errors), errors
     assert not any("12345" in e for e in errors)
     with pytest.raises(ConfigError, match=r"storage\.backend: expected one of fs, s3, got 'gcs'"):
         load_config_data({"storage": {"backend": "gcs"}})
@@ -400,6 +401,9 @@ def test_storage_config_defaults_and_masks_the_secret() -> None:
         "http://127.0.0.1:7480", "us-east-1", True,
     )
     assert config.storage.s3.presign is False and config.storage.s3.presign_expires == 900.0
+    assert config.storage.s3.cache_max_size is None  # the shared tier is unbounded unless bounded
+    assert load_config_data({"storage": {"backend": "s3", "s3": {
+        "bucket": "layers", "cache_max_size": "2GiB"}}}).storage.s3.cache_max_size == 2 << 30
     shown = config.to_dict()["storage"]["s3"]
     assert shown["secret_key"] == "***" and shown["access_key"] == "AK"
     assert "hunter2" not in repr(config)
