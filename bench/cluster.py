@@ -102,27 +102,32 @@ class PeerProxies:
             node.cleanup()
 
 
+def concurrent_gets(urls: list[str], path: str, clients: int) -> tuple[list[dict[str, float]], float]:
+    """`clients` curl GETs of `path` at once, spread round-robin over `urls` (following redirects); their
+    outcomes and the wall time until the last one ended."""
+    outcomes: list[dict[str, float]] = []
+    lock = threading.Lock()
+
+    def one(index: int) -> None:
+        outcome = _curl(f"{urls[index % len(urls)]}{path}", follow=True)
+        with lock:
+            outcomes.append(outcome)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return outcomes, time.perf_counter() - started
+
+
 def cold_round(side: MirrorCluster | PeerProxies, upstream: DistributionRegistry, repo: str, digest: str,
                size: int, clients: int) -> dict[str, float]:
     side.start()
     try:
         log_before = len(upstream.log_text(tail=None))
-        outcomes: list[dict[str, float]] = []
-        lock = threading.Lock()
-        urls = side.urls
-
-        def one(index: int) -> None:
-            outcome = _curl(f"{urls[index % len(urls)]}/v2/{repo}/blobs/{digest}", follow=True)
-            with lock:
-                outcomes.append(outcome)
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
+        outcomes, wall = concurrent_gets(side.urls, f"/v2/{repo}/blobs/{digest}", clients)
         gets, upstream_bytes = _upstream_gets(upstream.log_text(tail=None)[log_before:], digest)
         failed = [o for o in outcomes if o["status"] != 200 or o["size"] != size]
         if failed:
@@ -142,21 +147,7 @@ def warm_round(side: MirrorCluster, repo: str, digest: str, size: int, clients: 
     try:
         for url in side.urls:  # warm every node (the first one fills, the others stream and keep it)
             assert _curl(f"{url}/v2/{repo}/blobs/{digest}")["status"] == 200
-        outcomes: list[dict[str, float]] = []
-        lock = threading.Lock()
-
-        def one(index: int) -> None:
-            outcome = _curl(f"{side.urls[index % len(side.urls)]}/v2/{repo}/blobs/{digest}", follow=True)
-            with lock:
-                outcomes.append(outcome)
-
-        started = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        wall = time.perf_counter() - started
+        outcomes, wall = concurrent_gets(side.urls, f"/v2/{repo}/blobs/{digest}", clients)
         bad = sum(1 for o in outcomes if o["status"] != 200 or o["size"] != size)
         return {"wall": wall, "mbps": clients * size / wall / 1e6, "bad": bad}
     finally:

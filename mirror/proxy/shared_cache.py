@@ -38,7 +38,7 @@ from mirror.coordination.interface import Coordinator
 from mirror.errors import BlobUnknown
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
-from mirror.storage.backend import file_chunks, put_stream
+from mirror.storage.backend import file_chunks, one_piece, put_stream
 from mirror.storage.repos import ManifestLink
 from mirror.storage.s3 import S3BlobBackend
 from mirror.storage.s3_meta import S3MetadataStore
@@ -187,7 +187,7 @@ class SharedCache:
         self, repo: str, digest: Digest, media_type: str, body: bytes, blobs: list[Digest], tag: str | None
     ) -> None:
         if await self.backend.stat(digest) is None:
-            await put_stream(self.backend, digest, _one_piece(body), size=len(body))
+            await put_stream(self.backend, digest, one_piece(body), size=len(body))
         # The blob links first: a node that finds the manifest link may rely on what it vouches for.
         for blob in dict.fromkeys(blobs):
             await self.meta.link_blob(repo, blob)
@@ -238,10 +238,6 @@ class SharedCache:
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-async def _one_piece(body: bytes) -> Any:
-    yield body
 
 
 def _lru_key(digest: Digest) -> str:

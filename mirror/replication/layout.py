@@ -42,6 +42,7 @@ from mirror.errors import (
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import INDEX_TYPES, OCI_INDEX, OCI_MANIFEST, Descriptor, parse_manifest
 from mirror.oci.names import validate_tag
+from mirror.storage.backend import file_chunks
 from mirror.storage.interface import BlobInfo, Manifest, ManifestInfo, PutManifestResult, Registry, TagMoveCheck
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -459,7 +460,7 @@ class _ArchiveSink(_Sink):
             spool = self.work / f".spool-{uuid.uuid4().hex}"
             try:
                 size = await _write_verified(spool, digest, chunks, None)
-                await self.put_stream(name, digest, _read_file(spool), size)
+                await self.put_stream(name, digest, file_chunks(spool), size)
             finally:
                 await asyncio.to_thread(spool.unlink, True)
             return size
@@ -516,15 +517,6 @@ class _ArchiveSink(_Sink):
             shutil.rmtree(self.work, ignore_errors=True)
 
         await asyncio.to_thread(abort)
-
-
-async def _read_file(path: Path) -> AsyncIterator[bytes]:
-    handle = await asyncio.to_thread(open, path, "rb")
-    try:
-        while chunk := await asyncio.to_thread(handle.read, READ_PIECE_BYTES):
-            yield chunk
-    finally:
-        await asyncio.to_thread(handle.close)
 
 
 # -- the registry -------------------------------------------------------------------------------------

@@ -110,3 +110,8 @@ async def file_chunks(path: Path) -> AsyncIterator[bytes]:
             yield piece
     finally:
         await asyncio.to_thread(handle.close)
+
+
+async def one_piece(data: bytes) -> AsyncIterator[bytes]:
+    """Bytes already in memory (a manifest) as the stream `put_stream` takes."""
+    yield data

@@ -24,7 +24,7 @@ from mirror.errors import (
 from mirror.oci.digest import Digest, looks_like_digest
 from mirror.oci.manifest import Descriptor, ParsedManifest, parse_manifest
 from mirror.oci.names import validate_tag
-from mirror.storage.backend import BlobBackend, put_stream
+from mirror.storage.backend import BlobBackend, one_piece, put_stream
 from mirror.storage.blobs import BlobStore
 from mirror.storage.events import PushFeed
 from mirror.storage.interface import (
@@ -255,7 +255,7 @@ class LocalRegistry(Registry):
         if self.backend is None:
             await self.blobs.put_bytes(body, digest)
         elif await self.backend.stat(digest) is None:
-            await put_stream(self.backend, digest, _one_piece(body), size=len(body))
+            await put_stream(self.backend, digest, one_piece(body), size=len(body))
 
     async def put_manifest(
         self, repo: str, reference: str, body: bytes, content_type: str | None,
@@ -394,7 +394,3 @@ class LocalRegistry(Registry):
 
     async def list_repositories(self) -> list[str]:
         return await self.meta.repositories()
-
-
-async def _one_piece(body: bytes) -> AsyncIterator[bytes]:
-    yield body
