@@ -33,7 +33,6 @@ from typing import Any, Protocol
 import aiohttp
 from aiohttp import web
 from cronsim import CronSim
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from mirror.coordination.interface import Coordinator
 from mirror.coordination.local import LocalCoordinator
@@ -54,6 +53,7 @@ from mirror.replication.rules import ARCHIVE, OCI_LAYOUT, REGISTRY, Rule
 from mirror.replication.serve_lock import FileLock, take_serve_lock
 from mirror.replication.status import RuleState, load_state_sync, rule_dir, save_state_sync
 from mirror.replication.throttle import Bucket, ThrottledRegistry
+from mirror.retrying import call_with_retries
 from mirror.state import CONFIG, COORDINATOR, METRICS, ROUTER
 from mirror.storage.interface import Registry
 from mirror.upstream.ratelimit import parse_retry_after
@@ -596,14 +596,8 @@ class ReplicationEngine:
         waits = 0
         while True:
             try:
-                async for attempt in AsyncRetrying(
-                    stop=stop_after_attempt(RETRY_ATTEMPTS),
-                    wait=wait_exponential(multiplier=self.retry_wait, max=30 * self.retry_wait),
-                    retry=retry_if_exception(_transient),
-                    reraise=True,
-                ):
-                    with attempt:
-                        return await attempt_once()
+                return await call_with_retries(attempt_once, attempts=RETRY_ATTEMPTS, retry_on=_transient,
+                                               multiplier=self.retry_wait, wait_max=30 * self.retry_wait)
             except TooManyRequests as exc:
                 waits += 1
                 if gate is None or waits > MAX_RATE_LIMIT_WAITS:

@@ -26,17 +26,11 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import aiohttp
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential,
-)
 
 from mirror.config import UpstreamConfig
 from mirror.errors import TooManyRequests, UpstreamInvalid, UpstreamUnavailable
 from mirror.metrics import Metrics
+from mirror.retrying import call_with_retries
 from mirror.upstream.auth import Challenge, RealmPolicy, RealmRefused, origin_of, parse_challenge
 from mirror.upstream.blocking import BlockingPool, BlockingResponse
 from mirror.upstream.ratelimit import RateLimitReading
@@ -331,24 +325,22 @@ class UpstreamClient:
     ) -> R:
         if self.config.offline:
             raise UpstreamUnavailable(f"upstream {self.name} is configured offline")
-        retrying = AsyncRetrying(
-            # Retries are for failures that come quickly (refused, reset, 5xx). Once `timeout` has been
-            # spent, a client waiting for us is better served by an error now (it moves on to its next
-            # endpoint) than by up to RETRY_ATTEMPTS times the timeout.
-            stop=stop_after_attempt(RETRY_ATTEMPTS) | stop_after_delay(self.config.timeout),
-            wait=wait_exponential(multiplier=0.1, max=1.0),
-            retry=retry_if_exception_type(_Retryable),
-            reraise=True,
-        )
         try:
-            async for attempt in retrying:
-                with attempt:
-                    return await self._open_once(method, path, scope, dict(headers or {}), send)
+            return await call_with_retries(
+                lambda: self._open_once(method, path, scope, dict(headers or {}), send),
+                attempts=RETRY_ATTEMPTS,
+                retry_on=lambda error: isinstance(error, _Retryable),
+                multiplier=0.1,
+                wait_max=1.0,
+                # Retries are for failures that come quickly (refused, reset, 5xx). Once `timeout` has been
+                # spent, a client waiting for us is better served by an error now (it moves on to its next
+                # endpoint) than by up to RETRY_ATTEMPTS times the timeout.
+                deadline=self.config.timeout,
+            )
         except _Retryable as exc:
             self.metrics.upstream_errors.labels(self.name, "unavailable").inc()
             self.metrics.upstream_up.labels(self.name).set(0)
             raise UpstreamUnavailable(f"upstream {self.name} unavailable: {exc}") from exc
-        raise AssertionError("unreachable: tenacity either returns or raises")
 
     # -- one attempt -------------------------------------------------------------------------------
     async def _open_once(self, method: str, path: str, scope: str, headers: dict[str, str], send: _Sender[R]) -> R:
