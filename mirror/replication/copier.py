@@ -158,6 +158,7 @@ class Copier:
             moved = written.digest == expected
             if moved or await tag_digest(dest, dest_repo, dest_tag) != written.digest:
                 await dest.put_manifest(dest_repo, dest_tag, written.body, written.media_type)
+                stats.manifests_written += 1  # a tag put back (deleted or moved there) is a write too
         if self.options.referrers:
             await self._copy_referrers(source, src_repo, source_digest, dest, dest_repo, stats, source_tags)
         unchanged = stats.manifests_written == 0 and stats.blobs_written == 0 and stats.blobs_mounted == 0
