@@ -80,6 +80,8 @@ def _config(rule: dict[str, Any], **extra: Any) -> Any:
         ({"source": "quay.io/coreos/etcd"}, "replication[0].source"),
         ({"name": "Base Images"}, "replication[0].name"),
         ({"bandwidth": "fast"}, "replication[0].bandwidth"),
+        ({"verify_interval": "daily"}, "replication[0].verify_interval"),
+        ({"verify_interval": -1}, "replication[0].verify_interval"),
     ],
 )
 def test_config_errors_name_the_key(rule: dict[str, Any], key: str) -> None:
@@ -111,6 +113,8 @@ def test_a_rule_as_the_issue_writes_it_is_accepted() -> None:
     assert rule.source.upstream == "docker.io" and rule.source.repository == "library/alpine"
     assert rule.bandwidth == 50_000_000 and rule.platforms == frozenset({"linux/amd64", "linux/arm64"})
     assert config.to_dict()["replication"][0]["destinations"][1]["password"] == "***"
+    assert rule.verify_interval == 24 * 3600  # unsaid: a registry destination is HEADed tag by tag daily
+    assert _config({"verify_interval": "30m"}).replication[0].verify_interval == 1800
 
 
 def test_interval_runs_are_spaced_by_the_interval_plus_jitter() -> None:

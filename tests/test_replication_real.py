@@ -24,15 +24,18 @@ import aiohttp
 import pytest
 import yaml
 
+from mirror.app import create_app
 from mirror.config import load_config_data
 from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.proxy.registry import ProxyRegistry
 from mirror.replication.cache_dest import cache_destination
 from mirror.replication.copier import Copier, CopyOptions
+from mirror.replication.hosting import REPLICATION
 from mirror.replication.remote import RemoteRegistry, RemoteSpec, open_remote
 from mirror.replication.standalone import open_app
 from mirror.state import ROUTER
+from mirror.storage.backend import one_piece
 from tests.registry_helpers import OCI_MANIFEST, digest_of, image_manifest, push_blob, push_image, put_manifest
 from tests.support import skopeo
 from tests.support.distribution import DistributionRegistry
@@ -413,3 +416,89 @@ async def test_prune_mirrors_latest_n_at_a_distribution_registry_that_deletes_on
         assert report["pruned"] == 0 and report["result"] == "ok"
     assert await tags() == ["1.2", "1.3", "1.4"]
     assert "the tag was left" in mirror.log_text()
+
+
+def _manifest_requests(requests: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    return [r for r in requests if "/manifests/" in r[1]]
+
+
+def _tag_lists(requests: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    return [r for r in requests if r[0] == "GET" and "/tags/list" in r[1]]
+
+
+async def test_between_full_checks_a_rerun_reads_a_registry_destinations_tag_list_instead_of_a_head_per_tag(
+    aiohttp_client: Any, registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    """A registry destination HEADed tag by tag at most every `verify_interval` (24 h by default); in between,
+    a run compares its tag list with what the rule wrote there. A tag deleted at the destination comes back at
+    the next run; a tag someone else moved there is put right by the next full check."""
+    dc2 = await asyncio.to_thread(registry_factory.htpasswd, delete_enabled=True)
+    user, password = dc2.default_creds or ("", "")
+    config = load_config_data({"storage": {"path": str(tmp_path / "data")}, "replication": [{
+        "name": "team", "source": "team/app",
+        "destinations": [{"registry": dc2.url, "repository": "dc2/app", "username": user, "password": password}],
+    }]})
+    client = await aiohttp_client(create_app(config))
+    digests = {}
+    for tag, layer in (("1.0", b"zero"), ("1.1", b"one"), ("1.2", b"two")):
+        digests[tag], _ = await push_image(client, "team/app", tag, layers=(layer,))
+    engine = client.app[REPLICATION]
+
+    async def run(expect_copied: int) -> list[tuple[str, str, int]]:
+        mark = dc2.log_mark()
+        report = await engine.run_rule("team")
+        assert (report.result, report.copied, report.unchanged) == ("ok", expect_copied, 3 - expect_copied), report
+        return await asyncio.to_thread(dc2.requests, mark)
+
+    async def at_dc2(tag: str) -> str:
+        return skopeo.sha256_of(await skopeo.ainspect_raw(dc2.ref(f"dc2/app:{tag}"), dc2.default_creds))
+
+    first = await run(3)  # nothing known yet: every tag HEADed, then copied
+    assert len([r for r in _manifest_requests(first) if r[0] == "HEAD"]) >= 3
+    rerun = await run(0)
+    assert _manifest_requests(rerun) == [] and len(_tag_lists(rerun)) == 1, rerun
+
+    # Deleted at the destination: the tag list no longer has it, and the next run copies it again.
+    async with open_remote(RemoteSpec(dc2.url, user, password), Metrics()) as at_dest:
+        await at_dest.delete_manifest("dc2/app", digests["1.0"])
+        await run(1)
+        assert await at_dc2("1.0") == digests["1.0"]
+
+        # Moved at the destination by someone else: a run between full checks trusts the rule's journal...
+        config_blob, layer = b'{"architecture":"amd64","os":"linux"}', b"someone else's"
+        for blob in (config_blob, layer):
+            await at_dest.put_blob("dc2/app", Digest.of(blob), one_piece(blob), size=len(blob))
+        body = image_manifest(config_blob, [layer])
+        await at_dest.put_manifest("dc2/app", "1.1", body, OCI_MANIFEST)
+        theirs = digest_of(body)
+    await run(0)
+    assert await at_dc2("1.1") == theirs
+    # ... and the next full check puts it right: the last one was a day ago.
+    state = engine.state("team")
+    state.verified = {key: when - 86400 for key, when in state.verified.items()}
+    full = await run(1)
+    assert await at_dc2("1.1") == digests["1.1"]
+    assert _tag_lists(full) == [] and {r[1].rsplit("/", 1)[1] for r in _manifest_requests(full) if r[0] == "HEAD"} \
+        >= {"1.0", "1.1", "1.2"}
+    # A full check makes the journal true again: the run after it reads the tag list.
+    assert _manifest_requests(await run(0)) == []
+
+
+async def test_verify_interval_zero_heads_every_tag_at_every_run(
+    aiohttp_client: Any, registry_factory: RegistryFactory, tmp_path: Path
+) -> None:
+    dc2 = await asyncio.to_thread(registry_factory.open)
+    config = load_config_data({"storage": {"path": str(tmp_path / "data")}, "replication": [{
+        "name": "team", "source": "team/app", "verify_interval": 0,
+        "destinations": [{"registry": dc2.url, "repository": "dc2/app"}],
+    }]})
+    client = await aiohttp_client(create_app(config))
+    for tag in ("1.0", "1.1"):
+        await push_image(client, "team/app", tag, layers=(tag.encode(),))
+    engine = client.app[REPLICATION]
+    assert (await engine.run_rule("team")).copied == 2
+    mark = dc2.log_mark()
+    assert (await engine.run_rule("team")).unchanged == 2
+    rerun = await asyncio.to_thread(dc2.requests, mark)
+    assert _tag_lists(rerun) == []
+    assert sorted(r[1].rsplit("/", 1)[1] for r in _manifest_requests(rerun) if r[0] == "HEAD") == ["1.0", "1.1"]

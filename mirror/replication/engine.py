@@ -442,11 +442,13 @@ class ReplicationEngine:
                 spec.repository or rule.source.repository)
             targets.append(Target(spec.key, registry, repository))
 
+        by_listing = self._checked_by_listing(rule, state, targets)
+        planned_at = time.time()
         async with self._plan_slots:
             plan = await self._with_retries(
                 rule, gate, before_get,
-                lambda: make_plan(rule, source, targets, expected=state.expected,
-                                  written={k: list(v) for k, v in state.written.items()}),
+                lambda: make_plan(rule, source, targets, expected=state.expected, written=state.written,
+                                  by_listing=by_listing),
             )
         if gate is not None and plan.jobs:
             gate.note_target(rule.source.repository, plan.jobs[0].tag)
@@ -501,6 +503,10 @@ class ReplicationEngine:
         for key, wanted in expected.items():
             state.expected[key] = wanted
         if not report.failed:
+            # Every tag at these destinations was HEADed (or copied) in this run: the journal is true again.
+            for target in targets:
+                if target.key not in plan.listed:
+                    state.verified[target.key] = planned_at
             await self._release_unselected(rule, plan, targets)
         if rule.prune:
             report.pruned = await self._prune(rule, state, plan, by_key)
@@ -552,6 +558,19 @@ class ReplicationEngine:
             copied = copied or changed
         result = "failed" if error else "copied" if copied else "unchanged"
         return ImageReport(job.tag, str(job.source_digest), sorted(job.stale), result, error)
+
+    @staticmethod
+    def _checked_by_listing(rule: Rule, state: RuleState, targets: list[Target]) -> set[str]:
+        """Registry destinations this run checks by their tag list and the journal rather than a HEAD per
+        tag: those whose every tag was HEADed less than `verify_interval` ago. A tag moved at the
+        destination by someone else is seen at the next full check; a deleted one, at once."""
+        now = time.time()
+        kinds = {spec.key: spec.kind for spec in rule.destinations}
+        return {
+            target.key for target in targets
+            if kinds.get(target.key) == REGISTRY and state.written.get(target.key)
+            and now - state.verified.get(target.key, float("-inf")) < rule.verify_interval
+        }
 
     @staticmethod
     def _remember(state: RuleState, expected: dict[str, dict[str, str]], key: str, job: Job, digest: Digest) -> None:

@@ -1,7 +1,8 @@
 """Resolving a rule: which tags it selects, what each is at the source (HEAD), what each destination has.
 
 The whole plan costs the source a tag listing and one HEAD per selected tag — free under Docker Hub's
-limits — so an unchanged rule is decided without a single GET of a manifest or blob.
+limits — so an unchanged rule is decided without a single GET of a manifest or blob. A destination costs
+a HEAD per tag, or between full checks (the engine decides when) one tag listing.
 
 Tag selection, in order: `include` (regex, must match the whole tag), `exclude` (the same), `semver`
 (a version range; tags that are not versions are dropped), `latest` (the N highest: versions ordered as
@@ -14,18 +15,22 @@ the two-component tags most images use.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import aiohttp
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from mirror.errors import NameUnknown
+from mirror.errors import NameUnknown, RegistryError
 from mirror.oci.digest import Digest
 from mirror.replication.copier import COSIGN_SUFFIXES, tag_digest
 from mirror.replication.rules import Rule, TagFilter
 from mirror.storage.interface import Registry
+
+log = logging.getLogger(__name__)
 
 _DIGITS = re.compile(r"(\d+)")
 PLAN_CONCURRENCY = 16  # tags resolved at once (each: a HEAD at the source and at every destination, together)
@@ -103,6 +108,8 @@ class Plan:
     jobs: list[Job]
     # dest key -> tags this rule wrote there that it selects no more (gone at the source, or filtered out)
     gone: dict[str, list[str]] = field(default_factory=dict)
+    # dest keys checked by their tag list and the journal; every other destination was HEADed tag by tag
+    listed: frozenset[str] = frozenset()
 
     @property
     def to_copy(self) -> list[Job]:
@@ -114,18 +121,29 @@ async def make_plan(
     source: Registry,
     targets: Sequence[Target],
     *,
-    expected: dict[str, dict[str, str]] | None = None,
-    written: Mapping[str, Iterable[str]] | None = None,
+    expected: Mapping[str, Mapping[str, str]] | None = None,
+    written: Mapping[str, Mapping[str, str]] | None = None,
+    by_listing: Collection[str] = (),
 ) -> Plan:
-    """Resolve `rule`: tags at the source, one HEAD per selected tag, one HEAD per tag per destination.
+    """Resolve `rule`: tags at the source, one HEAD per selected tag, and what each destination holds.
+
+    A destination is asked with one HEAD per tag, or, when its key is in `by_listing`, with its tag list
+    (one request per page instead of one per tag): a listed tag counts as current when this rule's journal
+    says it wrote there what the copy would produce now; a tag the journal does not vouch for is still
+    HEADed, and one missing from the list is stale. A destination that cannot be listed is HEADed.
 
     `expected` maps a destination key to {source digest: the digest written for it} from earlier runs
     (a platform-filtered index is a new document, so its digest is not the source's). `written` maps a
-    destination key to the tags this rule wrote there (for prune: those it no longer selects)."""
+    destination key to {tag: digest} this rule wrote or found there (the journal; for prune: the tags it
+    no longer selects)."""
+    listed_targets = [target for target in targets if target.key in by_listing]
     try:
-        source_tags = await source.list_tags(rule.source.repository)
+        source_tags, listings = await asyncio.gather(
+            source.list_tags(rule.source.repository), _listings(listed_targets))
     except NameUnknown as exc:
         raise NameUnknown(f"source {rule.source} does not exist (no tags to list)", detail=exc.detail) from exc
+    listing = {target.key: tags for target, tags in zip(listed_targets, listings, strict=True) if tags is not None}
+    headed = [target for target in targets if target.key not in listing]
     slots = asyncio.Semaphore(PLAN_CONCURRENCY)
 
     async def resolve(tag: str) -> Job | None:
@@ -133,14 +151,25 @@ async def make_plan(
             # The source's and the destinations' HEADs do not depend on each other: one round trip, not two.
             digest, *at_dests = await asyncio.gather(
                 tag_digest(source, rule.source.repository, tag),
-                *(tag_digest(target.registry, target.repository, tag) for target in targets),
+                *(tag_digest(target.registry, target.repository, tag) for target in headed),
             )
             if digest is None:
                 return None  # deleted between the listing and the HEAD
             job = Job(tag, digest)
-            for target, at_dest in zip(targets, at_dests, strict=True):
-                want = (expected or {}).get(target.key, {}).get(str(digest))
-                if at_dest is not None and at_dest == (Digest.parse(want) if want else digest):
+            found = dict(zip((target.key for target in headed), at_dests, strict=True))
+            for target in targets:
+                want_text = (expected or {}).get(target.key, {}).get(str(digest))
+                want = Digest.parse(want_text) if want_text else digest
+                if target.key in listing:
+                    if tag not in listing[target.key]:
+                        job.stale[target.key] = None
+                        continue
+                    if (written or {}).get(target.key, {}).get(tag) == str(want):
+                        job.current[target.key] = want
+                        continue
+                    found[target.key] = await tag_digest(target.registry, target.repository, tag)
+                at_dest = found[target.key]
+                if at_dest is not None and at_dest == want:
                     job.current[target.key] = at_dest
                 else:
                     job.stale[target.key] = at_dest
@@ -156,4 +185,21 @@ async def make_plan(
         key: sorted(tag for tag in tags if tag not in selected)
         for key, tags in (written or {}).items()
     }
-    return Plan(source_tags=source_tags, jobs=jobs, gone={k: v for k, v in gone.items() if v})
+    return Plan(source_tags=source_tags, jobs=jobs, gone={k: v for k, v in gone.items() if v},
+                listed=frozenset(listing))
+
+
+async def _listings(targets: Sequence[Target]) -> list[frozenset[str] | None]:
+    return await asyncio.gather(*(_listing(target) for target in targets))
+
+
+async def _listing(target: Target) -> frozenset[str] | None:
+    """The tags a destination repository has (none when it does not exist), or None when it cannot say
+    (a registry that refuses tag lists, a hiccup): the plan then HEADs each tag there instead."""
+    try:
+        return frozenset(await target.registry.list_tags(target.repository))
+    except NameUnknown:
+        return frozenset()
+    except (TimeoutError, RegistryError, aiohttp.ClientError) as exc:
+        log.info("destination %s: no tag list (%s): checking each tag with HEAD", target.key, exc)
+        return None

@@ -29,6 +29,7 @@ REGISTRY = "registry"
 OCI_LAYOUT = "oci_layout"
 ARCHIVE = "archive"
 DESTINATION_KINDS = (CACHE, LOCAL, REGISTRY, OCI_LAYOUT, ARCHIVE)
+DEFAULT_VERIFY_INTERVAL = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ class Rule:
     on_push: bool = False  # local sources: run within seconds of a push of a tag to the source repository
     prune: bool = False
     bandwidth: int | None = None  # bytes per second read from the source, None: unbounded
+    # Seconds between runs that HEAD every tag at a registry destination; runs in between compare its tag
+    # list with the rule's journal. 0: every run HEADs every tag.
+    verify_interval: float = DEFAULT_VERIFY_INTERVAL
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -99,6 +103,7 @@ class Rule:
             "on_push": self.on_push,
             "prune": self.prune,
             "bandwidth": self.bandwidth,
+            "verify_interval": self.verify_interval,
         }
 
 
@@ -221,6 +226,9 @@ def _parse_rule(raw: Any, key: str, upstreams: Sequence[UpstreamConfig]) -> Rule
         bandwidth = parse_size(bandwidth_raw, fields.path("bandwidth"))
         if bandwidth <= 0:
             raise ConfigError(f"{fields.path('bandwidth')}: must be more than 0")
+    verify_raw = fields.get("verify_interval")
+    verify_interval = (DEFAULT_VERIFY_INTERVAL if verify_raw is None
+                       else parse_duration(verify_raw, fields.path("verify_interval")))
     rule = Rule(
         name=name,
         source=source,
@@ -234,6 +242,7 @@ def _parse_rule(raw: Any, key: str, upstreams: Sequence[UpstreamConfig]) -> Rule
         on_push=on_push,
         prune=fields.boolean("prune", False),
         bandwidth=bandwidth,
+        verify_interval=verify_interval,
     )
     fields.finish()
     return rule

@@ -40,8 +40,11 @@ class RuleState:
     resumed: bool = False  # the last run picked up one that had been interrupted
     # dest key -> {source digest: digest written} where they differ (a platform-filtered index)
     expected: dict[str, dict[str, str]] = field(default_factory=dict)
-    # dest key -> {tag: digest} this rule wrote (what prune may delete, and only that)
+    # dest key -> {tag: digest} this rule wrote or found there: what prune may delete (and only that), and
+    # the journal a run between full checks compares with the destination's tag list
     written: dict[str, dict[str, str]] = field(default_factory=dict)
+    # dest key -> when a run last HEADed every selected tag there (registry destinations; see verify_interval)
+    verified: dict[str, float] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
