@@ -391,7 +391,11 @@ class ReplicationEngine:
         self.metrics.replication_runs.labels(rule.name, report.result).inc()
         for reason in ("ratelimit", "retry-after"):
             self.metrics.replication_paused.labels(rule.name, reason).set(0)
-        await asyncio.to_thread(save_state_sync, self.root, _snapshot(state))
+        # Flushed to the disk only after a run that wrote somewhere: what a run that only looked changed
+        # (its times and counts) is worth no fsync. A power loss that drops it costs the next run a full
+        # check, nothing more.
+        durable = bool(report.copied or report.pruned or report.bytes)
+        await asyncio.to_thread(partial(save_state_sync, durable=durable), self.root, _snapshot(state))
         log.info("replication rule %s: %s in %.1f s: %d copied, %d unchanged, %d failed, %d bytes",
                  rule.name, report.result, finished - started, report.copied, report.unchanged, report.failed,
                  report.bytes)
