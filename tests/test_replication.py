@@ -13,11 +13,14 @@ from aiohttp.test_utils import TestClient
 
 from mirror.app import create_app
 from mirror.config import ConfigError, load_config_data
+from mirror.replication import engine as engine_module
 from mirror.replication.engine import ReplicationEngine, next_run_at
 from mirror.replication.hosting import REPLICATION
 from mirror.replication.planner import select_tags
 from mirror.replication.rules import TagFilter
+from mirror.replication.standalone import open_app
 from mirror.replication.status import RuleState
+from mirror.state import CONFIG
 from tests.fake_upstream import FakeUpstream, Fault
 from tests.registry_helpers import DOCKER_MANIFEST, files_under, push_image
 from tests.replication_helpers import upstream_source_factory, wait_for
@@ -557,3 +560,23 @@ def test_ratelimit_headers_and_retry_after_are_read_as_docker_hub_sends_them() -
     assert reading.remaining == 4
     reading.observe(429, {"Retry-After": "5"})
     assert reading.blocked_until >= time.time() + 4
+
+
+async def test_a_serving_engine_keeps_its_rules_locks_and_another_process_is_told_so(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a server owns the data directory it keeps each rule's run lock from the rule's first run on
+    (no lock file taken and given back at every run). Anything else that tries to run the rule there (a
+    second server, a `mirror sync` started just before the server) gets a failed run that says where the
+    rule runs, not a wait without end."""
+    monkeypatch.setattr(engine_module, "SERVER_CHECK_AFTER", 0.5)
+    client = await _app_with_rules(aiohttp_client, tmp_path, [{
+        "name": "team", "source": "team/app", "destinations": [{"local": "copy/app"}],
+    }])
+    await push_image(client, "team/app", "1")
+    serving = client.app[REPLICATION]
+    assert serving.scheduling and (await serving.run_rule("team")).copied == 1
+    async with open_app(client.app[CONFIG]) as other:  # the stores a `mirror sync` opens
+        report = await asyncio.wait_for(other[REPLICATION].run_rule("team"), 10)
+    assert report.result == "failed" and "the mirror serve that owns" in report.errors[0], report
+    assert (await serving.run_rule("team")).unchanged == 1  # the server goes on running it

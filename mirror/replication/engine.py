@@ -7,7 +7,7 @@
   HEADs) takes no such slot, so a rule with nothing to copy never queues behind rules that are copying
   (up to PLANNING_RULES plan at once). One rule never runs twice at the same time, in this process (a
   lock) or across processes sharing the data directory (`mirror sync` beside `mirror serve`: a file lock
-  per rule).
+  per rule, which the server owning the data directory keeps from the rule's first run until it stops).
 - A run: plan (tag list + HEADs, see planner.py), then copy what changed. Each image is retried with
   backoff (tenacity) on transient failures; a 429 waits its Retry-After (not counted as an attempt); an
   upstream at its `ratelimit_floor` pauses the rule's GETs (gate.py). The state, the API and the metrics
@@ -50,7 +50,7 @@ from mirror.replication.destinations import (
 from mirror.replication.gate import Pause, RateGate
 from mirror.replication.planner import Job, Plan, Target, make_plan, select_tags
 from mirror.replication.rules import ARCHIVE, OCI_LAYOUT, REGISTRY, Rule
-from mirror.replication.serve_lock import FileLock, take_serve_lock
+from mirror.replication.serve_lock import FileLock, serve_lock_held, take_serve_lock
 from mirror.replication.status import RuleState, load_state_sync, rule_dir, save_state_sync
 from mirror.replication.throttle import Bucket, ThrottledRegistry
 from mirror.retrying import call_with_retries
@@ -65,6 +65,11 @@ BLOB_CONCURRENCY = 8  # blobs of one run in flight at once, all its images toget
 PLANNING_RULES = 32  # rules resolving their tags (a tag list, HEADs) at once, copying or not
 RETRY_ATTEMPTS = 3
 MAX_RATE_LIMIT_WAITS = 5  # 429s tolerated per image before it counts as failed
+SERVER_CHECK_AFTER = 5.0  # seconds a run waits for a rule's lock before asking whether a server keeps it
+
+
+class RunElsewhere(RegistryError):
+    code, status, default_message = "DENIED", 409, "this replication rule runs in another process"
 
 
 class Progress(Protocol):
@@ -166,6 +171,7 @@ class ReplicationEngine:
         self._kept = contextlib.AsyncExitStack()  # what outlives a run: registry destinations' sessions
         self._kept_destinations: dict[tuple[str, str], Registry] = {}
         self._serve_lock: FileLock | None = None
+        self._held_rule_locks: dict[str, FileLock] = {}  # rule -> its run lock, kept while this engine schedules
         self._rng = random.Random()
         self.scheduling = False
 
@@ -204,6 +210,9 @@ class ReplicationEngine:
                 await task
         await self._kept.aclose()
         self._kept_destinations.clear()
+        for lock in self._held_rule_locks.values():
+            await asyncio.to_thread(lock.release)
+        self._held_rule_locks.clear()
         if self._serve_lock is not None:
             self._serve_lock.release()
 
@@ -303,20 +312,40 @@ class ReplicationEngine:
         if dry_run:  # reads only: it needs no lock, and takes none (a lock file is a write too)
             return await self._run(rule, dry_run=True, progress=progress)
         # No slot yet: the plan (tag list and HEADs) does not need one, only a copy does (`_copy_slot`).
-        async with self.coordinator.rule_lock(name), self._rule_file_lock(name):
-            return await self._run(rule, dry_run=False, progress=progress)
+        async with self.coordinator.rule_lock(name):
+            try:
+                async with self._rule_file_lock(name):
+                    return await self._run(rule, dry_run=False, progress=progress)
+            except RunElsewhere as exc:
+                log.warning("replication rule %s: %s", name, exc.message)
+                return RunReport(name, "failed", errors=[exc.message])
 
     @contextlib.asynccontextmanager
     async def _rule_file_lock(self, name: str) -> AsyncIterator[None]:
+        if name in self._held_rule_locks:
+            yield
+            return
         lock = FileLock(rule_dir(self.root, name) / "run.lock")
-        waited = False
+        waited_since: float | None = None
         while not await asyncio.to_thread(lock.try_acquire):
-            if not waited:
+            if waited_since is None:
                 log.info("replication rule %s runs in another process: waiting for it", name)
-                waited = True
+                waited_since = time.monotonic()
+            elif (not self.scheduling and time.monotonic() - waited_since > SERVER_CHECK_AFTER
+                  and await asyncio.to_thread(serve_lock_held, self.app[CONFIG].storage.path)):
+                # A serving process keeps its rules' locks (below): waiting would be forever.
+                raise RunElsewhere(f"the mirror serve that owns {self.app[CONFIG].storage.path} runs this "
+                                   f"rule: ask it (POST /api/replication/{name}/run)")
             await asyncio.sleep(0.5)
-        if waited:  # that process changed the rule's state: continue from what it saved
+        if waited_since is not None:  # that process changed the rule's state: continue from what it saved
             self._states[name] = await asyncio.to_thread(load_state_sync, self.root, name)
+        if self.scheduling:
+            # This process owns the data directory (the serve lock): from now on no other process runs this
+            # rule (`mirror sync` goes through this server's API), so the lock is kept until the engine
+            # closes instead of being taken and given back, two thread hops, at every run.
+            self._held_rule_locks[name] = lock
+            yield
+            return
         try:
             yield
         finally:
