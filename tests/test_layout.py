@@ -77,6 +77,8 @@ async def test_an_interrupted_update_leaves_the_previous_layout(aiohttp_client: 
     layout = await LayoutRegistry.update(target)  # the rerun finds the blobs the dead run wrote
     rerun = await Copier().copy(_local(source), "team/app", "2", layout, "team/app", dest_tag="2")
     await layout.close()
-    assert rerun.stats.blobs_written == 0 and rerun.stats.manifests_written == 0  # only the tag was missing
+    # Only the tag was missing: no blob sent again, the manifest found there, one PUT for the tag.
+    assert rerun.stats.blobs_written == 0 and rerun.stats.manifests_present == 1
+    assert rerun.stats.manifests_written == 1 and not rerun.unchanged
     index = json.loads((target / "index.json").read_text())
     assert [entry["annotations"][REF_NAME] for entry in index["manifests"]] == ["team/app:1", "team/app:2"]
