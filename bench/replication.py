@@ -1,7 +1,7 @@
 """Replication registry to registry: the mirror's rules against `skopeo sync`, same data, same run.
 
     python3 -m bench.replication [--repos 20] [--tags 3] [--rounds 1] [--via serve|copier|sync]
-                                 [--concurrency N] [--json FILE]
+                                 [--concurrency N] [--verify-interval D] [--json FILE]
 
 A distribution registry with token auth (like Docker Hub) holds REPOS x TAGS images: each a config, a base
 layer shared by every image, and an application layer of its own. Each round gives each tool a fresh,
@@ -112,9 +112,10 @@ def _run_mirror(source: str, dest: str, repos: list[str]) -> tuple[float, dict[s
     return elapsed, json.loads(result.stdout.decode().strip().splitlines()[-1])
 
 
-def _run_sync(source: str, dest: str, repos: list[str], workdir: Path) -> tuple[float, dict[str, object]]:
+def _run_sync(source: str, dest: str, repos: list[str], workdir: Path, options: MirrorOptions
+              ) -> tuple[float, dict[str, object]]:
     """`mirror sync --config`: one rule per repository (a rule has one source repository), every tag."""
-    config = _rules_config(source, dest, repos, workdir / f"sync-data-{urlsplit(dest).port}")
+    config = _rules_config(source, dest, repos, workdir / f"sync-data-{urlsplit(dest).port}", options)
     config_path = workdir / "sync.yaml"
     config_path.write_text(yaml.safe_dump(config))
     argv = [sys.executable, "-m", "mirror", "sync", "--config", str(config_path)]
@@ -127,15 +128,22 @@ def _run_sync(source: str, dest: str, repos: list[str], workdir: Path) -> tuple[
     return elapsed, {"images": 0, "inside_s": float("nan")}  # its own table went to stderr
 
 
-def _rules_config(source: str, dest: str, repos: list[str], data: Path, concurrency: int | None = None
+@dataclass(frozen=True)
+class MirrorOptions:
+    concurrency: int | None = None  # replication_concurrency; None: the config's default
+    verify_interval: str | None = None  # each rule's verify_interval; None: the config's default (24h)
+
+
+def _rules_config(source: str, dest: str, repos: list[str], data: Path, options: MirrorOptions = MirrorOptions()
                   ) -> dict[str, object]:
     """One rule per repository (a rule has one source repository), every tag, on demand only."""
+    extra = {"verify_interval": options.verify_interval} if options.verify_interval is not None else {}
     return {
-        **({"replication_concurrency": concurrency} if concurrency else {}),
+        **({"replication_concurrency": options.concurrency} if options.concurrency else {}),
         "storage": {"path": str(data)},
         "upstreams": [{"name": "src", "url": source}],
         "replication": [{"name": f"r{number:02d}", "source": f"src/{repo}",
-                         "destinations": [{"registry": dest, "repository": f"mirror/{repo}"}]}
+                         "destinations": [{"registry": dest, "repository": f"mirror/{repo}"}], **extra}
                         for number, repo in enumerate(repos)],
     }
 
@@ -146,10 +154,10 @@ class _ServeSide:
     server runs `replication_concurrency` of them at a time. The server's own start-up is not timed:
     it is already running when a schedule or a user triggers a rule."""
 
-    def __init__(self, source: str, dest: str, repos: list[str], workdir: Path, concurrency: int | None) -> None:
+    def __init__(self, source: str, dest: str, repos: list[str], workdir: Path, options: MirrorOptions) -> None:
         port = free_port()
         self.rules = [f"r{number:02d}" for number in range(len(repos))]
-        config = {**_rules_config(source, dest, repos, workdir / f"serve-data-{port}", concurrency),
+        config = {**_rules_config(source, dest, repos, workdir / f"serve-data-{port}", options),
                   "listen": f"127.0.0.1:{port}"}
         self.process = MirrorProcess(config, workdir=workdir / f"serve-{port}")
         (workdir / f"serve-{port}").mkdir(parents=True, exist_ok=True)
@@ -277,17 +285,17 @@ class Round:
     skopeo_rerun_cpu: dict[str, float]
 
 
-def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str, concurrency: int | None
+def _round(source: DistributionRegistry, repos: list[str], workdir: Path, via: str, options: MirrorOptions
            ) -> Round:
     mirror_dest = DistributionRegistry.open().start()
     skopeo_dest = DistributionRegistry.open().start()
-    serve = _ServeSide(source.url, mirror_dest.url, repos, workdir, concurrency) if via == "serve" else None
+    serve = _ServeSide(source.url, mirror_dest.url, repos, workdir, options) if via == "serve" else None
 
     def run_mirror() -> tuple[float, dict[str, object]]:
         if serve is not None:
             return serve.run()
         if via == "sync":
-            return _run_sync(source.url, mirror_dest.url, repos, workdir)
+            return _run_sync(source.url, mirror_dest.url, repos, workdir, options)
         return _run_mirror(source.url, mirror_dest.url, repos)
 
     sync_command_rerun = float("nan")
@@ -332,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--concurrency", type=int, default=None,
                         help="replication_concurrency of the mirror's config (default: the config's default)")
+    parser.add_argument("--verify-interval", default=None,
+                        help="each rule's verify_interval (default: the config's, 24h, so the rerun reads the "
+                             "destination's tag lists; 0: the rerun HEADs every tag there)")
     parser.add_argument("--via", choices=("serve", "copier", "sync"), default="serve",
                         help="the mirror side: rules inside a running `mirror serve` triggered through its API "
                              "(default, how production runs them), the copier driven directly in a one-shot "
@@ -346,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         repos = [_repo(n) for n in range(args.repos)]
         asyncio.run(_seed(source.url, tokens.creds, args.repos, args.tags))
-        rounds = [_round(source, repos, workdir, args.via, args.concurrency) for _ in range(args.rounds)]
+        options = MirrorOptions(args.concurrency, args.verify_interval)
+        rounds = [_round(source, repos, workdir, args.via, options) for _ in range(args.rounds)]
     finally:
         source.cleanup()
         tokens.stop()
@@ -358,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     first_ratio = median("mirror_first_s") / median("skopeo_first_s")
     rerun_ratio = median("mirror_rerun_s") / median("skopeo_rerun_s")
     print(f"replication: {args.repos} repositories x {args.tags} tags, mirror side via {args.via}, "
-          f"replication_concurrency {args.concurrency or 'default'}, {args.rounds} round(s), medians")
+          f"replication_concurrency {args.concurrency or 'default'}, verify_interval "
+          f"{args.verify_interval or 'default'}, {args.rounds} round(s), medians")
     print(f"{'':28} {'mirror':>10} {'skopeo sync':>12} {'ratio':>7}  goal")
     print(f"{'first run, wall s':28} {median('mirror_first_s'):10.2f} {median('skopeo_first_s'):12.2f} "
           f"{first_ratio:7.2f}  <= 0.6")
