@@ -911,17 +911,22 @@ async def test_every_response_carries_the_api_version(registry: TestClient) -> N
 # -- large manifests never hold other clients -------------------------------------------------------------
 @pytest.mark.slow
 async def test_large_manifest_pushes_do_not_stall_other_clients(
-    make_registry: ClientFactory, storage_kind: str
+    make_registry: ClientFactory,
 ) -> None:
-    """Eight 25,000-layer manifests (about 4 MB each) pushed at once: validating them used to hold the event
-    loop for about half a second each, so `GET /v2/` waited for seconds (all eight, back to back). It must
-    answer as usual meanwhile. The bound is generous and scales with the machine: three times the time one
-    such manifest takes to parse right now (at least 1.5 s); validating the eight on the loop, as before,
-    holds a client for about eight parses. What remains is the interpreter's full garbage
-    collections over the parsed manifests, which hold every thread, well under one parse. On S3 the floor
-    is 2.5 s: the pushes' S3 requests are handled on the loop, each waiting for the GIL behind the parse
-    thread (seen: 1.7 s on a loaded machine), still well under the eight parses of the old design."""
+    """Eight 25,000-layer manifests (about 4 MB each) pushed at once: validating them on the event loop, as
+    the first design did, held `GET /v2/` behind the parses back to back (1.2-1.8 s here, where one parse
+    takes 0.15-0.25 s). It must answer as usual meanwhile (0.05-0.18 s here): the bound is four parses,
+    measured right now so that it scales with the machine and its load, and at least 0.5 s. With
+    validation moved back onto the loop this fails in most runs, not all: a GET can slip in between two
+    parses. (Its first floors, 1.5 s and 2.5 s on S3, were above what that regression costs on this
+    machine.)
+
+    One more burst is allowed when the first had a slow GET: twice in full test runs on a quiet machine the
+    whole process stood still for 2-5 s once, which never happened with the test alone. A GET that takes
+    over a second dumps every thread's stack to stderr, so such a stall says where it was."""
     import asyncio
+    import faulthandler
+    import sys
     import time
 
     from mirror.oci.manifest import parse_manifest
@@ -934,21 +939,32 @@ async def test_large_manifest_pushes_do_not_stall_other_clients(
     assert len(body) > 3_500_000
     started = time.perf_counter()
     parse_manifest(body, OCI_MANIFEST)
-    bound = max(1.5 if storage_kind == "fs" else 2.5, 3 * (time.perf_counter() - started))
+    parse_seconds = time.perf_counter() - started
+    bound = max(0.5, 4 * parse_seconds)
 
     async def push(tag: str) -> int:
         response = await put_manifest(client, "team/big", tag, body, OCI_MANIFEST)
         return response.status
 
-    pushes = [asyncio.create_task(push(f"v{i}")) for i in range(8)]
-    worst = 0.0
-    while not all(task.done() for task in pushes):
-        started = time.perf_counter()
-        response = await client.get("/v2/")
-        assert response.status == 200
-        worst = max(worst, time.perf_counter() - started)
-        await asyncio.sleep(0.01)
-    assert [task.result() for task in pushes] == [201] * 8
+    async def burst(name: str) -> float:
+        """The slowest GET /v2/ while eight big manifests are pushed."""
+        pushes = [asyncio.create_task(push(f"{name}{i}")) for i in range(8)]
+        worst = 0.0
+        while not all(task.done() for task in pushes):
+            started = time.perf_counter()
+            faulthandler.dump_traceback_later(1.0, file=sys.stderr)
+            response = await client.get("/v2/")
+            faulthandler.cancel_dump_traceback_later()
+            assert response.status == 200
+            worst = max(worst, time.perf_counter() - started)
+            await asyncio.sleep(0.01)
+        assert [task.result() for task in pushes] == [201] * 8
+        return worst
+
+    worst = await burst("v")
+    if worst >= bound:
+        print(f"GET /v2/ waited {worst:.2f} s (bound {bound:.2f} s): one more burst", file=sys.stderr)
+        worst = await burst("w")
     assert worst < bound, f"GET /v2/ waited {worst:.2f} s behind manifest validation (bound {bound:.2f} s)"
 
 
