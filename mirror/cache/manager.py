@@ -41,6 +41,7 @@ from mirror.metrics import Metrics
 from mirror.oci.digest import Digest
 from mirror.storage.blobs import BlobStore
 from mirror.storage.repos import RepoStore
+from mirror.tasks import running_beside
 
 log = logging.getLogger(__name__)
 
@@ -469,13 +470,10 @@ class CacheManager:
         """While entered: reconcile the index with the files (when `local_repos` is given, in the
         background: requests are served meanwhile), then flush accesses and enforce the bound
         periodically; on exit, save what is left and stop the threads."""
-        task = asyncio.create_task(self._background(local_repos))
         try:
-            yield
+            async with running_beside(self._background(local_repos)):
+                yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
             await self.flush_accesses()
             if self._unsaved and not await self._in_index(self._write_unsaved_sync):
                 log.warning("%d blob index change(s) could not be written; start-up will reconcile the index",

@@ -14,6 +14,8 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from mirror.tasks import running_beside
+
 log = logging.getLogger(__name__)
 
 # zot's design (PR#4099): a lease lives 90 s and its holder renews it every 30 s, so two missed heartbeats
@@ -236,10 +238,5 @@ async def keep_alive(
                 lost.set()
                 return
 
-    task = asyncio.create_task(beat())
-    try:
+    async with running_beside(beat()):
         yield lost
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
 from mirror.errors import BlobUploadTooLarge, RangeNotSatisfiable, UploadsFull
+from mirror.tasks import running_beside
 
 log = logging.getLogger(__name__)
 
@@ -87,13 +88,8 @@ async def expiring_sessions(
 ) -> AsyncIterator[None]:
     """While open, a task calls `expire(idle_seconds)` a few times per expiry period (at most every 5 minutes:
     a session lives at most a quarter longer than uploads.expire) and tells `on_expired(sessions, bytes)`."""
-    task = asyncio.create_task(_expire_forever(expire, idle_seconds, on_expired), name="upload-expiry")
-    try:
+    async with running_beside(_expire_forever(expire, idle_seconds, on_expired), name="upload-expiry"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _expire_forever(
